@@ -1,0 +1,1 @@
+//! cloud-init NoCloud seeds built in-process.

@@ -1,0 +1,1 @@
+//! Guest images for ci-exec VMs: build, fetch, verify and cache.
