@@ -1,0 +1,1 @@
+//! Docker and podman drivers over the Engine API.

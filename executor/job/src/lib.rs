@@ -1,0 +1,1 @@
+//! The mk job flow, result store and replay.

@@ -1,0 +1,1 @@
+//! Native driver: tasks as host processes.

@@ -1,0 +1,1 @@
+//! QEMU driver: a hermetic VM per job.
