@@ -39,6 +39,13 @@ pub trait Driver: Send + Sync + Debug {
     /// error is returned.
     async fn close(&self) -> Result<(), DriverError>;
 
+    /// Identifies the environment tasks with an empty image run in — the guest image digest for
+    /// VM drivers — so results recorded on one are not replayed for another. `None` when the
+    /// driver cannot tell (the host itself, for the native driver).
+    fn environment_digest(&self) -> Option<String> {
+        None
+    }
+
     /// Reading files back out of a volume, if this driver can.
     fn as_volume_files(&self) -> Option<&dyn VolumeFiles> {
         None
