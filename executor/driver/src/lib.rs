@@ -10,17 +10,30 @@
 //! files out of a volume, exec in a long-lived sandbox — are separate traits a driver may also
 //! implement, discovered through the `as_*` accessors.
 //!
+//! It also holds the DSN (`--driver=`) parser and the registry of every driver with its
+//! parameters, so every crate resolves a driver configuration the same way.
+//!
 //! This crate holds no backend. It does not spawn processes or talk to any daemon.
 
 mod contract;
+mod dsn;
 mod error;
+mod registry;
 mod task;
 
 pub use contract::{
     Container, ContainerStatus, Driver, FollowLogs, LogSink, Sandbox, SandboxExec, SandboxOutput,
     Volume, VolumeFiles, wait_for_exit,
 };
+pub use dsn::{
+    DriverConfig, DsnError, ParamSource, ParamValue, REDACTED, ResolvedParam, generate_namespace,
+    parse_duration, validate_namespace,
+};
 pub use error::{DriverError, ExitClass};
+pub use registry::{
+    DriverSpec, ParamDefault, ParamKind, ParamSpec, driver_spec, drivers, user_cache_dir,
+    user_state_dir,
+};
 pub use task::{Limits, Mount, Stdin, Task};
 
 /// The name of a resource of task or volume `id` in `namespace`, as the contract requires.
