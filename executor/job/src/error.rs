@@ -1,0 +1,116 @@
+use std::path::PathBuf;
+
+use ci_exec_driver::DriverError;
+
+/// Everything that can stop a job before or while it runs. Each variant knows which exit code
+/// the CLI reports for it (see [`JobError::is_usage`]).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("`{path}` is not inside a git repository")]
+    NotARepository {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+
+    #[error("repository `{path}` has no commits yet")]
+    NoCommits { path: PathBuf },
+
+    #[error("failed to read the committed tree of `{path}`")]
+    ReadTree {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+
+    #[error("no `mkfile` is committed at the root of `{path}`")]
+    NoMkfile { path: PathBuf },
+
+    #[error("{diagnostic}")]
+    BadMkfile { diagnostic: String },
+
+    #[error("the mkfile of `{path}` has no `test` target")]
+    NoTestTarget { path: PathBuf },
+
+    #[error("environment variable `{name}` is declared as {role} but is not set")]
+    MissingEnv { name: String, role: &'static str },
+
+    #[error("failed to {action} `{path}`")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("result record `{path}` is damaged")]
+    DamagedRecord {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("failed to build the source archive of `{path}`")]
+    Archive {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("the `{step}` step could not run")]
+    Driver {
+        step: String,
+        #[source]
+        source: DriverError,
+    },
+
+    #[error("the `{step}` step produced an unreadable archive")]
+    StepArchive {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("no result with key `{key}` in the store")]
+    UnknownResult { key: String },
+}
+
+impl JobError {
+    /// A usage or configuration problem the user fixes in their repository or command line
+    /// (exit status 2), as opposed to an infrastructure failure (125).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            JobError::NotARepository { .. }
+                | JobError::NoCommits { .. }
+                | JobError::NoMkfile { .. }
+                | JobError::BadMkfile { .. }
+                | JobError::NoTestTarget { .. }
+                | JobError::MissingEnv { .. }
+                | JobError::UnknownResult { .. }
+        )
+    }
+
+    /// How to fix it, when there is something to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            JobError::NotARepository { .. } => {
+                Some("run `ci-exec test` inside a git repository, or pass its path".into())
+            }
+            JobError::NoCommits { .. } => Some(
+                "ci-exec runs the committed tree, never the work tree: commit your mkfile first"
+                    .into(),
+            ),
+            JobError::NoMkfile { .. } => Some(
+                "add an `mkfile` with a `test:V:` rule and commit it (uncommitted files are ignored)"
+                    .into(),
+            ),
+            JobError::NoTestTarget { .. } => {
+                Some("add a rule such as `test:V:` followed by a tab-indented recipe".into())
+            }
+            JobError::MissingEnv { name, .. } => Some(format!("export `{name}` before running")),
+            JobError::UnknownResult { .. } => Some("list keys with `ci-exec results list`".into()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,103 @@
+use sha2::{Digest, Sha256};
+
+/// Bumped whenever what a result holds, or how its key is computed, changes: old results are
+/// then simply never matched again.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything a result depends on. Secrets are deliberately absent: they are injected into the
+/// job but never hashed, stored or printed.
+#[derive(Debug, Clone, Default)]
+pub struct KeyInputs {
+    /// The git tree id of the committed HEAD (not the commit: a rebase that keeps the tree keeps
+    /// the result).
+    pub tree: String,
+    pub mkfile: Vec<u8>,
+    /// Declared input variables as (name, value); order does not matter.
+    pub env: Vec<(String, String)>,
+    /// The driver's base environment (the guest image digest), if it has one.
+    pub environment_digest: Option<String>,
+    pub driver: String,
+    pub salt: Option<String>,
+}
+
+impl KeyInputs {
+    /// The result key: lowercase hex sha256 over every input, each length-prefixed so that no
+    /// two different input sets can produce the same byte stream.
+    pub fn key(&self) -> String {
+        let mut hasher = Sha256::new();
+        let mut field = |name: &str, value: &[u8]| {
+            hasher.update((name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((value.len() as u64).to_le_bytes());
+            hasher.update(value);
+        };
+        field("format", &FORMAT_VERSION.to_le_bytes());
+        field("tree", self.tree.as_bytes());
+        field("mkfile", &self.mkfile);
+        let mut env = self.env.clone();
+        env.sort();
+        for (name, value) in &env {
+            field("env-name", name.as_bytes());
+            field("env-value", value.as_bytes());
+        }
+        field(
+            "environment",
+            self.environment_digest.as_deref().unwrap_or("").as_bytes(),
+        );
+        field("driver", self.driver.as_bytes());
+        field("salt", self.salt.as_deref().unwrap_or("").as_bytes());
+        hex::encode(hasher.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> KeyInputs {
+        KeyInputs {
+            tree: "4b825dc642cb6eb9a060e54bf8d69288fbee4904".into(),
+            mkfile: b"test:V:\n\techo ok\n".to_vec(),
+            env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
+            environment_digest: Some("sha256:abc".into()),
+            driver: "qemu".into(),
+            salt: None,
+        }
+    }
+
+    #[test]
+    fn key_is_stable_and_ignores_env_order() {
+        let mut swapped = base();
+        swapped.env.reverse();
+        assert_eq!(base().key(), swapped.key());
+        assert_eq!(base().key().len(), 64);
+    }
+
+    #[test]
+    fn every_input_changes_the_key() {
+        let key = base().key();
+        let changes: Vec<Box<dyn Fn(&mut KeyInputs)>> = vec![
+            Box::new(|k| k.tree = "0".repeat(40)),
+            Box::new(|k| k.mkfile.push(b'\n')),
+            Box::new(|k| k.env[0].1 = "other".into()),
+            Box::new(|k| k.env.push(("C".into(), String::new()))),
+            Box::new(|k| k.environment_digest = None),
+            Box::new(|k| k.driver = "native".into()),
+            Box::new(|k| k.salt = Some("x".into())),
+        ];
+        for change in changes {
+            let mut inputs = base();
+            change(&mut inputs);
+            assert_ne!(inputs.key(), key, "{inputs:?}");
+        }
+    }
+
+    #[test]
+    fn fields_cannot_bleed_into_each_other() {
+        let mut a = base();
+        a.env = vec![("AB".into(), "C".into())];
+        let mut b = base();
+        b.env = vec![("A".into(), "BC".into())];
+        assert_ne!(a.key(), b.key());
+    }
+}

@@ -1,0 +1,263 @@
+//! The committed tree of HEAD, read from git objects — never from the work tree, so uncommitted
+//! edits and untracked files cannot reach a job.
+
+use std::path::{Path, PathBuf};
+
+use git2::{ObjectType, Repository, TreeWalkMode, TreeWalkResult};
+
+use crate::JobError;
+
+/// What a job runs: one commit's tree, packed as a tar archive.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The work tree root of the repository.
+    pub root: PathBuf,
+    pub commit: String,
+    pub tree: String,
+    /// The committed `mkfile` at the root of the tree.
+    pub mkfile: Vec<u8>,
+    /// Every file, directory and symlink of the tree, with git's modes and the commit time as
+    /// mtime (so mk sees one consistent age for every source file).
+    pub archive: Vec<u8>,
+    /// Submodules are not part of the tree's objects; they are skipped with a warning.
+    pub skipped_submodules: Vec<String>,
+}
+
+impl Snapshot {
+    /// Reads HEAD of the repository containing `path`.
+    pub fn of_head(path: &Path) -> Result<Snapshot, JobError> {
+        let repo = Repository::discover(path).map_err(|source| JobError::NotARepository {
+            path: path.to_owned(),
+            source,
+        })?;
+        let root = repo.workdir().unwrap_or_else(|| repo.path()).to_path_buf();
+        let read_tree = |source| JobError::ReadTree {
+            path: root.clone(),
+            source,
+        };
+        let head = match repo.head() {
+            Ok(head) => head,
+            Err(error) if error.code() == git2::ErrorCode::UnbornBranch => {
+                return Err(JobError::NoCommits { path: root });
+            }
+            Err(error) => return Err(read_tree(error)),
+        };
+        let commit = head.peel_to_commit().map_err(read_tree)?;
+        let tree = commit.tree().map_err(read_tree)?;
+        let mkfile = match tree.get_name("mkfile") {
+            Some(entry) if entry.kind() == Some(ObjectType::Blob) => {
+                let blob = repo.find_blob(entry.id()).map_err(read_tree)?;
+                blob.content().to_vec()
+            }
+            _ => return Err(JobError::NoMkfile { path: root }),
+        };
+        let mtime = u64::try_from(commit.time().seconds()).unwrap_or(0);
+        let (archive, skipped_submodules) =
+            archive_tree(&repo, &tree, mtime).map_err(|source| JobError::Archive {
+                path: root.clone(),
+                source,
+            })?;
+        Ok(Snapshot {
+            commit: commit.id().to_string(),
+            tree: tree.id().to_string(),
+            root,
+            mkfile,
+            archive,
+            skipped_submodules,
+        })
+    }
+}
+
+fn archive_tree(
+    repo: &Repository,
+    tree: &git2::Tree<'_>,
+    mtime: u64,
+) -> std::io::Result<(Vec<u8>, Vec<String>)> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut skipped = Vec::new();
+    let mut failure: Option<std::io::Error> = None;
+    tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
+        let Ok(name) = entry.name() else {
+            return TreeWalkResult::Skip;
+        };
+        let path = format!("{parent}{name}");
+        let result = match entry.kind() {
+            Some(ObjectType::Tree) => append(
+                &mut builder,
+                &path,
+                tar::EntryType::Directory,
+                0o755,
+                mtime,
+                &[],
+                None,
+            ),
+            Some(ObjectType::Blob) => match repo.find_blob(entry.id()) {
+                Ok(blob) => match entry.filemode() {
+                    0o120000 => {
+                        let target = String::from_utf8_lossy(blob.content()).into_owned();
+                        append(
+                            &mut builder,
+                            &path,
+                            tar::EntryType::Symlink,
+                            0o777,
+                            mtime,
+                            &[],
+                            Some(&target),
+                        )
+                    }
+                    0o100755 => append(
+                        &mut builder,
+                        &path,
+                        tar::EntryType::Regular,
+                        0o755,
+                        mtime,
+                        blob.content(),
+                        None,
+                    ),
+                    _ => append(
+                        &mut builder,
+                        &path,
+                        tar::EntryType::Regular,
+                        0o644,
+                        mtime,
+                        blob.content(),
+                        None,
+                    ),
+                },
+                Err(error) => Err(std::io::Error::other(error)),
+            },
+            Some(ObjectType::Commit) => {
+                skipped.push(path);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => TreeWalkResult::Ok,
+            Err(error) => {
+                failure = Some(error);
+                TreeWalkResult::Abort
+            }
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    Ok((builder.into_inner()?, skipped))
+}
+
+fn append(
+    builder: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    mtime: u64,
+    content: &[u8],
+    link: Option<&str>,
+) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_mtime(mtime);
+    header.set_size(content.len() as u64);
+    header.set_uid(0);
+    header.set_gid(0);
+    match link {
+        Some(target) => builder.append_link(&mut header, path, target),
+        None => builder.append_data(&mut header, path, content),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let status = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .expect("git runs");
+        assert!(status.success(), "git {args:?}");
+    }
+
+    fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>, u32)> {
+        let mut out = Vec::new();
+        let mut reader = tar::Archive::new(archive);
+        for entry in reader.entries().expect("tar") {
+            let mut entry = entry.expect("entry");
+            let path = entry.path().expect("path").display().to_string();
+            let mode = entry.header().mode().expect("mode");
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).expect("read");
+            out.push((path, data, mode));
+        }
+        out
+    }
+
+    #[test]
+    fn snapshot_holds_only_committed_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        git(d, &["init", "-q"]);
+        std::fs::write(d.join("mkfile"), "test:V:\n\techo committed\n").expect("write");
+        std::fs::create_dir(d.join("bin")).expect("mkdir");
+        std::fs::write(d.join("bin/run"), "#!/bin/sh\n").expect("write");
+        Command::new("chmod")
+            .args(["+x", "bin/run"])
+            .current_dir(d)
+            .status()
+            .expect("chmod");
+        std::os::unix::fs::symlink("bin/run", d.join("link")).expect("symlink");
+        git(d, &["add", "."]);
+        git(d, &["commit", "-qm", "one"]);
+        // Dirty the work tree: none of this may reach the snapshot.
+        std::fs::write(d.join("mkfile"), "test:V:\n\techo dirty\n").expect("write");
+        std::fs::write(d.join("untracked"), "x").expect("write");
+
+        let snapshot = Snapshot::of_head(&d.join("bin")).expect("snapshot");
+        assert_eq!(snapshot.mkfile, b"test:V:\n\techo committed\n");
+        let entries = entries(&snapshot.archive);
+        let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert!(names.contains(&"mkfile"), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("untracked")), "{names:?}");
+        let run = entries
+            .iter()
+            .find(|(n, _, _)| n == "bin/run")
+            .expect("bin/run");
+        assert_eq!(run.2 & 0o111, 0o111, "executable bit kept");
+        assert_eq!(snapshot.tree.len(), 40);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let error = Snapshot::of_head(dir.path()).expect_err("not a repo");
+        assert!(matches!(error, JobError::NotARepository { .. }), "{error}");
+
+        git(dir.path(), &["init", "-q"]);
+        let error = Snapshot::of_head(dir.path()).expect_err("no commits");
+        assert!(error.to_string().contains("has no commits yet"), "{error}");
+
+        std::fs::write(dir.path().join("README"), "x").expect("write");
+        git(dir.path(), &["add", "."]);
+        git(dir.path(), &["commit", "-qm", "one"]);
+        let error = Snapshot::of_head(dir.path()).expect_err("no mkfile");
+        assert!(
+            error.to_string().contains("no `mkfile` is committed"),
+            "{error}"
+        );
+        assert!(error.is_usage());
+    }
+}

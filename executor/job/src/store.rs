@@ -1,0 +1,457 @@
+//! The result store: one JSON record per result key, with stdout, stderr and artifacts as
+//! content-addressed blobs beside it.
+//!
+//! Layout under the store root (default `$XDG_DATA_HOME/ci-exec/results`):
+//! ```text
+//! blobs/sha256/<hex>         content, written once, shared by every record that names it
+//! ok/<key>.json              the newest successful run of a key: what replay uses
+//! failed/<key>-<unix>.json   failed runs, kept for inspection, never replayed
+//! cache/<repo>.tar           the /var/run/ci/cache tree of a repository's last successful run
+//! tmp/                       staging; a crash leaves files here, never half-written records
+//! ```
+//! Every file is written to `tmp/`, synced, then renamed into place, and a record is written
+//! only after all its blobs: a record that exists is complete.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::JobError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Relative to `/var/run/ci/artifacts/`.
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepTiming {
+    pub name: String,
+    pub exit_code: i32,
+    pub ms: u64,
+}
+
+/// One run of a job, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub format: u32,
+    pub key: String,
+    pub exit_code: i32,
+    pub created_unix: u64,
+    pub driver: String,
+    pub image: Option<String>,
+    pub host: String,
+    pub ci_exec_version: String,
+    pub commit: String,
+    pub tree: String,
+    pub stdout: BlobRef,
+    pub stderr: BlobRef,
+    pub artifacts: Vec<Artifact>,
+    pub steps: Vec<StepTiming>,
+}
+
+impl ResultRecord {
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == 0
+    }
+}
+
+/// A damaged or incomplete record found while verifying it before replay.
+#[derive(Debug, thiserror::Error)]
+#[error("blob `{sha256}` of result `{key}` is {problem}")]
+pub struct Damage {
+    pub key: String,
+    pub sha256: String,
+    pub problem: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResultStore {
+    root: PathBuf,
+}
+
+impl ResultStore {
+    /// The store at `root`, or at `$CI_EXEC_RESULTS` / `$XDG_DATA_HOME/ci-exec/results`.
+    pub fn open(root: Option<PathBuf>) -> Result<ResultStore, JobError> {
+        let root = root
+            .or_else(|| std::env::var_os("CI_EXEC_RESULTS").map(PathBuf::from))
+            .or_else(|| dirs::data_dir().map(|dir| dir.join("ci-exec").join("results")))
+            .unwrap_or_else(|| std::env::temp_dir().join("ci-exec-results"));
+        for sub in ["blobs/sha256", "ok", "failed", "cache", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(|source| JobError::Io {
+                action: "create the result store directory",
+                path: dir,
+                source,
+            })?;
+        }
+        Ok(ResultStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(sha256)
+    }
+
+    /// Writes `data` atomically to `path` through `tmp/`.
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), JobError> {
+        let tmp = self.root.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ));
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            fs::rename(&tmp, path)
+        })();
+        result.map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            JobError::Io {
+                action: "write",
+                path: path.to_owned(),
+                source,
+            }
+        })
+    }
+
+    /// Stores `data` under its sha256 and returns the reference.
+    pub fn put_blob(&self, data: &[u8]) -> Result<BlobRef, JobError> {
+        let sha256 = hex::encode(Sha256::digest(data));
+        let path = self.blob_path(&sha256);
+        if !path.exists() {
+            self.write_atomic(&path, data)?;
+        }
+        Ok(BlobRef {
+            sha256,
+            size: data.len() as u64,
+        })
+    }
+
+    pub fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, JobError> {
+        let path = self.blob_path(sha256);
+        fs::read(&path).map_err(|source| JobError::Io {
+            action: "read",
+            path,
+            source,
+        })
+    }
+
+    /// Saves a record: successful ones become the key's replayable result, failed ones are
+    /// kept apart for inspection.
+    pub fn put_record(&self, record: &ResultRecord) -> Result<PathBuf, JobError> {
+        let path = if record.succeeded() {
+            self.root.join("ok").join(format!("{}.json", record.key))
+        } else {
+            self.root
+                .join("failed")
+                .join(format!("{}-{}.json", record.key, record.created_unix))
+        };
+        let json = serde_json::to_vec_pretty(record).map_err(|source| JobError::DamagedRecord {
+            path: path.clone(),
+            source,
+        })?;
+        self.write_atomic(&path, &json)?;
+        Ok(path)
+    }
+
+    /// The replayable result of `key`, if one was recorded.
+    pub fn get(&self, key: &str) -> Result<Option<ResultRecord>, JobError> {
+        let path = self.root.join("ok").join(format!("{key}.json"));
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| JobError::DamagedRecord { path, source }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JobError::Io {
+                action: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Checks that every blob of `record` is present with its recorded hash and size.
+    pub fn verify(&self, record: &ResultRecord) -> Result<(), Damage> {
+        let blobs = [&record.stdout, &record.stderr]
+            .into_iter()
+            .map(|blob| (blob.sha256.as_str(), blob.size))
+            .chain(record.artifacts.iter().map(|a| (a.sha256.as_str(), a.size)));
+        for (sha256, size) in blobs {
+            let damage = |problem| Damage {
+                key: record.key.clone(),
+                sha256: sha256.to_owned(),
+                problem,
+            };
+            let mut file = File::open(self.blob_path(sha256)).map_err(|_| damage("missing"))?;
+            let mut hasher = Sha256::new();
+            let mut buffer = vec![0; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                let n = file.read(&mut buffer).map_err(|_| damage("unreadable"))?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                hasher.update(&buffer[..n]);
+            }
+            if total != size || hex::encode(hasher.finalize()) != sha256 {
+                return Err(damage("corrupted"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the replayable record of `key` (after [`ResultStore::verify`] found it damaged).
+    pub fn discard(&self, key: &str) -> Result<(), JobError> {
+        let path = self.root.join("ok").join(format!("{key}.json"));
+        match fs::remove_file(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(JobError::Io {
+                action: "remove",
+                path,
+                source: error,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every record, successful and failed, newest first.
+    pub fn list(&self) -> Result<Vec<ResultRecord>, JobError> {
+        let mut records = Vec::new();
+        for sub in ["ok", "failed"] {
+            let dir = self.root.join(sub);
+            let entries = fs::read_dir(&dir).map_err(|source| JobError::Io {
+                action: "list",
+                path: dir.clone(),
+                source,
+            })?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "json")
+                    && let Ok(bytes) = fs::read(&path)
+                    && let Ok(record) = serde_json::from_slice::<ResultRecord>(&bytes)
+                {
+                    records.push(record);
+                }
+            }
+        }
+        records.sort_by(|a, b| b.created_unix.cmp(&a.created_unix));
+        Ok(records)
+    }
+
+    /// Finds a record by key or unique key prefix (successful first).
+    pub fn find(&self, prefix: &str) -> Result<ResultRecord, JobError> {
+        let unknown = || JobError::UnknownResult {
+            key: prefix.to_owned(),
+        };
+        if prefix.is_empty() {
+            return Err(unknown());
+        }
+        let matching: Vec<ResultRecord> = self
+            .list()?
+            .into_iter()
+            .filter(|r| r.key.starts_with(prefix))
+            .collect();
+        matching
+            .iter()
+            .find(|r| r.succeeded())
+            .or(matching.first())
+            .cloned()
+            .ok_or_else(unknown)
+    }
+
+    /// Removes records older than `older_than_secs` (all when zero) and every blob no
+    /// remaining record names. Returns (records removed, bytes freed).
+    pub fn prune(&self, older_than_secs: u64) -> Result<(usize, u64), JobError> {
+        let now = unix_now();
+        let mut removed = 0;
+        let mut keep = std::collections::HashSet::new();
+        for sub in ["ok", "failed"] {
+            let dir = self.root.join(sub);
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let record = fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ResultRecord>(&b).ok());
+                match record {
+                    Some(r) if now.saturating_sub(r.created_unix) < older_than_secs => {
+                        keep.insert(r.stdout.sha256);
+                        keep.insert(r.stderr.sha256);
+                        keep.extend(r.artifacts.into_iter().map(|a| a.sha256));
+                    }
+                    _ => {
+                        if fs::remove_file(&path).is_ok() {
+                            removed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mut freed = 0;
+        let blobs = self.root.join("blobs/sha256");
+        for entry in fs::read_dir(&blobs).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    freed += size;
+                }
+            }
+        }
+        for entry in fs::read_dir(self.root.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+        Ok((removed, freed))
+    }
+
+    fn cache_path(&self, repository: &str) -> PathBuf {
+        self.root.join("cache").join(format!("{repository}.tar"))
+    }
+
+    /// The saved `/var/run/ci/cache` archive of a repository, if any.
+    pub fn get_cache(&self, repository: &str) -> Option<Vec<u8>> {
+        fs::read(self.cache_path(repository)).ok()
+    }
+
+    pub fn put_cache(&self, repository: &str, archive: &[u8]) -> Result<(), JobError> {
+        self.write_atomic(&self.cache_path(repository), archive)
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(store: &ResultStore, key: &str, exit_code: i32) -> ResultRecord {
+        let stdout = store.put_blob(b"out\x00\xff").expect("blob");
+        let stderr = store.put_blob(b"err").expect("blob");
+        let art = store.put_blob(b"artifact").expect("blob");
+        ResultRecord {
+            format: crate::key::FORMAT_VERSION,
+            key: key.into(),
+            exit_code,
+            created_unix: unix_now(),
+            driver: "native".into(),
+            image: None,
+            host: "h".into(),
+            ci_exec_version: "0".into(),
+            commit: "c".into(),
+            tree: "t".into(),
+            stdout,
+            stderr,
+            artifacts: vec![Artifact {
+                path: "a.txt".into(),
+                sha256: art.sha256,
+                size: art.size,
+                mode: 0o644,
+            }],
+            steps: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trip_verify_and_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        let r = record(&store, "abc", 0);
+        store.put_record(&r).expect("put");
+        let got = store.get("abc").expect("get").expect("present");
+        assert_eq!(got, r);
+        store.verify(&got).expect("intact");
+        assert_eq!(
+            store.read_blob(&r.stdout.sha256).expect("read"),
+            b"out\x00\xff"
+        );
+
+        std::fs::write(store.blob_path(&r.artifacts[0].sha256), b"tampered").expect("write");
+        let damage = store.verify(&got).expect_err("damaged");
+        assert_eq!(damage.problem, "corrupted");
+        store.discard("abc").expect("discard");
+        assert!(store.get("abc").expect("get").is_none());
+    }
+
+    #[test]
+    fn failed_runs_are_listed_but_never_replayable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        store.put_record(&record(&store, "bad", 1)).expect("put");
+        assert!(store.get("bad").expect("get").is_none());
+        assert_eq!(store.list().expect("list").len(), 1);
+        assert_eq!(store.find("ba").expect("find").exit_code, 1);
+        assert!(matches!(
+            store.find("zz"),
+            Err(JobError::UnknownResult { .. })
+        ));
+    }
+
+    #[test]
+    fn prune_removes_records_and_unreferenced_blobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        store.put_record(&record(&store, "k", 0)).expect("put");
+        store.put_blob(b"orphan").expect("blob");
+        let (removed, freed) = store.prune(3600).expect("prune");
+        assert_eq!((removed, freed), (0, 6));
+        let (removed, _) = store.prune(0).expect("prune");
+        assert_eq!(removed, 1);
+        assert_eq!(
+            fs::read_dir(dir.path().join("blobs/sha256"))
+                .expect("dir")
+                .count(),
+            0
+        );
+    }
+
+    /// A full disk while recording leaves no record and no staging file behind.
+    #[test]
+    fn disk_full_while_recording_leaves_nothing_half_written() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            eprintln!("skipped: /dev/full is not available");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        // The staging file is a link to /dev/full, so every write to it fails with ENOSPC,
+        // exactly as on a full disk.
+        let staged = dir
+            .path()
+            .join(format!("tmp/{}-k.json", std::process::id()));
+        std::os::unix::fs::symlink(full, &staged).expect("symlink");
+        let target = dir.path().join("ok/k.json");
+        let error = store
+            .write_atomic(&target, &vec![7u8; 1 << 20])
+            .expect_err("ENOSPC");
+        assert!(error.to_string().contains("failed to write"), "{error}");
+        assert!(!target.exists(), "no record may appear");
+        assert!(!staged.exists(), "staging file removed");
+    }
+}
