@@ -76,7 +76,8 @@ mod tests {
     #[test]
     fn every_input_changes_the_key() {
         let key = base().key();
-        let changes: Vec<Box<dyn Fn(&mut KeyInputs)>> = vec![
+        type Change = Box<dyn Fn(&mut KeyInputs)>;
+        let changes: Vec<Change> = vec![
             Box::new(|k| k.tree = "0".repeat(40)),
             Box::new(|k| k.mkfile.push(b'\n')),
             Box::new(|k| k.env[0].1 = "other".into()),

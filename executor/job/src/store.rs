@@ -252,7 +252,7 @@ impl ResultStore {
                 }
             }
         }
-        records.sort_by(|a, b| b.created_unix.cmp(&a.created_unix));
+        records.sort_by_key(|record| std::cmp::Reverse(record.created_unix));
         Ok(records)
     }
 
