@@ -1,0 +1,158 @@
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::models::ContainerStateStatusEnum;
+use bollard::query_parameters::LogsOptionsBuilder;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSink};
+
+use crate::driver::{Inner, status_code};
+
+/// A task's container, named `{namespace}-{task id}`.
+#[derive(Debug)]
+pub struct DockerContainer {
+    inner: Arc<Inner>,
+    task_id: String,
+    name: String,
+    /// Once exited, the code never changes: later polls cost no request.
+    exit_code: OnceLock<i32>,
+}
+
+impl DockerContainer {
+    pub(crate) fn new(inner: Arc<Inner>, task_id: String, name: String) -> Self {
+        DockerContainer {
+            inner,
+            task_id,
+            name,
+            exit_code: OnceLock::new(),
+        }
+    }
+
+    /// The container's name on the engine.
+    pub fn backend_name(&self) -> &str {
+        &self.name
+    }
+
+    async fn write_logs(
+        &self,
+        follow: bool,
+        stdout: LogSink<'_>,
+        stderr: LogSink<'_>,
+    ) -> Result<(), DriverError> {
+        let docker = self.inner.docker().await?;
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .build();
+        let mut logs = docker.logs(&self.name, Some(options));
+        while let Some(chunk) = logs.next().await {
+            let chunk = chunk.map_err(|source| {
+                if status_code(&source) == Some(404) {
+                    self.gone()
+                } else {
+                    self.inner.backend(
+                        format!("read the logs of container `{}`", self.name),
+                        source,
+                    )
+                }
+            })?;
+            let written = match chunk {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    write_chunk(stdout, &message, follow).await
+                }
+                LogOutput::StdErr { message } => write_chunk(stderr, &message, follow).await,
+                LogOutput::StdIn { .. } => Ok(()),
+            };
+            written.map_err(|source| self.inner.backend("write a task's output", source))?;
+        }
+        let flushed = match stdout.flush().await {
+            Ok(()) => stderr.flush().await,
+            Err(error) => Err(error),
+        };
+        flushed.map_err(|source| self.inner.backend("write a task's output", source))
+    }
+
+    fn gone(&self) -> DriverError {
+        self.inner.backend(
+            format!("find container `{}`", self.name),
+            "it no longer exists: it was removed by cleanup, `close` or from outside ci-exec",
+        )
+    }
+}
+
+/// Writes `bytes` to `sink`, flushing at once when following so the output shows live.
+pub(crate) async fn write_chunk(
+    sink: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
+    bytes: &[u8],
+    flush: bool,
+) -> std::io::Result<()> {
+    sink.write_all(bytes).await?;
+    if flush {
+        sink.flush().await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Container for DockerContainer {
+    fn id(&self) -> &str {
+        &self.task_id
+    }
+
+    async fn status(&self) -> Result<ContainerStatus, DriverError> {
+        if let Some(code) = self.exit_code.get() {
+            return Ok(ContainerStatus::Exited { code: *code });
+        }
+        let docker = self.inner.docker().await?;
+        let inspected = docker
+            .inspect_container(&self.name, None)
+            .await
+            .map_err(|source| {
+                if status_code(&source) == Some(404) {
+                    self.gone()
+                } else {
+                    self.inner
+                        .backend(format!("inspect container `{}`", self.name), source)
+                }
+            })?;
+        let state = inspected.state.unwrap_or_default();
+        let exited = !state.running.unwrap_or(false)
+            && matches!(
+                state.status,
+                Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD)
+            );
+        if !exited {
+            return Ok(ContainerStatus::Running);
+        }
+        let code = state
+            .exit_code
+            .and_then(|code| i32::try_from(code).ok())
+            .unwrap_or(-1);
+        Ok(ContainerStatus::Exited {
+            code: *self.exit_code.get_or_init(|| code),
+        })
+    }
+
+    async fn logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
+        self.write_logs(false, stdout, stderr).await
+    }
+
+    async fn cleanup(&self) -> Result<(), DriverError> {
+        self.inner.remove_container(&self.name).await
+    }
+
+    fn as_follow(&self) -> Option<&dyn FollowLogs> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl FollowLogs for DockerContainer {
+    async fn follow(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
+        self.write_logs(true, stdout, stderr).await
+    }
+}

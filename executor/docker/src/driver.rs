@@ -1,0 +1,694 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount as BackendMount, MountType,
+    ResourcesUlimits, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    ListContainersOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder,
+};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use ci_exec_driver::{
+    Container, Driver, DriverError, SandboxExec, Stdin, Task, Volume, VolumeFiles, resource_name,
+};
+
+use crate::config::{DockerConfig, Engine};
+use crate::connect::{Connection, connect};
+use crate::container::DockerContainer;
+use crate::volume::DockerVolume;
+use crate::{DockerError, ID_LABEL, NAMESPACE_LABEL, ROLE_LABEL};
+
+/// `PATH` for tasks whose env and image set none (an imported rootfs has no image config).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What rootful podman needs on hosts where it lacks `CAP_SYS_RESOURCE`: its default
+/// `nofile=1048576` is above the hard limit it may raise to there, and the OCI runtime's
+/// `setrlimit` fails. Measured on the CI machines (hard `nofile` 20000).
+const PODMAN_ULIMITS: [(&str, i64); 2] = [("nofile", 20_000), ("nproc", 32_768)];
+
+/// The `docker` or `podman` driver: tasks as containers on an Engine API socket.
+///
+/// Cheap to construct: it connects (and negotiates the API version) on first use, so an
+/// unreachable daemon is reported by the first operation, with how to fix it.
+/// [`DockerDriver::connect`] connects eagerly instead.
+#[derive(Debug, Clone)]
+pub struct DockerDriver {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: DockerConfig,
+    connection: tokio::sync::OnceCell<Connection>,
+    /// Learned: the engine refuses containers without our ulimits (see [`PODMAN_ULIMITS`]).
+    needs_ulimits: AtomicBool,
+}
+
+/// What a container of ours is for, as its `ci-exec.role` label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Task,
+    Sandbox,
+    VolumeReader,
+}
+
+impl Role {
+    fn label(self) -> &'static str {
+        match self {
+            Role::Task => "task",
+            Role::Sandbox => "sandbox",
+            Role::VolumeReader => "volume-reader",
+        }
+    }
+}
+
+impl DockerDriver {
+    /// A driver for `config`; validates the host address but does not connect yet.
+    pub fn new(config: DockerConfig) -> Result<Self, DockerError> {
+        config.resolve_host()?;
+        let needs_ulimits = config.engine == Engine::Podman && lacks_cap_sys_resource();
+        Ok(DockerDriver {
+            inner: Arc::new(Inner {
+                config,
+                connection: tokio::sync::OnceCell::new(),
+                needs_ulimits: AtomicBool::new(needs_ulimits),
+            }),
+        })
+    }
+
+    /// A driver for `config`, connected: fails now if the daemon is unreachable.
+    pub async fn connect(config: DockerConfig) -> Result<Self, DockerError> {
+        let driver = DockerDriver::new(config)?;
+        driver.inner.connect().await?;
+        Ok(driver)
+    }
+
+    /// Whether the daemon behind the socket is podman (known once connected).
+    pub async fn is_podman(&self) -> Result<bool, DriverError> {
+        Ok(self.inner.connection().await?.is_podman)
+    }
+
+    /// The image of tasks that name none.
+    pub fn default_image(&self) -> &str {
+        &self.inner.config.image
+    }
+}
+
+impl Inner {
+    pub(crate) fn driver_name(&self) -> &'static str {
+        self.config.engine.driver_name()
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    pub(crate) fn backend(
+        &self,
+        action: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> DriverError {
+        DriverError::backend(self.driver_name(), action, source)
+    }
+
+    async fn connect(&self) -> Result<&Connection, DockerError> {
+        self.connection
+            .get_or_try_init(|| connect(&self.config))
+            .await
+    }
+
+    pub(crate) async fn connection(&self) -> Result<&Connection, DriverError> {
+        self.connect()
+            .await
+            .map_err(|source| self.backend("connect to its daemon", source))
+    }
+
+    pub(crate) async fn docker(&self) -> Result<&bollard::Docker, DriverError> {
+        Ok(&self.connection().await?.docker)
+    }
+
+    pub(crate) fn labels(&self, id: &str, role: Option<Role>) -> HashMap<String, String> {
+        let mut labels = HashMap::from([
+            (NAMESPACE_LABEL.to_owned(), self.namespace().to_owned()),
+            (ID_LABEL.to_owned(), id.to_owned()),
+        ]);
+        if let Some(role) = role {
+            labels.insert(ROLE_LABEL.to_owned(), role.label().to_owned());
+        }
+        labels
+    }
+
+    /// Makes sure `image` is present, pulling it only when missing. Returns whether its
+    /// config sets `PATH`.
+    pub(crate) async fn ensure_image(&self, image: &str) -> Result<bool, DriverError> {
+        let docker = self.docker().await?;
+        let inspected = match docker.inspect_image(image).await {
+            Ok(inspected) => inspected,
+            Err(error) if status_code(&error) == Some(404) => {
+                self.pull(image).await?;
+                docker.inspect_image(image).await.map_err(|source| {
+                    self.backend(format!("inspect image `{image}` after pulling it"), source)
+                })?
+            }
+            Err(source) => {
+                return Err(self.backend(format!("inspect image `{image}`"), source));
+            }
+        };
+        Ok(inspected
+            .config
+            .and_then(|config| config.env)
+            .is_some_and(|env| env.iter().any(|entry| entry.starts_with("PATH="))))
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), DriverError> {
+        let docker = self.docker().await?;
+        tracing::info!(driver = self.driver_name(), image, "pulling image");
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(&with_tag(image))
+            .build();
+        let mut progress = docker.create_image(Some(options), None, None);
+        while let Some(item) = progress.next().await {
+            let failure = match item {
+                Ok(info) => match info.error_detail.and_then(|detail| detail.message) {
+                    Some(message) => message,
+                    None => continue,
+                },
+                Err(error) => error_message(&error),
+            };
+            return Err(DriverError::ImageNotFound {
+                image: image.to_owned(),
+                hint: format!(
+                    " locally, and pulling it failed ({failure}): check the name and that its \
+                     registry is reachable, or build/import it on the daemon (`{engine} import \
+                     rootfs.tar {image}`)",
+                    failure = failure.trim(),
+                    engine = self.driver_name(),
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates volume `name` of the namespace, or finds the existing one; returns its backend
+    /// name.
+    pub(crate) async fn ensure_volume(&self, name: &str) -> Result<String, DriverError> {
+        validate_name(name).map_err(|reason| DriverError::InvalidVolume {
+            volume: name.to_owned(),
+            reason,
+        })?;
+        let docker = self.docker().await?;
+        let backend_name = resource_name(self.namespace(), name);
+        let request = VolumeCreateRequest {
+            name: Some(backend_name.clone()),
+            labels: Some(self.labels(name, None)),
+            ..VolumeCreateRequest::default()
+        };
+        match docker.create_volume(request).await {
+            Ok(_) => Ok(backend_name),
+            // Podman answers a second create of the same name with a conflict; Docker returns
+            // the existing volume.
+            Err(error) if status_code(&error) == Some(409) => Ok(backend_name),
+            Err(source) => Err(self.backend(format!("create volume `{backend_name}`"), source)),
+        }
+    }
+
+    /// The create body for `task` in the driver's conventions: argv run as given (no image
+    /// entrypoint), only the task's env plus a default `PATH`, volumes from the mounts.
+    pub(crate) async fn container_body(
+        &self,
+        task: &Task,
+        role: Role,
+    ) -> Result<ContainerCreateBody, DriverError> {
+        let image = if task.image.is_empty() {
+            self.config.image.clone()
+        } else {
+            task.image.clone()
+        };
+        let image_has_path = self.ensure_image(&image).await?;
+        let mut mounts = Vec::with_capacity(task.mounts.len());
+        for mount in &task.mounts {
+            if !mount.path.starts_with('/') {
+                return Err(DriverError::InvalidTask {
+                    task: task.id.clone(),
+                    reason: format!(
+                        "mount path `{}` of volume `{}` is not absolute",
+                        mount.path, mount.volume
+                    ),
+                });
+            }
+            let source = self.ensure_volume(&mount.volume).await?;
+            mounts.push(BackendMount {
+                target: Some(mount.path.clone()),
+                source: Some(source),
+                typ: Some(MountType::VOLUME),
+                ..BackendMount::default()
+            });
+        }
+        let mut env: Vec<String> = task
+            .env
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        if !task.env.contains_key("PATH") && !image_has_path {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        let positive = |value: u64| (value > 0).then(|| i64::try_from(value).unwrap_or(i64::MAX));
+        let host_config = HostConfig {
+            mounts: Some(mounts),
+            cpu_shares: positive(task.limits.cpu_shares),
+            memory: positive(task.limits.memory_bytes),
+            privileged: Some(task.privileged),
+            // `local` keeps the bytes as written (json-file re-encodes invalid UTF-8) and can
+            // be read back whatever the daemon's default log driver is. Podman has its own
+            // file logger and rejects `local`.
+            log_config: (!self.connection().await?.is_podman).then(|| HostConfigLogConfig {
+                typ: Some("local".to_owned()),
+                config: None,
+            }),
+            ulimits: self
+                .needs_ulimits
+                .load(Ordering::Relaxed)
+                .then(podman_ulimits),
+            ..HostConfig::default()
+        };
+        let stdin = task.stdin.is_some();
+        Ok(ContainerCreateBody {
+            image: Some(image),
+            cmd: Some(task.command.clone()),
+            entrypoint: Some(Vec::new()),
+            env: Some(env),
+            user: task.user.clone(),
+            working_dir: task.workdir.clone(),
+            labels: Some(self.labels(&task.id, Some(role))),
+            attach_stdin: Some(stdin),
+            open_stdin: Some(stdin),
+            stdin_once: Some(stdin),
+            host_config: Some(host_config),
+            ..ContainerCreateBody::default()
+        })
+    }
+
+    /// The container `name`, if it exists. One of another namespace is an error, never reused.
+    pub(crate) async fn find_container(
+        &self,
+        name: &str,
+    ) -> Result<Option<ContainerFound>, DriverError> {
+        let docker = self.docker().await?;
+        match docker.inspect_container(name, None).await {
+            Ok(inspected) => {
+                let labels = inspected
+                    .config
+                    .as_ref()
+                    .and_then(|config| config.labels.as_ref());
+                let namespace = labels.and_then(|labels| labels.get(NAMESPACE_LABEL));
+                if namespace.map(String::as_str) != Some(self.namespace()) {
+                    return Err(self.backend(
+                        format!("reuse container `{name}`"),
+                        format!(
+                            "it exists but is not labelled `{NAMESPACE_LABEL}={}`; remove it \
+                             or use another namespace",
+                            self.namespace()
+                        ),
+                    ));
+                }
+                let running = inspected
+                    .state
+                    .as_ref()
+                    .and_then(|state| state.running)
+                    .unwrap_or(false);
+                Ok(Some(ContainerFound { running }))
+            }
+            Err(error) if status_code(&error) == Some(404) => Ok(None),
+            Err(source) => Err(self.backend(format!("inspect container `{name}`"), source)),
+        }
+    }
+
+    /// Creates and starts container `name`. Returns `false` when another caller created it
+    /// first (same task id, concurrently): that container is the task's.
+    pub(crate) async fn create_and_start(
+        &self,
+        name: &str,
+        task_id: &str,
+        program: &str,
+        mut body: ContainerCreateBody,
+        stdin: Option<&Stdin>,
+    ) -> Result<bool, DriverError> {
+        let docker = self.docker().await?;
+        let mut retried_with_ulimits = false;
+        loop {
+            let options = CreateContainerOptionsBuilder::new().name(name).build();
+            match docker.create_container(Some(options), body.clone()).await {
+                Ok(_) => {}
+                Err(error) if status_code(&error) == Some(409) => return Ok(false),
+                Err(source) => {
+                    return Err(self.backend(format!("create container `{name}`"), source));
+                }
+            }
+            // Attach before start, so not a byte of input is lost. Output is read from the
+            // logs, not from this stream.
+            let attached = match stdin {
+                Some(_) => {
+                    let options = AttachContainerOptionsBuilder::new()
+                        .stdin(true)
+                        .stream(true)
+                        .build();
+                    match docker.attach_container(name, Some(options)).await {
+                        Ok(attached) => Some(attached),
+                        Err(source) => {
+                            self.remove_container(name).await.ok();
+                            return Err(self.backend(
+                                format!("attach to the input of container `{name}`"),
+                                source,
+                            ));
+                        }
+                    }
+                }
+                None => None,
+            };
+            match docker.start_container(name, None).await {
+                Ok(()) => {
+                    if let (Some(attached), Some(stdin)) = (attached, stdin) {
+                        pump_stdin(self.driver_name(), name.to_owned(), attached, stdin);
+                    }
+                    return Ok(true);
+                }
+                Err(error) => {
+                    self.remove_container(name).await.ok();
+                    let message = error_message(&error);
+                    if message.contains("rlimit") && !retried_with_ulimits {
+                        tracing::info!(
+                            driver = self.driver_name(),
+                            "the engine cannot raise rlimits; retrying with ulimits {PODMAN_ULIMITS:?}"
+                        );
+                        self.needs_ulimits.store(true, Ordering::Relaxed);
+                        if let Some(host_config) = body.host_config.as_mut() {
+                            host_config.ulimits = Some(podman_ulimits());
+                        }
+                        retried_with_ulimits = true;
+                        continue;
+                    }
+                    return Err(start_error(self, task_id, name, program, error));
+                }
+            }
+        }
+    }
+
+    /// Removes container `name`, running or not. Idempotent.
+    pub(crate) async fn remove_container(&self, name: &str) -> Result<(), DriverError> {
+        let docker = self.docker().await?;
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match docker.remove_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            // Gone already, or another remove of it is under way.
+            Err(error) if matches!(status_code(&error), Some(404 | 409)) => Ok(()),
+            Err(source) => Err(self.backend(format!("remove container `{name}`"), source)),
+        }
+    }
+
+    pub(crate) async fn remove_volume(&self, backend_name: &str) -> Result<(), DriverError> {
+        let docker = self.docker().await?;
+        let options = RemoveVolumeOptionsBuilder::new().force(true).build();
+        match docker.remove_volume(backend_name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(error) if status_code(&error) == Some(404) => Ok(()),
+            Err(source) => Err(self.backend(format!("remove volume `{backend_name}`"), source)),
+        }
+    }
+
+    fn namespace_filter(&self) -> HashMap<String, Vec<String>> {
+        HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{NAMESPACE_LABEL}={}", self.namespace())],
+        )])
+    }
+
+    async fn close(&self) -> Result<(), DriverError> {
+        let docker = self.docker().await?;
+        let mut first_error = None;
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&self.namespace_filter())
+            .build();
+        let containers = docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|source| self.backend("list the namespace's containers", source))?;
+        for container in containers {
+            let Some(id) = container.id else { continue };
+            if let Err(error) = self.remove_container(&id).await {
+                tracing::warn!(driver = self.driver_name(), %error, "close: container left behind");
+                first_error.get_or_insert(error);
+            }
+        }
+        let options = ListVolumesOptionsBuilder::new()
+            .filters(&self.namespace_filter())
+            .build();
+        let volumes = docker
+            .list_volumes(Some(options))
+            .await
+            .map_err(|source| self.backend("list the namespace's volumes", source))?;
+        for volume in volumes.volumes.into_iter().flatten() {
+            if let Err(error) = self.remove_volume(&volume.name).await {
+                tracing::warn!(driver = self.driver_name(), %error, "close: volume left behind");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ContainerFound {
+    pub(crate) running: bool,
+}
+
+#[async_trait]
+impl Driver for DockerDriver {
+    fn name(&self) -> &'static str {
+        self.inner.driver_name()
+    }
+
+    fn namespace(&self) -> &str {
+        self.inner.namespace()
+    }
+
+    async fn create_volume(
+        &self,
+        name: &str,
+        _size_bytes: u64,
+    ) -> Result<Box<dyn Volume>, DriverError> {
+        // The `local` volume driver has no size; the hint is not enforced.
+        let backend_name = self.inner.ensure_volume(name).await?;
+        Ok(Box::new(DockerVolume::new(
+            self.inner.clone(),
+            name.to_owned(),
+            backend_name,
+        )))
+    }
+
+    async fn run_container(&self, task: Task) -> Result<Box<dyn Container>, DriverError> {
+        validate_task(&task)?;
+        let inner = &self.inner;
+        let name = resource_name(inner.namespace(), &task.id);
+        if inner.find_container(&name).await?.is_none() {
+            let body = inner.container_body(&task, Role::Task).await?;
+            inner
+                .create_and_start(&name, &task.id, &task.command[0], body, task.stdin.as_ref())
+                .await?;
+        }
+        Ok(Box::new(DockerContainer::new(inner.clone(), task.id, name)))
+    }
+
+    async fn close(&self) -> Result<(), DriverError> {
+        self.inner.close().await
+    }
+
+    fn as_volume_files(&self) -> Option<&dyn VolumeFiles> {
+        Some(self)
+    }
+
+    fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
+        Some(self)
+    }
+}
+
+/// Copies the task's input into the attached stream, then closes it so the task sees EOF.
+fn pump_stdin(
+    driver: &'static str,
+    name: String,
+    attached: bollard::container::AttachContainerResults,
+    stdin: &Stdin,
+) {
+    let Some(mut reader) = stdin.take_reader() else {
+        return;
+    };
+    let bollard::container::AttachContainerResults {
+        mut output,
+        mut input,
+    } = attached;
+    tokio::spawn(async move {
+        let copied = tokio::io::copy(&mut reader, &mut input).await;
+        let closed = input.shutdown().await;
+        if let Err(error) = copied.and(closed) {
+            // The task may exit without reading all of its input, as with a pipe.
+            tracing::debug!(driver, container = %name, %error, "input not fully delivered");
+        }
+        // Hold the connection until the daemon ends it, so the container's end of the pipe
+        // is closed by EOF, not by a reset.
+        while output.next().await.is_some() {}
+    });
+}
+
+/// Names of tasks and volumes become parts of container and volume names.
+pub(crate) fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    if name.len() > 128 {
+        return Err("it is longer than 128 characters".to_owned());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(
+            "container engines accept only letters, digits, `_`, `.` and `-` in names".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_task(task: &Task) -> Result<(), DriverError> {
+    validate_name(&task.id).map_err(|reason| DriverError::InvalidTask {
+        task: task.id.clone(),
+        reason: format!("bad task id: {reason}"),
+    })?;
+    if task.command.is_empty() {
+        return Err(DriverError::InvalidTask {
+            task: task.id.clone(),
+            reason: "the command is empty".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// What a failed start means: a missing program (exit class 127), one that cannot be run (126),
+/// or the engine failing.
+fn start_error(
+    inner: &Inner,
+    task_id: &str,
+    name: &str,
+    program: &str,
+    error: bollard::errors::Error,
+) -> DriverError {
+    let message = error_message(&error).to_ascii_lowercase();
+    if message.contains("executable file not found")
+        || message.contains("no such file or directory")
+        || message.contains("command was not found")
+    {
+        DriverError::ProgramNotFound {
+            task: task_id.to_owned(),
+            program: program.to_owned(),
+        }
+    } else if message.contains("permission denied") || message.contains("exec format error") {
+        DriverError::CannotInvoke {
+            task: task_id.to_owned(),
+            program: program.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, error),
+        }
+    } else {
+        inner.backend(format!("start container `{name}`"), error)
+    }
+}
+
+fn podman_ulimits() -> Vec<ResourcesUlimits> {
+    PODMAN_ULIMITS
+        .iter()
+        .map(|(name, limit)| ResourcesUlimits {
+            name: Some((*name).to_owned()),
+            soft: Some(*limit),
+            hard: Some(*limit),
+        })
+        .collect()
+}
+
+/// Whether this process lacks `CAP_SYS_RESOURCE` (capability 24): a podman service it starts
+/// cannot raise rlimits either.
+fn lacks_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << CAP_SYS_RESOURCE) == 0)
+}
+
+/// `image` with `:latest` when it names no tag or digest: the pull endpoint pulls every tag of
+/// an untagged repository.
+fn with_tag(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if last.contains(':') || last.contains('@') {
+        image.to_owned()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+/// The HTTP status of a daemon's error answer.
+pub(crate) fn status_code(error: &bollard::errors::Error) -> Option<u16> {
+    match error {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The daemon's own words for `error`, without bollard's wrapping.
+pub(crate) fn error_message(error: &bollard::errors::Error) -> String {
+    match error {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untagged_images_pull_latest_only() {
+        for (image, pulled) in [
+            ("debian", "debian:latest"),
+            ("debian:bookworm", "debian:bookworm"),
+            ("localhost:5000/ci/test", "localhost:5000/ci/test:latest"),
+            ("localhost:5000/ci/test:1", "localhost:5000/ci/test:1"),
+            ("debian@sha256:abc", "debian@sha256:abc"),
+        ] {
+            assert_eq!(with_tag(image), pulled);
+        }
+    }
+
+    #[test]
+    fn names_with_characters_engines_reject_are_refused() {
+        assert!(validate_name("build-1.x_y").is_ok());
+        for bad in ["", "a b", "a/b", "ü", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_command_is_an_invalid_task() {
+        let error = validate_task(&Task::new("t", Vec::<String>::new())).unwrap_err();
+        assert!(error.to_string().contains("command is empty"), "{error}");
+    }
+}
