@@ -1,0 +1,454 @@
+//! The fourth stage: the dependency graph for one target, built as mk's `graph()` does.
+//!
+//! Every explicit rule for a name, then every metarule whose pattern matches it, contributes
+//! arcs to the name's node; prerequisites become nodes in turn. Then, as mk does: cycles are
+//! errors, metarule arcs into nodes that cannot be made ("vacuous") are dropped, explicit
+//! recipes beat meta recipes and two different recipes are ambiguous, and attributes flow
+//! from rules to nodes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+use crate::expand::{match_pattern, substitute_stem};
+use crate::parser::{Attributes, Rule, RuleSet};
+
+pub(crate) type NodeId = usize;
+
+pub(crate) const VIRTUAL: u32 = 0x0001;
+pub(crate) const CYCLE: u32 = 0x0002;
+pub(crate) const READY: u32 = 0x0004;
+pub(crate) const CAN_PRETEND: u32 = 0x0008;
+pub(crate) const PRETENDING: u32 = 0x0010;
+pub(crate) const NOT_MADE: u32 = 0x0020;
+pub(crate) const BEING_MADE: u32 = 0x0040;
+pub(crate) const MADE: u32 = 0x0080;
+pub(crate) const PROBABLE: u32 = 0x0100;
+pub(crate) const VACUOUS: u32 = 0x0200;
+pub(crate) const NO_RECIPE: u32 = 0x0400;
+pub(crate) const DELETE: u32 = 0x0800;
+
+/// The name mk gives the rule it makes up for several command-line targets.
+pub const COMMAND_LINE_TARGET: &str = "command line arguments";
+
+#[derive(Debug, Clone)]
+pub(crate) struct Arc {
+    pub node: Option<NodeId>,
+    pub rule: usize,
+    pub stem: String,
+    /// `$stem0`…`$stem9` for `:R:` rules.
+    pub matches: Vec<Option<String>>,
+    pub remove: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub name: String,
+    /// Modification time in seconds; 0 for a missing file or a virtual target.
+    pub time: u64,
+    pub flags: u32,
+    pub arcs: Vec<Arc>,
+    /// The other nodes one recipe run makes (mk's `node->next` list).
+    pub next: Option<NodeId>,
+}
+
+impl Node {
+    pub fn set_made(&mut self, state: u32) {
+        self.flags = (self.flags & !(NOT_MADE | BEING_MADE | MADE)) | state;
+    }
+}
+
+/// The graph of every name mk has looked at in this run (nodes persist between targets).
+#[derive(Debug)]
+pub(crate) struct Graph<'m> {
+    rules: &'m RuleSet,
+    extra: Vec<Rule>,
+    extra_targets: HashMap<String, Vec<usize>>,
+    pub nodes: Vec<Node>,
+    pub by_name: HashMap<String, NodeId>,
+    times: HashMap<String, u64>,
+    directory: PathBuf,
+    cycle_free: HashSet<NodeId>,
+    checked: HashSet<NodeId>,
+}
+
+impl<'m> Graph<'m> {
+    pub fn new(rules: &'m RuleSet, directory: &Path) -> Self {
+        Graph {
+            rules,
+            extra: Vec::new(),
+            extra_targets: HashMap::new(),
+            nodes: Vec::new(),
+            by_name: HashMap::new(),
+            times: HashMap::new(),
+            directory: directory.to_path_buf(),
+            cycle_free: HashSet::new(),
+            checked: HashSet::new(),
+        }
+    }
+
+    pub fn rule(&self, index: usize) -> &Rule {
+        match index.checked_sub(self.rules.rules.len()) {
+            None => &self.rules.rules[index],
+            Some(extra) => &self.extra[extra],
+        }
+    }
+
+    /// Add the virtual rule mk makes up when given several targets.
+    pub fn add_command_line_rule(&mut self, targets: &[String]) {
+        let index = self.rules.rules.len() + self.extra.len();
+        self.extra.push(Rule {
+            target: COMMAND_LINE_TARGET.to_string(),
+            targets: vec![COMMAND_LINE_TARGET.to_string()],
+            prereqs: targets.to_vec(),
+            attributes: Attributes {
+                is_virtual: true,
+                ..Attributes::default()
+            },
+            recipe: String::new(),
+            is_meta: false,
+            file: "command line".to_string(),
+            line: 0,
+            shell: vec!["sh".to_string()],
+            recipe_id: 0,
+            regex: None,
+        });
+        self.extra_targets
+            .entry(COMMAND_LINE_TARGET.to_string())
+            .or_default()
+            .push(index);
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.directory.join(name)
+    }
+
+    /// The modification time of `name` in seconds, 0 when it does not exist.
+    pub fn mtime(&self, name: &str) -> u64 {
+        std::fs::metadata(self.path(name))
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |duration| duration.as_secs())
+    }
+
+    /// mk's `timeof`: cached unless `force`.
+    pub fn time_of(&mut self, name: &str, force: bool) -> u64 {
+        if force {
+            return self.mtime(name);
+        }
+        if let Some(&time) = self.times.get(name) {
+            return time;
+        }
+        let time = self.mtime(name);
+        if time != 0 {
+            self.times.insert(name.to_string(), time);
+        }
+        time
+    }
+
+    /// `-w`: pretend these files were just modified.
+    pub fn assume_modified(&mut self, names: &[String], now: u64) {
+        for name in names {
+            self.times.insert(name.clone(), now);
+        }
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.path(name).symlink_metadata().is_ok()
+    }
+
+    /// Build (or find) the graph for `target` and prepare it as mk's `graph()` does.
+    pub fn graph(&mut self, target: &str) -> Result<NodeId, Error> {
+        let mut in_use = vec![0u8; self.rules.rules.len() + self.extra.len()];
+        let node = self.apply_rules(target, &mut in_use);
+        self.check_cycles(node, &mut Vec::new())?;
+        self.nodes[node].flags |= PROBABLE;
+        self.vacuous(node);
+        self.ambiguous(node)?;
+        let mut seen = HashSet::new();
+        self.attribute(node, &mut seen);
+        Ok(node)
+    }
+
+    fn new_node(&mut self, name: &str) -> NodeId {
+        let time = self.time_of(name, false);
+        let id = self.nodes.len();
+        self.nodes.push(Node {
+            name: name.to_string(),
+            time,
+            flags: if time != 0 { PROBABLE } else { 0 },
+            arcs: Vec::new(),
+            next: None,
+        });
+        self.by_name.insert(name.to_string(), id);
+        id
+    }
+
+    fn apply_rules(&mut self, target: &str, in_use: &mut [u8]) -> NodeId {
+        if let Some(&node) = self.by_name.get(target) {
+            return node;
+        }
+        let node = self.new_node(target);
+        let mut arcs: Vec<Arc> = Vec::new();
+        let chain: Vec<usize> = self
+            .rules
+            .by_target
+            .get(target)
+            .into_iter()
+            .chain(self.extra_targets.get(target))
+            .flatten()
+            .copied()
+            .collect();
+        for index in chain {
+            let rule = self.rule(index);
+            if rule.is_meta || !rule.has_effect() || in_use[index] >= 1 {
+                continue;
+            }
+            let prereqs = rule.prereqs.clone();
+            in_use[index] += 1;
+            self.nodes[node].flags |= PROBABLE;
+            if prereqs.is_empty() {
+                arcs.push(arc(None, index, String::new(), Vec::new()));
+            } else {
+                for prereq in prereqs {
+                    let child = self.apply_rules(&prereq, in_use);
+                    arcs.push(arc(Some(child), index, String::new(), Vec::new()));
+                }
+            }
+            in_use[index] -= 1;
+        }
+        let rules = self.rules;
+        for &index in &rules.meta {
+            let rule = &rules.rules[index];
+            if !rule.has_effect() {
+                continue;
+            }
+            if rule.attributes.not_virtual
+                && arcs
+                    .last()
+                    .is_some_and(|last| self.rule(last.rule).attributes.is_virtual)
+            {
+                continue;
+            }
+            let mut stem = String::new();
+            let mut matches = Vec::new();
+            if let Some(regex) = &rule.regex {
+                let Some(captures) = regex.captures(target) else {
+                    continue;
+                };
+                let start = captures.get(0).map_or(0, |m| m.start());
+                matches.push(Some(target[start..].to_string()));
+                for group in 1..10 {
+                    matches.push(captures.get(group).map(|m| m.as_str().to_string()));
+                }
+            } else {
+                match match_pattern(target, &rule.target) {
+                    Some(found) => stem = found,
+                    None => continue,
+                }
+            }
+            if in_use[index] >= 1 {
+                continue;
+            }
+            in_use[index] += 1;
+            if rule.prereqs.is_empty() {
+                arcs.push(arc(None, index, stem, matches));
+            } else {
+                for prereq in &rule.prereqs {
+                    let name = if rule.regex.is_some() {
+                        regex_substitute(prereq, &matches)
+                    } else {
+                        substitute_stem(&stem, prereq)
+                    };
+                    let child = self.apply_rules(&name, in_use);
+                    arcs.push(arc(Some(child), index, stem.clone(), matches.clone()));
+                }
+            }
+            in_use[index] -= 1;
+        }
+        arcs.append(&mut self.nodes[node].arcs);
+        self.nodes[node].arcs = arcs;
+        node
+    }
+
+    fn check_cycles(&mut self, node: NodeId, path: &mut Vec<NodeId>) -> Result<(), Error> {
+        if self.cycle_free.contains(&node) {
+            return Ok(());
+        }
+        if self.nodes[node].flags & CYCLE != 0 && !self.nodes[node].arcs.is_empty() {
+            return Err(Error::Cycle {
+                target: self.nodes[node].name.clone(),
+            });
+        }
+        self.nodes[node].flags |= CYCLE;
+        path.push(node);
+        let children: Vec<NodeId> = self.nodes[node]
+            .arcs
+            .iter()
+            .filter_map(|a| a.node)
+            .collect();
+        for child in children {
+            if let Err(error) = self.check_cycles(child, path) {
+                self.nodes[node].flags &= !CYCLE;
+                return Err(error);
+            }
+        }
+        path.pop();
+        self.nodes[node].flags &= !CYCLE;
+        self.cycle_free.insert(node);
+        Ok(())
+    }
+
+    fn vacuous(&mut self, node: NodeId) -> bool {
+        if self.nodes[node].flags & READY != 0 {
+            return self.nodes[node].flags & VACUOUS != 0;
+        }
+        self.nodes[node].flags |= READY;
+        let mut vacuous = self.nodes[node].flags & PROBABLE == 0;
+        for index in 0..self.nodes[node].arcs.len() {
+            let arc = &self.nodes[node].arcs[index];
+            let rule = arc.rule;
+            let child = arc.node;
+            let remove = match child {
+                Some(child) => self.vacuous(child) && self.rule(rule).is_meta,
+                None => false,
+            };
+            if remove {
+                self.nodes[node].arcs[index].remove = true;
+            } else {
+                vacuous = false;
+            }
+        }
+        // If a rule made arcs that stay, none of that rule's arcs go.
+        let kept_rules: HashSet<usize> = self.nodes[node]
+            .arcs
+            .iter()
+            .filter(|a| !a.remove)
+            .map(|a| a.rule)
+            .collect();
+        for arc in &mut self.nodes[node].arcs {
+            if arc.remove && kept_rules.contains(&arc.rule) {
+                arc.remove = false;
+            }
+        }
+        self.nodes[node].arcs.retain(|a| !a.remove);
+        if vacuous {
+            self.nodes[node].flags |= VACUOUS;
+        }
+        vacuous
+    }
+
+    fn ambiguous(&mut self, node: NodeId) -> Result<(), Error> {
+        if !self.checked.insert(node) {
+            return Ok(());
+        }
+        let mut chosen: Option<usize> = None;
+        let mut bad: Vec<String> = Vec::new();
+        for index in 0..self.nodes[node].arcs.len() {
+            if let Some(child) = self.nodes[node].arcs[index].node {
+                self.ambiguous(child)?;
+            }
+            let rule_index = self.nodes[node].arcs[index].rule;
+            if self.rule(rule_index).recipe.is_empty() {
+                continue;
+            }
+            let Some(current) = chosen else {
+                chosen = Some(index);
+                continue;
+            };
+            let current_rule = self.rule(self.nodes[node].arcs[current].rule);
+            let rule = self.rule(rule_index);
+            let mut current_index = current;
+            if current_rule.recipe_id != rule.recipe_id {
+                if current_rule.is_meta && !rule.is_meta {
+                    self.nodes[node].arcs[current].remove = true;
+                    chosen = Some(index);
+                    current_index = index;
+                } else if !current_rule.is_meta && rule.is_meta {
+                    self.nodes[node].arcs[index].remove = true;
+                    continue;
+                }
+            }
+            let current_rule = self.rule(self.nodes[node].arcs[current_index].rule);
+            let rule = self.rule(rule_index);
+            if current_rule.recipe_id != rule.recipe_id {
+                if bad.is_empty() {
+                    bad.push(format!("{}:{}", current_rule.file, current_rule.line));
+                }
+                bad.push(format!("{}:{}", rule.file, rule.line));
+            }
+        }
+        if !bad.is_empty() {
+            return Err(Error::Ambiguous {
+                target: self.nodes[node].name.clone(),
+                rules: bad,
+            });
+        }
+        self.nodes[node].arcs.retain(|a| !a.remove);
+        Ok(())
+    }
+
+    fn attribute(&mut self, node: NodeId, seen: &mut HashSet<NodeId>) {
+        if !seen.insert(node) {
+            return;
+        }
+        let mut flags = 0;
+        let mut children = Vec::new();
+        for arc in &self.nodes[node].arcs {
+            let attributes = &self.rule(arc.rule).attributes;
+            if attributes.is_virtual {
+                flags |= VIRTUAL;
+            }
+            if attributes.no_recipe_ok {
+                flags |= NO_RECIPE;
+            }
+            if attributes.delete_on_error {
+                flags |= DELETE;
+            }
+            if let Some(child) = arc.node {
+                children.push(child);
+            }
+        }
+        self.nodes[node].flags |= flags;
+        for child in children {
+            self.attribute(child, seen);
+        }
+        if self.nodes[node].flags & VIRTUAL != 0 {
+            self.nodes[node].time = 0;
+        }
+    }
+}
+
+fn arc(node: Option<NodeId>, rule: usize, stem: String, matches: Vec<Option<String>>) -> Arc {
+    Arc {
+        node,
+        rule,
+        stem,
+        matches,
+        remove: false,
+    }
+}
+
+/// Plan 9 `regsub`: `\0`…`\9` become the matched groups; other backslashes quote.
+pub(crate) fn regex_substitute(template: &str, matches: &[Option<String>]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(digit @ '0'..='9') => {
+                let group = digit as usize - '0' as usize;
+                if let Some(Some(text)) = matches.get(group) {
+                    out.push_str(text);
+                }
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,938 @@
+//! The fifth stage: decide what is out of date and in what order recipes run, as mk's
+//! `work()`, `dorecipe()` and `waitup()` do, and hand each recipe to the runner.
+//!
+//! `-n` (a [`Plan`]) walks the same state machine without running anything, so the plan and
+//! the build cannot disagree.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::mpsc;
+
+use crate::Mkfile;
+use crate::error::{Error, Warning};
+use crate::exec::{Command, Outcome, Runner, RunnerError};
+use crate::expand::echo_text;
+use crate::graph::{
+    BEING_MADE, CAN_PRETEND, DELETE, Graph, MADE, NO_RECIPE, NOT_MADE, NodeId, PRETENDING, READY,
+    VIRTUAL,
+};
+
+/// mk's flags.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// `-n`: print the recipes that would run, run nothing.
+    pub dry_run: bool,
+    /// `-t`: touch out-of-date targets instead of running recipes.
+    pub touch: bool,
+    /// `-a`: everything is out of date.
+    pub all: bool,
+    /// `-i`: make missing intermediate targets even when nothing needs them (also set by `-a`).
+    pub make_intermediates: bool,
+    /// `-k`: keep going after a recipe fails, making what does not depend on it.
+    pub keep_going: bool,
+    /// `-e`: explain why each target is made.
+    pub explain: bool,
+    /// `-s`: make each command-line target separately, one after another.
+    pub separately: bool,
+    /// `-w`: pretend these files were just modified.
+    pub assume_modified: Vec<String>,
+}
+
+/// One recipe run, as the plan or the build saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// `$target`: the out-of-date targets this run makes.
+    pub targets: Vec<String>,
+    /// `$alltarget`: every target of the rule.
+    pub all_targets: Vec<String>,
+    /// `$prereq` and `$newprereq`.
+    pub prereqs: Vec<String>,
+    pub new_prereqs: Vec<String>,
+    /// `$stem` (empty for explicit and `:R:` rules).
+    pub stem: String,
+    /// The recipe as the shell gets it.
+    pub recipe: String,
+    /// The recipe as mk echoes it (variables mk set are expanded).
+    pub echo: String,
+    /// Whether mk echoes it (`Q` rules do not, except under `-n`).
+    pub quiet: bool,
+    /// Where the rule is (`mkfile:12`).
+    pub rule: String,
+}
+
+/// The recipes a target needs, in the order mk would run them with `NPROC=1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    jobs: Vec<Job>,
+    /// The targets reported up to date (nothing to do).
+    pub up_to_date: Vec<String>,
+}
+
+impl Plan {
+    pub fn jobs(&self) -> &[Job] {
+        &self.jobs
+    }
+}
+
+/// What a build did; a failure that stops the build is the `Err` of [`Mkfile::build`].
+#[derive(Debug, Default)]
+pub struct BuildReport {
+    pub jobs: Vec<Job>,
+    /// Failures `-k` carried on from, and non-fatal problems (a file that would not delete).
+    pub errors: Vec<Error>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Mkfile {
+    /// What `mk -n targets` would run; nothing runs except `P` programs, through `runner`.
+    pub fn plan(
+        &self,
+        targets: &[&str],
+        options: &BuildOptions,
+        runner: &dyn Runner,
+    ) -> Result<Plan, Error> {
+        let mut options = options.clone();
+        options.dry_run = true;
+        let mut sink = std::io::sink();
+        let targets: Vec<String> = targets.iter().map(|s| s.to_string()).collect();
+        let mut plan = Plan::default();
+        let report = self.run_build(&targets, &options, runner, &mut sink, &mut plan.up_to_date)?;
+        plan.jobs = report.jobs;
+        Ok(plan)
+    }
+
+    /// Make `targets` (the default targets when empty), writing what mk prints on standard
+    /// output (echoed recipes, `mk: 'x' is up to date`) to `output`; recipes run through
+    /// `runner`, whose processes write their own output.
+    pub fn build(
+        &self,
+        targets: &[String],
+        options: &BuildOptions,
+        runner: &dyn Runner,
+        output: &mut dyn Write,
+    ) -> Result<BuildReport, Error> {
+        let mut up_to_date = Vec::new();
+        self.run_build(targets, options, runner, output, &mut up_to_date)
+    }
+
+    fn run_build(
+        &self,
+        targets: &[String],
+        options: &BuildOptions,
+        runner: &dyn Runner,
+        output: &mut dyn Write,
+        up_to_date: &mut Vec<String>,
+    ) -> Result<BuildReport, Error> {
+        let (sender, receiver) = mpsc::channel::<(usize, Result<Outcome, RunnerError>)>();
+        std::thread::scope(|scope| {
+            let spawn = |slot: usize, command: Command| {
+                let sender = sender.clone();
+                scope.spawn(move || {
+                    let result = runner.run(&command);
+                    // The receiver outlives every job; a failed send means the build is over.
+                    let _ = sender.send((slot, result));
+                });
+            };
+            let mut build = Build::new(self, options, runner, output, &spawn, &receiver);
+            let result = build.make_all(targets, up_to_date);
+            // mk waits for running recipes before it exits, whatever happened.
+            build.drain();
+            let _ = build.output.flush();
+            result.map(|()| build.report)
+        })
+    }
+}
+
+struct PendingJob {
+    rule: usize,
+    nodes: Vec<NodeId>,
+    job: Job,
+    environment: Vec<(String, String)>,
+}
+
+struct Running {
+    targets: Vec<String>,
+    nodes: Vec<NodeId>,
+    echo: String,
+}
+
+struct Build<'a, 'm> {
+    mkfile: &'m Mkfile,
+    graph: Graph<'m>,
+    options: &'a BuildOptions,
+    runner: &'a dyn Runner,
+    output: &'a mut dyn Write,
+    spawn: &'a dyn Fn(usize, Command),
+    receiver: &'a mpsc::Receiver<(usize, Result<Outcome, RunnerError>)>,
+    base_environment: Vec<(String, String)>,
+    queue: VecDeque<PendingJob>,
+    slots: Vec<Option<Running>>,
+    running: usize,
+    limit: usize,
+    run_errors: usize,
+    report: BuildReport,
+    program_cache: std::collections::HashMap<(String, String), bool>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl<'a, 'm> Build<'a, 'm> {
+    fn new(
+        mkfile: &'m Mkfile,
+        options: &'a BuildOptions,
+        runner: &'a dyn Runner,
+        output: &'a mut dyn Write,
+        spawn: &'a dyn Fn(usize, Command),
+        receiver: &'a mpsc::Receiver<(usize, Result<Outcome, RunnerError>)>,
+    ) -> Self {
+        let mut graph = Graph::new(&mkfile.rules, &mkfile.directory);
+        graph.assume_modified(&options.assume_modified, now());
+        let variables = &mkfile.variables;
+        let base_environment = variables
+            .iter()
+            .filter(|(name, _)| variables.is_exported(name))
+            .map(|(name, value)| (name.clone(), value.join(" ")))
+            .collect();
+        Build {
+            mkfile,
+            graph,
+            options,
+            runner,
+            output,
+            spawn,
+            receiver,
+            base_environment,
+            queue: VecDeque::new(),
+            slots: Vec::new(),
+            running: 0,
+            limit: 1,
+            run_errors: 0,
+            report: BuildReport::default(),
+            program_cache: std::collections::HashMap::new(),
+        }
+    }
+
+    fn make_intermediates(&self) -> bool {
+        self.options.make_intermediates || self.options.all
+    }
+
+    fn print(&mut self, text: &str) {
+        // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
+        let _ = self.output.write_all(text.as_bytes());
+    }
+
+    fn make_all(&mut self, targets: &[String], up_to_date: &mut Vec<String>) -> Result<(), Error> {
+        if targets.is_empty() {
+            let defaults = self.mkfile.default_targets.clone();
+            if defaults.is_empty() {
+                return Err(Error::NothingToMk);
+            }
+            for target in &defaults {
+                self.mk(target, up_to_date)?;
+            }
+        } else if self.options.separately || targets.len() == 1 {
+            for target in targets {
+                self.mk(target, up_to_date)?;
+            }
+        } else {
+            self.graph.add_command_line_rule(targets);
+            self.mk(crate::graph::COMMAND_LINE_TARGET, up_to_date)?;
+        }
+        Ok(())
+    }
+
+    fn nproc(&mut self) {
+        let limit = self
+            .mkfile
+            .variables
+            .get("NPROC")
+            .and_then(|words| words.first())
+            .filter(|word| !word.is_empty())
+            .map(|word| atoi(word))
+            .unwrap_or(self.limit as i64);
+        self.limit = limit.max(1) as usize;
+        if self.slots.len() < self.limit {
+            self.slots.resize_with(self.limit, || None);
+        }
+    }
+
+    fn mk(&mut self, target: &str, up_to_date: &mut Vec<String>) -> Result<(), Error> {
+        self.nproc();
+        self.run_errors = 0;
+        let node = self.graph.graph(target)?;
+        self.clear_made(node, &mut std::collections::HashSet::new());
+        let mut did = false;
+        while self.graph.nodes[node].flags & NOT_MADE != 0 {
+            if self.work(node, None)? {
+                did = true;
+            } else if self.wait_one()?
+                && self.graph.nodes[node].flags & (NOT_MADE | BEING_MADE) != 0
+            {
+                break;
+            }
+        }
+        while self.running > 0 || !self.queue.is_empty() {
+            if self.wait_one()? {
+                break;
+            }
+        }
+        if !did {
+            let name = self.graph.nodes[node].name.clone();
+            self.print(&format!("mk: '{name}' is up to date\n"));
+            up_to_date.push(name);
+        }
+        Ok(())
+    }
+
+    fn clear_made(&mut self, node: NodeId, seen: &mut std::collections::HashSet<NodeId>) {
+        if !seen.insert(node) {
+            return;
+        }
+        let n = &mut self.graph.nodes[node];
+        n.flags &= !(CAN_PRETEND | PRETENDING);
+        if !n.name.contains('(') || n.time != 0 {
+            n.flags |= CAN_PRETEND;
+        }
+        n.set_made(NOT_MADE);
+        let children: Vec<NodeId> = n.arcs.iter().filter_map(|a| a.node).collect();
+        for child in children {
+            self.clear_made(child, seen);
+        }
+    }
+
+    fn unpretend(&mut self, node: NodeId) {
+        let n = &mut self.graph.nodes[node];
+        n.set_made(NOT_MADE);
+        n.flags &= !(CAN_PRETEND | PRETENDING);
+        n.time = 0;
+    }
+
+    /// mk's `work()`: returns whether something was started (or, under `-n`, printed).
+    fn work(&mut self, node: NodeId, parent: Option<(NodeId, usize)>) -> Result<bool, Error> {
+        let mut did = false;
+        let flags = self.graph.nodes[node].flags;
+        if flags & BEING_MADE != 0 {
+            return Ok(false);
+        }
+        if flags & MADE != 0
+            && flags & PRETENDING != 0
+            && let Some((p, arc)) = parent
+            && self.out_of_date(p, arc, false)?
+        {
+            if self.options.explain {
+                let text = format!(
+                    "unpretending {}({}) because {} is out of date({})\n",
+                    self.graph.nodes[node].name,
+                    self.graph.nodes[node].time,
+                    self.graph.nodes[p].name,
+                    self.graph.nodes[p].time
+                );
+                self.print(&text);
+            }
+            self.unpretend(node);
+        }
+        let flags = self.graph.nodes[node].flags;
+        if flags & MADE != 0 {
+            if flags & PRETENDING != 0 {
+                self.graph.nodes[node].time = 0;
+            } else {
+                return Ok(false);
+            }
+        }
+        if self.graph.nodes[node].arcs.is_empty() {
+            if self.graph.nodes[node].time == 0 {
+                let error = Error::DontKnowHow {
+                    target: self.graph.nodes[node].name.clone(),
+                    directory: current_directory(&self.mkfile.directory),
+                };
+                if self.options.keep_going {
+                    self.graph.nodes[node].flags |= BEING_MADE;
+                    self.run_errors += 1;
+                    self.report.errors.push(error);
+                } else {
+                    return Err(error);
+                }
+            } else {
+                self.graph.nodes[node].set_made(MADE);
+            }
+            return Ok(false);
+        }
+        let mut ready = true;
+        let mut out_of_date = self.options.all;
+        let mut reason: Option<usize> = None;
+        for index in 0..self.graph.nodes[node].arcs.len() {
+            match self.graph.nodes[node].arcs[index].node {
+                Some(child) => {
+                    did = self.work(child, Some((node, index)))? || did;
+                    if self.graph.nodes[child].flags & (NOT_MADE | BEING_MADE) != 0 {
+                        ready = false;
+                    }
+                    if self.out_of_date(node, index, false)? {
+                        out_of_date = true;
+                        let replace = match reason {
+                            None => true,
+                            Some(r) => match self.graph.nodes[node].arcs[r].node {
+                                None => true,
+                                Some(rn) => {
+                                    self.graph.nodes[rn].time < self.graph.nodes[child].time
+                                }
+                            },
+                        };
+                        if replace {
+                            reason = Some(index);
+                        }
+                    }
+                }
+                None => {
+                    if self.graph.nodes[node].time == 0 {
+                        if reason.is_none() {
+                            reason = Some(index);
+                        }
+                        out_of_date = true;
+                    }
+                }
+            }
+        }
+        if !ready {
+            return Ok(did);
+        }
+        if !out_of_date {
+            self.graph.nodes[node].set_made(MADE);
+            return Ok(did);
+        }
+        // Can we pretend to be made? (A missing intermediate whose parent is up to date
+        // with respect to what it would be made from need not be made.)
+        let n = &self.graph.nodes[node];
+        if !self.make_intermediates()
+            && n.time == 0
+            && n.flags & (PRETENDING | CAN_PRETEND) != 0
+            && let Some((p, _)) = parent
+            && let Some(r) = reason
+            && self.graph.nodes[node].arcs[r].node.is_some()
+            && !self.out_of_date_arc(p, node, r)?
+        {
+            let n = &mut self.graph.nodes[node];
+            n.flags &= !CAN_PRETEND;
+            n.set_made(MADE);
+            let first_time = n.flags & PRETENDING == 0;
+            n.flags |= PRETENDING;
+            if self.options.explain && first_time {
+                let text = format!(
+                    "pretending {} has time {}\n",
+                    self.graph.nodes[node].name, self.graph.nodes[node].time
+                );
+                self.print(&text);
+            }
+            return Ok(did);
+        }
+        // Out of date and we really do have to do something: rescan for pretenders.
+        for index in 0..self.graph.nodes[node].arcs.len() {
+            if let Some(child) = self.graph.nodes[node].arcs[index].node
+                && self.graph.nodes[child].flags & PRETENDING != 0
+            {
+                if self.options.explain {
+                    let because = reason
+                        .and_then(|r| self.graph.nodes[node].arcs[r].node)
+                        .map_or("rule with no prerequisites".to_string(), |r| {
+                            self.graph.nodes[r].name.clone()
+                        });
+                    let text = format!(
+                        "unpretending {} because of {} because of {}\n",
+                        self.graph.nodes[child].name, self.graph.nodes[node].name, because
+                    );
+                    self.print(&text);
+                }
+                self.unpretend(child);
+                did = self.work(child, Some((node, index)))? || did;
+                ready = false;
+            }
+        }
+        if !ready {
+            return Ok(did || self.work(node, parent)?);
+        }
+        Ok(self.do_recipe(node)? || did)
+    }
+
+    /// mk's `outofdate(parent, arc)` where the arc is given by index into the parent's arcs.
+    fn out_of_date(&mut self, node: NodeId, arc: usize, eval: bool) -> Result<bool, Error> {
+        let arc = &self.graph.nodes[node].arcs[arc];
+        let Some(child) = arc.node else {
+            return Ok(false);
+        };
+        let rule = arc.rule;
+        self.compare(node, child, rule, eval)
+    }
+
+    /// `outofdate(p, ra)` where `ra` is an arc of `node` (not of `p`): mk passes the arc
+    /// of the child, so the comparison is between `p` and the arc's prerequisite.
+    fn out_of_date_arc(&mut self, p: NodeId, node: NodeId, arc: usize) -> Result<bool, Error> {
+        let arc = &self.graph.nodes[node].arcs[arc];
+        let Some(child) = arc.node else {
+            return Ok(false);
+        };
+        let rule = arc.rule;
+        self.compare(p, child, rule, false)
+    }
+
+    fn compare(
+        &mut self,
+        node: NodeId,
+        child: NodeId,
+        rule: usize,
+        eval: bool,
+    ) -> Result<bool, Error> {
+        if let Some(program) = self.graph.rule(rule).attributes.program.clone() {
+            let key = (
+                self.graph.nodes[node].name.clone(),
+                self.graph.nodes[child].name.clone(),
+            );
+            if !eval && let Some(&cached) = self.program_cache.get(&key) {
+                return Ok(cached);
+            }
+            let mut argv = self.graph.rule(rule).shell.clone();
+            argv.push("-c".to_string());
+            argv.push(format!("{} '{}' '{}'\n", program, key.0, key.1));
+            let _ = self.output.flush();
+            let outcome = self
+                .runner
+                .run(&Command {
+                    argv,
+                    stdin: None,
+                    environment: std::env::vars().collect(),
+                    directory: self.mkfile.directory.clone(),
+                    capture_stdout: false,
+                    targets: Vec::new(),
+                })
+                .map_err(|source| Error::StartRecipe {
+                    targets: key.0.clone(),
+                    source,
+                })?;
+            let stale = !outcome.status.success();
+            self.program_cache.insert(key, stale);
+            return Ok(stale);
+        }
+        let (n, c) = (&self.graph.nodes[node], &self.graph.nodes[child]);
+        if c.name.contains('(') && c.time == 0 {
+            return Ok(true);
+        }
+        Ok(n.time <= c.time)
+    }
+
+    /// mk's `update()`: a recipe finished (or `fake`: failed under `-k`).
+    fn update(&mut self, fake: bool, node: NodeId) -> Result<(), Error> {
+        self.graph.nodes[node].set_made(if fake { BEING_MADE } else { MADE });
+        let name = self.graph.nodes[node].name.clone();
+        if self.graph.nodes[node].flags & VIRTUAL == 0 && self.graph.exists(&name) {
+            let time = self.graph.time_of(&name, true);
+            let n = &mut self.graph.nodes[node];
+            n.time = time;
+            n.flags &= !(CAN_PRETEND | PRETENDING);
+            for index in 0..self.graph.nodes[node].arcs.len() {
+                let arc = &self.graph.nodes[node].arcs[index];
+                if arc.node.is_some() && self.graph.rule(arc.rule).attributes.program.is_some() {
+                    self.out_of_date(node, index, true)?;
+                }
+            }
+        } else {
+            self.graph.nodes[node].time = 1;
+            for index in 0..self.graph.nodes[node].arcs.len() {
+                if let Some(child) = self.graph.nodes[node].arcs[index].node
+                    && self.out_of_date(node, index, true)?
+                {
+                    self.graph.nodes[node].time = self.graph.nodes[child].time;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn touch(&mut self, name: &str) -> Result<(), Error> {
+        self.print(&format!("touch({name})\n"));
+        if self.options.dry_run {
+            return Ok(());
+        }
+        let path = self.graph.path(name);
+        let touch_error = |source| Error::Touch {
+            path: name.to_string(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(touch_error)?;
+        file.set_modified(std::time::SystemTime::now())
+            .map_err(touch_error)
+    }
+
+    fn do_recipe(&mut self, node: NodeId) -> Result<bool, Error> {
+        let chosen = self.graph.nodes[node]
+            .arcs
+            .iter()
+            .enumerate()
+            .filter(|(_, arc)| !self.graph.rule(arc.rule).recipe.is_empty())
+            .map(|(index, _)| index)
+            .next_back();
+        let Some(chosen) = chosen else {
+            let flags = self.graph.nodes[node].flags;
+            if flags & (VIRTUAL | NO_RECIPE) == 0 {
+                return Err(Error::NoRecipe {
+                    target: self.graph.nodes[node].name.clone(),
+                });
+            }
+            let name = self.graph.nodes[node].name.clone();
+            if name.contains('(') && self.graph.nodes[node].time == 0 {
+                self.graph.nodes[node].set_made(MADE);
+            } else {
+                self.update(false, node)?;
+            }
+            if self.options.touch {
+                if flags & VIRTUAL == 0 {
+                    self.touch(&name)?;
+                } else if self.options.explain {
+                    self.print(&format!("no touch of virtual '{name}'\n"));
+                }
+            }
+            return Ok(false);
+        };
+        let arc = self.graph.nodes[node].arcs[chosen].clone();
+        let rule = self.graph.rule(arc.rule).clone();
+        self.graph.nodes[node].next = None;
+        let mut targets = Vec::new();
+        let mut all_targets = Vec::new();
+        let mut chain = vec![node];
+        if rule.attributes.regex {
+            targets.push(self.graph.nodes[node].name.clone());
+            all_targets.push(self.graph.nodes[node].name.clone());
+        } else {
+            for word in &rule.targets {
+                let name = if rule.is_meta {
+                    crate::expand::substitute_stem(&arc.stem, word)
+                } else {
+                    word.clone()
+                };
+                all_targets.push(name.clone());
+                let Some(&other) = self.graph.by_name.get(&name) else {
+                    continue;
+                };
+                if !self.options.all && self.graph.nodes[other].time != 0 {
+                    let mut stale = false;
+                    for index in 0..self.graph.nodes[other].arcs.len() {
+                        if self.graph.nodes[other].arcs[index].node.is_some()
+                            && self.out_of_date(other, index, false)?
+                        {
+                            stale = true;
+                            break;
+                        }
+                    }
+                    if !stale {
+                        continue;
+                    }
+                }
+                targets.push(name);
+                if other == node {
+                    continue;
+                }
+                self.graph.nodes[other].next = self.graph.nodes[node].next;
+                self.graph.nodes[node].next = Some(other);
+                if !chain.contains(&other) {
+                    chain.insert(1, other);
+                }
+            }
+        }
+        if chain
+            .iter()
+            .any(|&n| self.graph.nodes[n].flags & READY == 0)
+        {
+            return Ok(false);
+        }
+        let mut prereqs: Vec<String> = Vec::new();
+        let mut new_prereqs: Vec<String> = Vec::new();
+        for &n in &chain {
+            for index in 0..self.graph.nodes[n].arcs.len() {
+                match self.graph.nodes[n].arcs[index].node {
+                    Some(child) => {
+                        let name = self.graph.nodes[child].name.clone();
+                        if !prereqs.contains(&name) {
+                            prereqs.push(name.clone());
+                        }
+                        if self.out_of_date(n, index, false)? {
+                            if self.options.explain {
+                                let text = format!(
+                                    "{}({}) < {}({})\n",
+                                    self.graph.nodes[n].name,
+                                    self.graph.nodes[n].time,
+                                    name,
+                                    self.graph.nodes[child].time
+                                );
+                                self.print(&text);
+                            }
+                            if !new_prereqs.contains(&name) {
+                                new_prereqs.push(name);
+                            }
+                        }
+                    }
+                    None => {
+                        if self.options.explain {
+                            let text =
+                                format!("{} has no prerequisites\n", self.graph.nodes[n].name);
+                            self.print(&text);
+                        }
+                    }
+                }
+            }
+            self.graph.nodes[n].set_made(BEING_MADE);
+        }
+        let stem = if rule.attributes.regex {
+            String::new()
+        } else {
+            arc.stem.clone()
+        };
+        let mut internal: Vec<(&str, String)> = vec![
+            ("target", targets.join(" ")),
+            ("stem", stem.clone()),
+            ("prereq", prereqs.join(" ")),
+            ("pid", std::process::id().to_string()),
+            ("nproc", String::new()),
+            ("newprereq", new_prereqs.join(" ")),
+            ("alltarget", all_targets.join(" ")),
+            ("newmember", archive_members(&new_prereqs).join(" ")),
+        ];
+        for (group, name) in STEMS.iter().enumerate() {
+            let value = if rule.attributes.regex {
+                arc.matches
+                    .get(group)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            internal.push((name, value));
+        }
+        let mut environment = self.base_environment.clone();
+        environment.extend(internal.into_iter().map(|(k, v)| (k.to_string(), v)));
+        let job = Job {
+            targets,
+            all_targets,
+            prereqs,
+            new_prereqs,
+            stem,
+            recipe: rule.recipe.clone(),
+            echo: String::new(),
+            quiet: rule.attributes.quiet,
+            rule: format!("{}:{}", rule.file, rule.line),
+        };
+        self.queue.push_back(PendingJob {
+            rule: arc.rule,
+            nodes: chain,
+            job,
+            environment,
+        });
+        if self.running < self.limit {
+            self.schedule()?;
+        }
+        Ok(true)
+    }
+
+    fn echo(&self, recipe: &str, environment: &[(String, String)]) -> String {
+        let variables = &self.mkfile.variables;
+        let lookup = |name: &str| -> Option<String> {
+            let internal = crate::expand::INTERNAL_VARIABLES.contains(&name);
+            if !internal && !variables.is_assigned(name) {
+                return None;
+            }
+            environment
+                .iter()
+                .rev()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        echo_text(recipe, &lookup)
+    }
+
+    /// mk's `sched()`: start the next queued job.
+    fn schedule(&mut self) -> Result<(), Error> {
+        let Some(mut pending) = self.queue.pop_front() else {
+            return Ok(());
+        };
+        let slot = self.slots.iter().position(Option::is_none).unwrap_or(0);
+        if let Some(entry) = pending.environment.iter_mut().find(|(k, _)| k == "nproc") {
+            entry.1 = slot.to_string();
+        }
+        let echo = self.echo(&pending.job.recipe, &pending.environment);
+        pending.job.echo = echo.clone();
+        let rule = self.graph.rule(pending.rule).clone();
+        if !self.options.touch && (self.options.dry_run || !rule.attributes.quiet) {
+            self.print(&echo);
+        }
+        self.report.jobs.push(pending.job.clone());
+        if self.options.dry_run || self.options.touch {
+            for &n in &pending.nodes {
+                if self.options.touch {
+                    let name = self.graph.nodes[n].name.clone();
+                    if self.graph.nodes[n].flags & VIRTUAL == 0 {
+                        self.touch(&name)?;
+                    } else if self.options.explain {
+                        self.print(&format!("no touch of virtual '{name}'\n"));
+                    }
+                }
+                self.graph.nodes[n].time = now();
+                self.graph.nodes[n].set_made(MADE);
+            }
+            return Ok(());
+        }
+        let _ = self.output.flush();
+        let mut argv = rule.shell.clone();
+        if !rule.attributes.continue_on_error {
+            argv.push("-e".to_string());
+        }
+        let command = Command {
+            argv,
+            stdin: Some(pending.job.recipe.clone()),
+            environment: pending.environment,
+            directory: self.mkfile.directory.clone(),
+            capture_stdout: false,
+            targets: pending.job.targets.clone(),
+        };
+        self.slots[slot] = Some(Running {
+            targets: pending.job.targets,
+            nodes: pending.nodes,
+            echo,
+        });
+        self.running += 1;
+        (self.spawn)(slot, command);
+        Ok(())
+    }
+
+    /// mk's `waitup()`: wait for one recipe. Returns true when nothing was running.
+    fn wait_one(&mut self) -> Result<bool, Error> {
+        if self.running == 0 {
+            if self.queue.is_empty() {
+                return Ok(true);
+            }
+            self.schedule()?;
+            return Ok(false);
+        }
+        let Ok((slot, result)) = self.receiver.recv() else {
+            return Ok(true);
+        };
+        self.running -= 1;
+        let Some(running) = self.slots[slot].take() else {
+            return Ok(false);
+        };
+        let mut fake = false;
+        let failure = match result {
+            Err(source) => Some(Error::StartRecipe {
+                targets: running.targets.join(" "),
+                source,
+            }),
+            Ok(outcome) if !outcome.status.success() => {
+                let mut deleted = Vec::new();
+                for &n in &running.nodes {
+                    if self.graph.nodes[n].flags & DELETE != 0 {
+                        let name = self.graph.nodes[n].name.clone();
+                        if let Err(error) = std::fs::remove_file(self.graph.path(&name)) {
+                            self.report.warnings.push(Warning {
+                                message: format!("cannot remove `{name}`: {error}"),
+                                location: None,
+                            });
+                        }
+                        deleted.push(name);
+                    }
+                }
+                Some(Error::RecipeFailed {
+                    targets: front(&running.echo),
+                    status: outcome.status.describe(),
+                    deleted,
+                })
+            }
+            Ok(_) => None,
+        };
+        if let Some(error) = failure {
+            if self.options.keep_going {
+                self.run_errors += 1;
+                self.report.errors.push(error);
+                fake = true;
+            } else {
+                self.queue.clear();
+                return Err(error);
+            }
+        }
+        for target in &running.targets {
+            if let Some(&node) = self.graph.by_name.get(target) {
+                self.update(fake, node)?;
+            }
+        }
+        if self.running < self.limit {
+            self.schedule()?;
+        }
+        Ok(false)
+    }
+
+    /// Wait for every running recipe (mk does before it exits, even on error).
+    fn drain(&mut self) {
+        self.queue.clear();
+        while self.running > 0 {
+            let Ok((slot, _)) = self.receiver.recv() else {
+                return;
+            };
+            self.running -= 1;
+            self.slots[slot] = None;
+        }
+    }
+}
+
+const STEMS: [&str; 10] = [
+    "stem0", "stem1", "stem2", "stem3", "stem4", "stem5", "stem6", "stem7", "stem8", "stem9",
+];
+
+/// `$newmember`: the `member` of each `archive(member)` prerequisite.
+fn archive_members(prereqs: &[String]) -> Vec<String> {
+    prereqs
+        .iter()
+        .filter_map(|word| {
+            let open = word.find('(')?;
+            let close = word[open + 1..].find(')')? + open + 1;
+            Some(word[open + 1..close].to_string())
+        })
+        .collect()
+}
+
+/// mk's `front()`: a recipe shortened to its first three words, `...` and the last.
+fn front(recipe: &str) -> String {
+    let fields: Vec<&str> = recipe.split([' ', '\t', '\n']).collect();
+    let fields: Vec<&str> = if fields.len() > 5 {
+        vec![
+            fields[0],
+            fields[1],
+            fields[2],
+            "...",
+            fields[fields.len() - 1],
+        ]
+    } else {
+        fields
+    };
+    fields.join(" ").trim().to_string()
+}
+
+fn atoi(text: &str) -> i64 {
+    let trimmed = text.trim_start();
+    let (sign, digits) = match trimmed.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, trimmed.strip_prefix('+').unwrap_or(trimmed)),
+    };
+    let number: String = digits.chars().take_while(char::is_ascii_digit).collect();
+    sign * number.parse::<i64>().unwrap_or(0)
+}
+
+fn current_directory(directory: &std::path::Path) -> String {
+    std::fs::canonicalize(directory)
+        .unwrap_or_else(|_| directory.to_path_buf())
+        .display()
+        .to_string()
+}
