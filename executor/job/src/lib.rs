@@ -9,12 +9,19 @@
 //! and reports through plain writers the CLI hands it.
 
 mod error;
+mod flow;
 pub mod key;
 pub mod output;
+pub mod plan;
 pub mod source;
 pub mod store;
 
 pub use error::JobError;
+pub use flow::{
+    DEFAULT_CONTAINER_IMAGE, JobOptions, JobReport, PreparedJob, ReportArtifact, SOURCE_PATH,
+    TOOLS_PATH, Terminal,
+};
 pub use key::KeyInputs;
+pub use plan::JobPlan;
 pub use source::Snapshot;
 pub use store::{ResultRecord, ResultStore};

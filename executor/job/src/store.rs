@@ -7,6 +7,7 @@
 //! ok/<key>.json              the newest successful run of a key: what replay uses
 //! failed/<key>-<unix>.json   failed runs, kept for inspection, never replayed
 //! cache/<repo>.tar           the /var/run/ci/cache tree of a repository's last successful run
+//! locks/<repo>.lock          held while a job of that repository runs
 //! tmp/                       staging; a crash leaves files here, never half-written records
 //! ```
 //! Every file is written to `tmp/`, synced, then renamed into place, and a record is written
@@ -90,7 +91,7 @@ impl ResultStore {
             .or_else(|| std::env::var_os("CI_EXEC_RESULTS").map(PathBuf::from))
             .or_else(|| dirs::data_dir().map(|dir| dir.join("ci-exec").join("results")))
             .unwrap_or_else(|| std::env::temp_dir().join("ci-exec-results"));
-        for sub in ["blobs/sha256", "ok", "failed", "cache", "tmp"] {
+        for sub in ["blobs/sha256", "ok", "failed", "cache", "locks", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|source| JobError::Io {
                 action: "create the result store directory",

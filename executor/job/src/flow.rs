@@ -1,0 +1,722 @@
+//! Running a job: replay a recorded result, or run the mk steps through a driver and record.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ci_exec_driver::{Driver, DriverError, LogSink, Stdin, Task, wait_for_exit};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::output::Stream;
+use crate::plan::{ARTIFACTS_DIR, CACHE_DIR, ENV_DIR, JobPlan};
+use crate::store::{Artifact, ResultRecord, ResultStore, StepTiming, unix_now};
+use crate::{JobError, KeyInputs, Snapshot};
+
+/// The test image when the mkfile names none.
+pub const DEFAULT_CONTAINER_IMAGE: &str = "localhost/ci-exec/base:latest";
+/// Where the committed tree is unpacked, in the base OS and in the test container.
+pub const SOURCE_PATH: &str = "/src";
+/// Where ci-exec's own tools (the static `mk`) appear inside the test container.
+pub const TOOLS_PATH: &str = "/opt/ci-exec/bin";
+const RUN_CI: &str = "/var/run/ci";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the user asked for.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// The repository (or any directory inside it).
+    pub path: PathBuf,
+    /// Variables whose values are inputs of the result key, passed to the job.
+    pub inputs: Vec<String>,
+    /// Variables passed to the job but never hashed, stored or printed.
+    pub secrets: Vec<String>,
+    pub salt: Option<String>,
+    /// Skip the replay lookup and always run.
+    pub no_replay: bool,
+    /// Ignore the repository's saved `/var/run/ci/cache`.
+    pub fresh: bool,
+    /// Copy artifacts here (on a run and on a replay).
+    pub artifacts_dir: Option<PathBuf>,
+    /// Prepended to `PATH` in base-OS steps (where our `mk` lives on the native driver).
+    pub tools_path: Option<String>,
+}
+
+/// What `--report` writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub key: String,
+    pub replayed: bool,
+    pub exit_code: i32,
+    pub driver: String,
+    pub image: Option<String>,
+    pub artifacts: Vec<ReportArtifact>,
+    pub steps: Vec<StepTiming>,
+    /// When the replayed result was recorded.
+    pub recorded_unix: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportArtifact {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Live output destinations and the status channel for `==> step` lines.
+pub struct Terminal {
+    pub stdout: Box<dyn Write + Send>,
+    pub stderr: Box<dyn Write + Send>,
+    /// Step announcements and notes; not recorded.
+    pub status: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for Terminal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Terminal")
+    }
+}
+
+/// A job whose inputs are read and checked, before any driver exists: usage errors (no
+/// repository, no mkfile, a bad mkfile) come out here, with nothing started.
+#[derive(Debug)]
+pub struct PreparedJob {
+    pub snapshot: Snapshot,
+    pub plan: JobPlan,
+    options: JobOptions,
+    inputs: Vec<(String, Option<String>)>,
+    secrets: Vec<(String, String)>,
+    /// Identifies the repository for its saved cache.
+    repository_id: String,
+}
+
+impl PreparedJob {
+    pub fn prepare(options: JobOptions) -> Result<PreparedJob, JobError> {
+        let snapshot = Snapshot::of_head(&options.path)?;
+        let secrets = options
+            .secrets
+            .iter()
+            .map(|name| match std::env::var(name) {
+                Ok(value) => Ok((name.clone(), value)),
+                Err(_) => Err(JobError::MissingEnv {
+                    name: name.clone(),
+                    role: "a secret",
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let inputs: Vec<(String, Option<String>)> = options
+            .inputs
+            .iter()
+            .map(|name| (name.clone(), std::env::var(name).ok()))
+            .collect();
+        let scratch = tempfile_dir()?;
+        unpack(&snapshot.archive, scratch.path())?;
+        let visible: Vec<(String, String)> = inputs
+            .iter()
+            .filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v)))
+            .chain(secrets.iter().cloned())
+            .collect();
+        let plan = JobPlan::read(scratch.path(), &visible)?;
+        let repository_id =
+            hex::encode(Sha256::digest(snapshot.root.as_os_str().as_encoded_bytes()))[..16]
+                .to_owned();
+        Ok(PreparedJob {
+            snapshot,
+            plan,
+            options,
+            inputs,
+            secrets,
+            repository_id,
+        })
+    }
+
+    /// The result key of this job on `driver`.
+    pub fn key(&self, driver: &dyn Driver) -> String {
+        KeyInputs {
+            tree: self.snapshot.tree.clone(),
+            mkfile: self.snapshot.mkfile.clone(),
+            // An unset input hashes differently from an empty one.
+            env: self
+                .inputs
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        v.as_ref().map_or("\0unset".into(), |v| format!("={v}")),
+                    )
+                })
+                .collect(),
+            environment_digest: driver.environment_digest(),
+            driver: driver.name().to_owned(),
+            salt: self.options.salt.clone(),
+        }
+        .key()
+    }
+
+    /// Replays the recorded successful result of `key`, if the store holds an intact one.
+    /// A damaged record is discarded with a warning and `None` is returned, so the job runs.
+    pub fn replay(
+        &self,
+        store: &ResultStore,
+        key: &str,
+        terminal: &mut Terminal,
+    ) -> Result<Option<JobReport>, JobError> {
+        if self.options.no_replay {
+            return Ok(None);
+        }
+        let Some(record) = store.get(key)? else {
+            return Ok(None);
+        };
+        if let Err(damage) = store.verify(&record) {
+            let _ = writeln!(
+                terminal.status,
+                "warning: {damage}: discarding it and running the job"
+            );
+            store.discard(key)?;
+            return Ok(None);
+        }
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(record.created_unix),
+        );
+        let _ = writeln!(
+            terminal.status,
+            "==> replaying result {} recorded {when} on `{}` by the `{}` driver",
+            &key[..12],
+            record.host,
+            record.driver
+        );
+        let stdout = store.read_blob(&record.stdout.sha256)?;
+        let stderr = store.read_blob(&record.stderr.sha256)?;
+        let _ = terminal
+            .stdout
+            .write_all(&stdout)
+            .and_then(|()| terminal.stdout.flush());
+        let _ = terminal
+            .stderr
+            .write_all(&stderr)
+            .and_then(|()| terminal.stderr.flush());
+        if let Some(dir) = &self.options.artifacts_dir {
+            restore_artifacts(store, &record.artifacts, dir)?;
+        }
+        Ok(Some(report(&record, true)))
+    }
+
+    /// Runs the job on `driver` and records the result under `key`.
+    pub async fn run(
+        &self,
+        driver: &dyn Driver,
+        store: &ResultStore,
+        key: &str,
+        terminal: Terminal,
+    ) -> Result<JobReport, JobError> {
+        let mut terminal = terminal;
+        let _lock = lock_repository(store, &self.repository_id, &mut *terminal.status)?;
+        let secrets: Vec<Vec<u8>> = self
+            .secrets
+            .iter()
+            .map(|(_, v)| v.clone().into_bytes())
+            .collect();
+        let mut run = Run {
+            driver,
+            job: format!("job-{}-{}", &key[..12], std::process::id()),
+            stdout: Stream::new(terminal.stdout, &secrets),
+            stderr: Stream::new(terminal.stderr, &secrets),
+            status: terminal.status,
+            steps: Vec::new(),
+            counter: 0,
+        };
+        let outcome = self.steps(&mut run, store).await;
+        let (exit_code, artifacts, image) = match outcome {
+            Ok(done) => done,
+            Err(error) => return Err(error),
+        };
+        let stdout = store.put_blob(&run.stdout.recorded())?;
+        let stderr = store.put_blob(&run.stderr.recorded())?;
+        let record = ResultRecord {
+            format: crate::key::FORMAT_VERSION,
+            key: key.to_owned(),
+            exit_code,
+            created_unix: unix_now(),
+            driver: driver.name().to_owned(),
+            image,
+            host: host_name(),
+            ci_exec_version: env!("CARGO_PKG_VERSION").to_owned(),
+            commit: self.snapshot.commit.clone(),
+            tree: self.snapshot.tree.clone(),
+            stdout,
+            stderr,
+            artifacts,
+            steps: run.steps,
+        };
+        store.put_record(&record)?;
+        if exit_code == 0
+            && let Some(dir) = &self.options.artifacts_dir
+        {
+            restore_artifacts(store, &record.artifacts, dir)?;
+        }
+        Ok(report(&record, false))
+    }
+
+    /// The steps of seed `002_…`; returns (exit code, artifacts, test image).
+    async fn steps(
+        &self,
+        run: &mut Run<'_>,
+        store: &ResultStore,
+    ) -> Result<(i32, Vec<Artifact>, Option<String>), JobError> {
+        let env = self.base_env();
+        run.base(
+            "unpack source",
+            &["tar", "-x", "-f", "-", "-C", SOURCE_PATH],
+            &env,
+            Some(self.snapshot.archive.clone()),
+        )
+        .await
+        .and_then(|code| expect_success("unpack source", code))?;
+
+        if !self.options.fresh
+            && let Some(cache) = store.get_cache(&self.repository_id)
+        {
+            let script = format!("mkdir -p {CACHE_DIR} && tar -x -f - -C {CACHE_DIR}");
+            run.base("restore cache", &["sh", "-c", &script], &env, Some(cache))
+                .await
+                .and_then(|code| expect_success("restore cache", code))?;
+        }
+
+        if self.plan.prepare_runtime {
+            let code = run.mk_base(&["prepare-runtime"], &env).await?;
+            if code != 0 {
+                return Ok((code, Vec::new(), None));
+            }
+        }
+
+        let mut test_env = BTreeMap::new();
+        if !self.plan.env_targets.is_empty() {
+            let targets: Vec<&str> = self.plan.env_targets.iter().map(String::as_str).collect();
+            let code = run.mk_base(&targets, &env).await?;
+            if code != 0 {
+                return Ok((code, Vec::new(), None));
+            }
+            let archive = run
+                .capture("read env", &format!("cd {ENV_DIR} && tar -c -f - ."), &env)
+                .await?;
+            for (name, content, _) in read_archive("read env", &archive)? {
+                if !name.contains('/') {
+                    test_env.insert(name, String::from_utf8_lossy(&content).trim().to_owned());
+                }
+            }
+        }
+        let image = test_env
+            .get("CONTAINERIMAGE")
+            .filter(|image| !image.is_empty())
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_CONTAINER_IMAGE.to_owned());
+
+        // The native driver has no container runtime of its own: the test runs on the host.
+        let in_container = run.driver.name() != "native";
+        if !in_container && test_env.contains_key("CONTAINERIMAGE") {
+            let _ = writeln!(
+                run.status,
+                "warning: the `native` driver runs `mk test` directly on this host; `CONTAINERIMAGE={image}` is not used"
+            );
+        }
+        let mut task_env = env.clone();
+        task_env.extend(test_env);
+        let code = if in_container {
+            let install =
+                format!("mkdir -p {TOOLS_PATH} && cp \"$(command -v mk)\" {TOOLS_PATH}/mk");
+            run.base("install mk", &["sh", "-c", &install], &env, None)
+                .await
+                .and_then(|code| expect_success("install mk", code))?;
+            task_env.insert("PATH".into(), format!("{TOOLS_PATH}:{DEFAULT_PATH}"));
+            let task = Task::new(run.next_id("test"), ["mk", "test"])
+                .image(&image)
+                .mount("src", SOURCE_PATH)
+                .mount("tools", TOOLS_PATH)
+                .workdir(SOURCE_PATH);
+            run.step("mk test", task, &task_env).await?
+        } else {
+            run.mk_base(&["test"], &task_env).await?
+        };
+        if code != 0 {
+            return Ok((code, Vec::new(), Some(image)));
+        }
+
+        let mut artifacts = Vec::new();
+        if !self.plan.artifact_targets.is_empty() {
+            let targets: Vec<&str> = self
+                .plan
+                .artifact_targets
+                .iter()
+                .map(String::as_str)
+                .collect();
+            let code = run.mk_base(&targets, &env).await?;
+            if code != 0 {
+                return Ok((code, Vec::new(), Some(image)));
+            }
+            let archive = run
+                .capture(
+                    "collect artifacts",
+                    &format!("mkdir -p {ARTIFACTS_DIR} && cd {ARTIFACTS_DIR} && tar -c -f - ."),
+                    &env,
+                )
+                .await?;
+            for (path, content, mode) in read_archive("collect artifacts", &archive)? {
+                let blob = store.put_blob(&content)?;
+                artifacts.push(Artifact {
+                    path,
+                    sha256: blob.sha256,
+                    size: blob.size,
+                    mode,
+                });
+            }
+        }
+
+        if !self.plan.cache_targets.is_empty() {
+            let targets: Vec<&str> = self.plan.cache_targets.iter().map(String::as_str).collect();
+            let code = run.mk_base(&targets, &env).await?;
+            if code == 0 {
+                let archive = run
+                    .capture(
+                        "save cache",
+                        &format!("mkdir -p {CACHE_DIR} && cd {CACHE_DIR} && tar -c -f - ."),
+                        &env,
+                    )
+                    .await?;
+                store.put_cache(&self.repository_id, &archive)?;
+            } else {
+                let _ = writeln!(
+                    run.status,
+                    "warning: cache targets failed; the cache was not saved"
+                );
+            }
+        }
+
+        if self.plan.post_test {
+            let code = run.mk_base(&["post-test"], &env).await?;
+            if code != 0 {
+                return Ok((code, artifacts, Some(image)));
+            }
+        }
+        Ok((0, artifacts, Some(image)))
+    }
+
+    /// The environment of base-OS steps: `PATH`, the declared inputs and the secrets —
+    /// nothing else from this host.
+    fn base_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let path = match &self.options.tools_path {
+            Some(tools) => format!("{tools}:{DEFAULT_PATH}"),
+            None => DEFAULT_PATH.to_owned(),
+        };
+        env.insert("PATH".to_owned(), path);
+        for (name, value) in &self.inputs {
+            if let Some(value) = value {
+                env.insert(name.clone(), value.clone());
+            }
+        }
+        env.extend(self.secrets.iter().cloned());
+        env
+    }
+}
+
+/// One job's run on a driver: step bookkeeping and the output streams.
+struct Run<'a> {
+    driver: &'a dyn Driver,
+    job: String,
+    stdout: Stream,
+    stderr: Stream,
+    status: Box<dyn Write + Send>,
+    steps: Vec<StepTiming>,
+    counter: usize,
+}
+
+impl Run<'_> {
+    fn next_id(&mut self, step: &str) -> String {
+        self.counter += 1;
+        let step: String = step
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        format!("{}-{}-{step}", self.job, self.counter)
+    }
+
+    fn base_task(&mut self, name: &str, command: &[&str], stdin: Option<Vec<u8>>) -> Task {
+        let mut task = Task::new(self.next_id(name), command.iter().copied())
+            .mount("src", SOURCE_PATH)
+            .mount("ci", RUN_CI)
+            .mount("tools", TOOLS_PATH)
+            .workdir(SOURCE_PATH);
+        if let Some(bytes) = stdin {
+            task = task.stdin(Stdin::bytes(bytes));
+        }
+        task
+    }
+
+    /// `mk TARGETS…` in the base OS, announced and recorded.
+    async fn mk_base(
+        &mut self,
+        targets: &[&str],
+        env: &BTreeMap<String, String>,
+    ) -> Result<i32, JobError> {
+        let name = format!("mk {}", targets.join(" "));
+        let command: Vec<&str> = std::iter::once("mk")
+            .chain(targets.iter().copied())
+            .collect();
+        let task = self.base_task(&name, &command, None);
+        self.step(&name, task, env).await
+    }
+
+    /// A base-OS helper step (its output is recorded like any other; it is quiet on success).
+    async fn base(
+        &mut self,
+        name: &str,
+        command: &[&str],
+        env: &BTreeMap<String, String>,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<i32, JobError> {
+        let mut task = self.base_task(name, command, stdin);
+        task.env = env.clone();
+        self.execute(name, task, None).await
+    }
+
+    /// A base-OS step whose stdout is data (a tar stream), returned instead of shown.
+    async fn capture(
+        &mut self,
+        name: &str,
+        script: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Vec<u8>, JobError> {
+        let mut task = self.base_task(name, &["sh", "-c", script], None);
+        task.env = env.clone();
+        let mut data = Vec::new();
+        let code = self.execute(name, task, Some(&mut data)).await?;
+        expect_success(name, code)?;
+        Ok(data)
+    }
+
+    /// A user-visible step: announced with `==> name`, output live and recorded.
+    async fn step(
+        &mut self,
+        name: &str,
+        mut task: Task,
+        env: &BTreeMap<String, String>,
+    ) -> Result<i32, JobError> {
+        let _ = writeln!(self.status, "==> {name}");
+        task.env = env.clone();
+        self.execute(name, task, None).await
+    }
+
+    async fn execute(
+        &mut self,
+        name: &str,
+        task: Task,
+        capture: Option<&mut Vec<u8>>,
+    ) -> Result<i32, JobError> {
+        let started = Instant::now();
+        let driver_error = |source: DriverError| JobError::Driver {
+            step: name.to_owned(),
+            source,
+        };
+        let container = self
+            .driver
+            .run_container(task)
+            .await
+            .map_err(driver_error)?;
+        let result = async {
+            let stdout: LogSink<'_> = match capture {
+                Some(buffer) => buffer,
+                None => &mut self.stdout,
+            };
+            match container.as_follow() {
+                Some(follow) => follow.follow(stdout, &mut self.stderr).await?,
+                None => {
+                    wait_for_exit(container.as_ref(), Duration::from_millis(200), None).await?;
+                    container.logs(stdout, &mut self.stderr).await?;
+                }
+            }
+            wait_for_exit(container.as_ref(), Duration::from_millis(100), None).await
+        }
+        .await;
+        self.stdout.finish_step();
+        self.stderr.finish_step();
+        let cleanup = container.cleanup().await;
+        let code = result.map_err(driver_error)?;
+        cleanup.map_err(driver_error)?;
+        self.steps.push(StepTiming {
+            name: name.to_owned(),
+            exit_code: code,
+            ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+        Ok(code)
+    }
+}
+
+fn expect_success(step: &str, code: i32) -> Result<i32, JobError> {
+    if code == 0 {
+        Ok(code)
+    } else {
+        Err(JobError::Driver {
+            step: step.to_owned(),
+            source: DriverError::InvalidTask {
+                task: step.to_owned(),
+                reason: format!("ci-exec's own helper command exited with status {code}"),
+            },
+        })
+    }
+}
+
+/// (path, content, mode) of every regular file in a tar stream.
+fn read_archive(step: &str, archive: &[u8]) -> Result<Vec<(String, Vec<u8>, u32)>, JobError> {
+    let error = |source| JobError::StepArchive {
+        step: step.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    let mut reader = tar::Archive::new(archive);
+    for entry in reader.entries().map_err(error)? {
+        let mut entry = entry.map_err(error)?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(error)?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        let mode = entry.header().mode().unwrap_or(0o644);
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).map_err(error)?;
+        files.push((path, content, mode));
+    }
+    Ok(files)
+}
+
+fn restore_artifacts(
+    store: &ResultStore,
+    artifacts: &[Artifact],
+    dir: &Path,
+) -> Result<(), JobError> {
+    for artifact in artifacts {
+        // Paths come from our own tar listing of the artifacts directory; still, never write
+        // outside `dir`.
+        if artifact.path.split('/').any(|part| part == "..") || artifact.path.starts_with('/') {
+            continue;
+        }
+        let target = dir.join(&artifact.path);
+        let io = |action, source| JobError::Io {
+            action,
+            path: target.clone(),
+            source,
+        };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io("create the artifacts directory", e))?;
+        }
+        let content = store.read_blob(&artifact.sha256)?;
+        std::fs::write(&target, content).map_err(|e| io("write artifact", e))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            &target,
+            std::fs::Permissions::from_mode(artifact.mode & 0o7777),
+        )
+        .map_err(|e| io("set the mode of artifact", e))?;
+    }
+    Ok(())
+}
+
+fn report(record: &ResultRecord, replayed: bool) -> JobReport {
+    JobReport {
+        key: record.key.clone(),
+        replayed,
+        exit_code: record.exit_code,
+        driver: record.driver.clone(),
+        image: record.image.clone(),
+        artifacts: record
+            .artifacts
+            .iter()
+            .map(|a| ReportArtifact {
+                path: a.path.clone(),
+                sha256: a.sha256.clone(),
+                size: a.size,
+            })
+            .collect(),
+        steps: record.steps.clone(),
+        recorded_unix: record.created_unix,
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn tempfile_dir() -> Result<tempfile::TempDir, JobError> {
+    tempfile::Builder::new()
+        .prefix("ci-exec-plan-")
+        .tempdir()
+        .map_err(|source| JobError::Io {
+            action: "create a scratch directory in",
+            path: std::env::temp_dir(),
+            source,
+        })
+}
+
+fn unpack(archive: &[u8], dir: &Path) -> Result<(), JobError> {
+    tar::Archive::new(archive)
+        .unpack(dir)
+        .map_err(|source| JobError::Io {
+            action: "unpack the committed tree into",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Holds the repository's lock until dropped: two `ci-exec test` in one repository run one
+/// after the other, and the second says why it waits.
+fn lock_repository(
+    store: &ResultStore,
+    repository: &str,
+    status: &mut dyn Write,
+) -> Result<std::fs::File, JobError> {
+    let path = store
+        .root()
+        .join("locks")
+        .join(format!("{repository}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| JobError::Io {
+            action: "open the repository lock",
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let _ = writeln!(
+                status,
+                "==> waiting for another `ci-exec test` in this repository to finish"
+            );
+            file.lock().map_err(|source| JobError::Io {
+                action: "lock",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(JobError::Io {
+                action: "lock",
+                path,
+                source,
+            });
+        }
+    }
+    Ok(file)
+}
