@@ -1,0 +1,51 @@
+//! `ci-exec-init`: the whole of PID 1 for ci-exec guests, as one static (musl) binary.
+//!
+//! Why a binary of ours and not a script or systemd: the initramfs has no shell (keeping it
+//! to a few hundred KiB of modules and this file is what makes TCG boots take about a second),
+//! and systemd spends seconds under TCG before the guest agent is up. This binary is not a
+//! service manager: it mounts what podman and the guest agent need, starts the agent, reaps
+//! orphans, and powers off on request.
+//!
+//! It runs in three roles, chosen at start:
+//! - **initramfs stage** (`/init` in our cpio, marked by `/etc/ci-exec-initramfs`): loads the
+//!   modules listed in `/lib/modules/ci-exec.load` in order, waits for the root disk, mounts
+//!   it and switches root to `/sbin/ci-exec-init` (or `ci.init=` from the kernel command line,
+//!   e.g. `ci.init=/sbin/init` for systemd).
+//! - **root stage** (PID 1 on the root filesystem): mounts `/proc /sys /dev /dev/pts /dev/shm
+//!   /run /tmp` and cgroup2, brings up loopback, sets the hostname, names the virtio-serial
+//!   ports under `/dev/virtio-ports/` (udev's job elsewhere) and keeps `qemu-ga` running.
+//! - **`poweroff` / `reboot` / `halt` / `shutdown`** (by `argv[0]`): signals PID 1, so the
+//!   guest agent's `guest-shutdown` works without systemd.
+
+mod cmdline;
+mod initramfs;
+mod root;
+mod system;
+
+use std::path::Path;
+
+/// Present only in the initramfs that `ci-exec-guest-image` builds.
+const INITRAMFS_MARKER: &str = "/etc/ci-exec-initramfs";
+
+fn main() {
+    let program = std::env::args().next().unwrap_or_default();
+    let name = Path::new(&program)
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    match name.as_str() {
+        "poweroff" | "halt" => system::signal_init(libc::SIGUSR2),
+        "reboot" => system::signal_init(libc::SIGTERM),
+        "shutdown" => {
+            let reboot = std::env::args().any(|argument| argument == "-r");
+            system::signal_init(if reboot { libc::SIGTERM } else { libc::SIGUSR2 })
+        }
+        _ if std::process::id() != 1 => {
+            eprintln!("ci-exec-init: error: must run as PID 1 (or be called `poweroff`, `reboot`)");
+            std::process::exit(2);
+        }
+        _ if Path::new(INITRAMFS_MARKER).exists() => initramfs::run(),
+        _ => root::run(),
+    }
+}

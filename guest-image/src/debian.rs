@@ -1,0 +1,566 @@
+//! The default image, built locally from Debian's archive with `mmdebstrap`.
+//!
+//! Two bootstraps: a `minbase` userland that becomes the preloaded container image
+//! `localhost/ci-exec/base:latest`, then the guest OS. Everything that touches the guest's files
+//! runs inside one mmdebstrap customize hook (`finish.sh`), because in unshare mode (a normal
+//! user) only the hook sees the tree with the right owners; the hook ends by making the ext4
+//! image with `mkfs.ext4 -d`, so no loop mount is needed anywhere.
+
+use crate::manifest::{Manifest, RECIPE_VERSION};
+use crate::{Error, Reporter, disk, host, initramfs, kernel};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Guest OS packages of the default image. Their dependencies come along; Recommends do not.
+pub const PACKAGES: &[&str] = &[
+    "podman",
+    "crun",
+    "iptables",
+    "kmod",
+    "git",
+    "rsync",
+    "qemu-guest-agent",
+    "ca-certificates",
+    "netbase",
+    "procps",
+    "iproute2",
+];
+
+/// Added for the cloud-init variant, which boots systemd so that cloud-init's units run.
+pub const CLOUD_INIT_PACKAGES: &[&str] = &["cloud-init", "systemd-sysv", "udev"];
+
+/// The container image every default guest has offline.
+pub const BASE_CONTAINER_IMAGE: &str = "localhost/ci-exec/base:latest";
+
+/// Kernel module trees no guest of ours needs (hardware we never emulate): dropping them
+/// takes about 250 MB off the disk.
+const PRUNED_MODULE_DIRECTORIES: &[&str] = &[
+    "sound",
+    "drivers/gpu",
+    "drivers/media",
+    "drivers/net/wireless",
+    "drivers/net/ethernet",
+    "drivers/net/usb",
+    "drivers/net/can",
+    "drivers/net/wwan",
+    "drivers/net/ieee802154",
+    "drivers/net/hamradio",
+    "drivers/infiniband",
+    "drivers/usb",
+    "drivers/iio",
+    "drivers/hwmon",
+    "drivers/staging",
+    "drivers/hid",
+    "drivers/platform",
+    "drivers/comedi",
+    "drivers/mtd",
+    "drivers/video",
+    "drivers/target",
+    "drivers/isdn",
+    "drivers/bluetooth",
+    "drivers/mmc",
+    "drivers/thunderbolt",
+    "drivers/misc",
+    "drivers/nfc",
+    "drivers/leds",
+    "drivers/power",
+    "drivers/w1",
+    "drivers/spi",
+    "drivers/gnss",
+    "drivers/fpga",
+    "drivers/firewire",
+    "drivers/pcmcia",
+    "drivers/ssb",
+    "drivers/bcma",
+    "drivers/atm",
+    "drivers/scsi/mpt3sas",
+    "drivers/scsi/lpfc",
+    "drivers/scsi/qla2xxx",
+    "drivers/scsi/megaraid",
+    "net/wireless",
+    "net/mac80211",
+    "net/bluetooth",
+    "net/nfc",
+    "net/ieee802154",
+    "net/mac802154",
+];
+
+/// Which flavour of the Debian image to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Variant {
+    /// Our own PID 1 (`ci-exec-init`): agent up in about a second under TCG.
+    Default,
+    /// systemd + Debian's `cloud-init`, for testing NoCloud seeds against the real thing.
+    CloudInit,
+}
+
+/// What to build. [`BuildOptions::new`] gives the default image.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Our static `mk` (`cargo build --release --target x86_64-unknown-linux-musl -p mkrunner`);
+    /// installed as `/usr/local/bin/mk`.
+    pub mk_binary: PathBuf,
+    /// Our static init (`… -p ci-exec-guest-init`, binary `ci-exec-init`).
+    pub init_binary: PathBuf,
+    /// Debian suite, `bookworm`.
+    pub suite: String,
+    /// A mirror URL or a sources file for mmdebstrap; `None` uses the host's Debian sources
+    /// file when it names the suite, else mmdebstrap's default.
+    pub mirror: Option<String>,
+    pub variant: Variant,
+    /// More guest packages.
+    pub extra_packages: Vec<String>,
+    /// Size of the root filesystem the guest sees (the qcow2 only holds what is used).
+    pub disk_size_gib: u32,
+    /// Build even if a current build exists.
+    pub force: bool,
+}
+
+impl BuildOptions {
+    pub fn new(mk_binary: PathBuf, init_binary: PathBuf) -> Self {
+        Self {
+            mk_binary,
+            init_binary,
+            suite: "bookworm".to_owned(),
+            mirror: None,
+            variant: Variant::Default,
+            extra_packages: Vec::new(),
+            disk_size_gib: 16,
+            force: false,
+        }
+    }
+
+    /// `debian-bookworm` or `debian-bookworm-cloud-init`.
+    pub fn image_name(&self) -> String {
+        match self.variant {
+            Variant::Default => format!("debian-{}", self.suite),
+            Variant::CloudInit => format!("debian-{}-cloud-init", self.suite),
+        }
+    }
+
+    fn packages(&self) -> Vec<String> {
+        let mut packages: Vec<String> = PACKAGES.iter().map(|name| (*name).to_owned()).collect();
+        if self.variant == Variant::CloudInit {
+            packages.extend(CLOUD_INIT_PACKAGES.iter().map(|name| (*name).to_owned()));
+        }
+        packages.extend(self.extra_packages.iter().cloned());
+        packages.sort();
+        packages.dedup();
+        packages
+    }
+
+    fn kernel_cmdline(&self) -> String {
+        let base = "root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet panic=-1";
+        match self.variant {
+            Variant::Default => base.to_owned(),
+            Variant::CloudInit => format!("{base} ci.init=/sbin/init"),
+        }
+    }
+}
+
+/// Binaries read and checked once per build.
+pub(crate) struct Inputs {
+    pub mk: Vec<u8>,
+    pub init: Vec<u8>,
+    /// sha256 over the request: decides whether a cached build is current.
+    pub digest: String,
+}
+
+pub(crate) fn inputs(options: &BuildOptions) -> Result<Inputs, Error> {
+    let mk = host::require_static(&options.mk_binary, "mkrunner")?;
+    let init = host::require_static(&options.init_binary, "ci-exec-guest-init")?;
+    let request = serde_json::json!({
+        "recipe_version": RECIPE_VERSION,
+        "name": options.image_name(),
+        "suite": options.suite,
+        "arch": std::env::consts::ARCH,
+        "packages": options.packages(),
+        "kernel_cmdline": options.kernel_cmdline(),
+        "disk_size_gib": options.disk_size_gib,
+        "mk_sha256": sha256_hex(&mk),
+        "init_sha256": sha256_hex(&init),
+    });
+    Ok(Inputs {
+        digest: sha256_hex(request.to_string().as_bytes()),
+        mk,
+        init,
+    })
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Builds the image in `work` (a fresh directory on the cache's filesystem) and returns its
+/// manifest with paths inside `work`; the cache moves it into place.
+pub(crate) fn build(
+    options: &BuildOptions,
+    inputs: &Inputs,
+    work: &Path,
+    apt_cache: &Path,
+    reporter: &dyn Reporter,
+) -> Result<Manifest, Error> {
+    let mmdebstrap = host::find(host::MMDEBSTRAP)?;
+    let mkfs = host::find(host::MKFS_EXT4)?;
+    host::find(host::QEMU_IMG)?;
+    host::find(host::XZ)?;
+    let podman = host::find(host::PODMAN)?;
+    create_directory(apt_cache)?;
+
+    let mk_path = work.join("mk");
+    let init_path = work.join("ci-exec-init");
+    write_file(&mk_path, &inputs.mk)?;
+    write_file(&init_path, &inputs.init)?;
+    let mirror = mirror(options);
+
+    reporter.step("bootstrapping the container base image (debian minbase)");
+    let base_tar = work.join("base.tar");
+    let mut command = Command::new(&mmdebstrap);
+    command.arg("--variant=minbase");
+    command.args(common_mmdebstrap_arguments(apt_cache));
+    command.arg(format!(
+        "--customize-hook=chroot \"$1\" dpkg-query -W -f '${{Package}}\\t${{Version}}\\n' > {}",
+        shell_quote(&work.join("base-packages.tsv"))
+    ));
+    command.arg(&options.suite).arg(&base_tar);
+    command.args(&mirror);
+    host::run(command, reporter)?;
+
+    reporter.step("bootstrapping the guest root filesystem");
+    let script = work.join("finish.sh");
+    write_file(
+        &script,
+        finish_script(options, work, apt_cache, &mkfs, &podman).as_bytes(),
+    )?;
+    let mut command = Command::new(&mmdebstrap);
+    command.arg("--variant=minbase");
+    command.arg(format!("--include={}", options.packages().join(",")));
+    command.args(common_mmdebstrap_arguments(apt_cache));
+    command.arg(format!(
+        "--customize-hook=sh {} \"$1\"",
+        shell_quote(&script)
+    ));
+    command.arg(&options.suite).arg("/dev/null");
+    command.args(&mirror);
+    host::run(command, reporter)?;
+
+    reporter.step("building the initramfs");
+    let release = read_text(&work.join("kernel-release"))?.trim().to_owned();
+    let modules = initramfs_modules(work)?;
+    let initrd = work.join("initrd.cpio");
+    initramfs::build(&inputs.init, &modules, &initrd)?;
+
+    reporter.step("extracting the uncompressed kernel");
+    let kernel = work.join("vmlinuz");
+    let vmlinux = work.join("vmlinux");
+    require_output(&kernel)?;
+    kernel::extract_vmlinux(&kernel, &vmlinux)?;
+
+    reporter.step("converting the root filesystem to qcow2");
+    let raw = work.join("root.ext4");
+    require_output(&raw)?;
+    let qcow2 = work.join("disk.qcow2");
+    disk::raw_to_qcow2(&raw, &qcow2, reporter)?;
+    std::fs::remove_file(&raw).map_err(|source| Error::Remove {
+        path: raw.clone(),
+        source,
+    })?;
+
+    let mut packages = parse_packages(&read_text(&work.join("packages.tsv"))?);
+    let kernel_package = read_text(&work.join("kernel-package"))?;
+    if let Some((name, version)) = kernel_package.trim().split_once('\t') {
+        packages.insert(name.to_owned(), version.to_owned());
+    }
+    let base_packages = parse_packages(&read_text(&work.join("base-packages.tsv"))?);
+    let digest = sha256_hex(
+        serde_json::json!({
+            "recipe_version": RECIPE_VERSION,
+            "inputs": inputs.digest,
+            "packages": packages,
+            "base_packages": base_packages,
+            "kernel_release": release,
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    let disk_bytes = std::fs::metadata(&qcow2)
+        .map(|metadata| metadata.len())
+        .unwrap_or(0);
+    Ok(Manifest {
+        name: options.image_name(),
+        digest,
+        kernel,
+        vmlinux,
+        initrd,
+        disk: qcow2,
+        kernel_cmdline: options.kernel_cmdline(),
+        packages,
+        recipe_version: RECIPE_VERSION,
+        inputs: inputs.digest.clone(),
+        arch: std::env::consts::ARCH.to_owned(),
+        kernel_release: release,
+        container_images: vec![BASE_CONTAINER_IMAGE.to_owned()],
+        source: "mmdebstrap".to_owned(),
+        built_at: crate::cache::now_rfc3339(),
+        disk_bytes,
+    })
+}
+
+/// Arguments both bootstraps share: no docs, man pages or locales, and a persistent apt
+/// archive so a rebuild downloads nothing that has not changed.
+fn common_mmdebstrap_arguments(apt_cache: &Path) -> Vec<String> {
+    let cache = shell_quote(apt_cache);
+    vec![
+        "--dpkgopt=path-exclude=/usr/share/man/*".to_owned(),
+        "--dpkgopt=path-exclude=/usr/share/locale/*".to_owned(),
+        "--dpkgopt=path-include=/usr/share/locale/locale.alias".to_owned(),
+        "--dpkgopt=path-exclude=/usr/share/doc/*".to_owned(),
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright".to_owned(),
+        "--dpkgopt=path-exclude=/usr/share/info/*".to_owned(),
+        "--skip=essential/unlink".to_owned(),
+        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/".to_owned(),
+        format!("--setup-hook=sync-in {cache} /var/cache/apt/archives/"),
+        format!("--customize-hook=sync-out /var/cache/apt/archives {cache}"),
+    ]
+}
+
+/// The mirror argument(s) for mmdebstrap.
+fn mirror(options: &BuildOptions) -> Vec<String> {
+    if let Some(mirror) = &options.mirror {
+        return vec![mirror.clone()];
+    }
+    // The host's own Debian sources, when they are for the suite we build: that is the mirror
+    // (or proxy, or snapshot) this machine is known to reach.
+    for candidate in [
+        "/etc/apt/sources.list.d/debian.sources",
+        "/etc/apt/sources.list",
+    ] {
+        if let Ok(text) = std::fs::read_to_string(candidate)
+            && text
+                .lines()
+                .any(|line| !line.trim_start().starts_with('#') && line.contains(&options.suite))
+        {
+            return vec![candidate.to_owned()];
+        }
+    }
+    Vec::new()
+}
+
+/// The customize hook: kernel, modules, our binaries, configuration, the preloaded container
+/// image, the package list, and finally the ext4 image.
+fn finish_script(
+    options: &BuildOptions,
+    work: &Path,
+    apt_cache: &Path,
+    mkfs: &Path,
+    podman: &Path,
+) -> String {
+    let quote = |path: &Path| shell_quote(path);
+    let pruned = PRUNED_MODULE_DIRECTORIES.join(" ");
+    let modules = initramfs::MODULES.join(" ");
+    let agent_symlinks = if options.variant == Variant::Default {
+        "for name in poweroff halt reboot shutdown; do\n  [ -e \"$root/sbin/$name\" ] || ln -s ci-exec-init \"$root/sbin/$name\"\ndone\n"
+    } else {
+        ""
+    };
+    let cloud_init = if options.variant == Variant::CloudInit {
+        // Only the NoCloud source: probing for cloud metadata services would wait on a network
+        // that is not there.
+        "mkdir -p \"$root/etc/cloud/cloud.cfg.d\"\nprintf 'datasource_list: [ NoCloud, None ]\\n' > \"$root/etc/cloud/cloud.cfg.d/90-ci-exec.cfg\"\nchroot \"$root\" systemctl enable qemu-guest-agent.service >&2 || true\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"set -eu
+root="$1"
+work={work}
+apt_cache={apt_cache}
+
+# The kernel is unpacked, not installed: installing pulls in initramfs-tools and spends half a
+# minute making an initramfs we replace with our own.
+chroot "$root" apt-get install --download-only --yes --no-install-recommends linux-image-amd64 >&2
+deb=$(ls "$root"/var/cache/apt/archives/linux-image-[0-9]*.deb | head -n 1)
+chroot "$root" dpkg-deb --field "/var/cache/apt/archives/${{deb##*/}}" Package Version | sed 's/^[A-Za-z]*: //' | paste - - > "$work/kernel-package"
+chroot "$root" dpkg-deb --extract "/var/cache/apt/archives/${{deb##*/}}" /
+release=$(ls "$root/lib/modules" | head -n 1)
+printf '%s\n' "$release" > "$work/kernel-release"
+for directory in {pruned}; do rm -rf "$root/lib/modules/$release/kernel/$directory"; done
+chroot "$root" depmod --all "$release"
+cp "$root/boot/vmlinuz-$release" "$work/vmlinuz"
+rm -f "$root/boot/vmlinuz-$release" "$root/boot/System.map-$release"
+
+# Modules for the initramfs, in load order.
+chroot "$root" modprobe --set-version "$release" --show-depends --all {modules} > "$work/modules.show"
+mkdir -p "$work/modules"
+awk '$1 == "insmod" {{ print $2 }}' "$work/modules.show" | while read -r path; do
+  mkdir -p "$work/modules$(dirname "$path")"
+  cp "$root$path" "$work/modules$path"
+done
+
+install -m 0755 "$work/mk" "$root/usr/local/bin/mk"
+install -m 0755 "$work/ci-exec-init" "$root/usr/sbin/ci-exec-init"
+{agent_symlinks}echo ci-exec > "$root/etc/hostname"
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tci-exec\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$root/etc/hosts"
+rm -f "$root/etc/resolv.conf"
+printf '# ci-exec guests are offline unless a network is attached\n' > "$root/etc/resolv.conf"
+mkdir -p "$root/etc/containers"
+cat > "$root/etc/containers/containers.conf" <<'CONF'
+# Written by ci-exec: the guest's PID 1 is not always systemd, so podman manages cgroups itself.
+[containers]
+log_driver = "k8s-file"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+{cloud_init}
+# The preloaded container image, in the storage podman in the guest uses (overlay on ext4).
+{podman} --root "$root/var/lib/containers/storage" --runroot "$work/podman-run" --storage-driver overlay \
+  import --change 'CMD ["/bin/sh"]' --message 'ci-exec base image' "$work/base.tar" {base_image} >&2
+# podman's database records the host paths it was run with; the guest makes its own.
+rm -rf "$root/var/lib/containers/storage/libpod" "$root/var/lib/containers/storage/tmp" \
+  "$root/var/lib/containers/storage/mounts" "$root/var/lib/containers/storage/userns.lock"
+
+chroot "$root" dpkg-query -W -f '${{Package}}\t${{Version}}\n' > "$work/packages.tsv"
+
+# Keep downloaded packages for the next build, then drop them (and the indexes) from the image.
+mkdir -p "$apt_cache"
+find "$root/var/cache/apt/archives" -maxdepth 1 -name '*.deb' -exec cp -p {{}} "$apt_cache/" \;
+rm -f "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin
+rm -rf "$root"/var/lib/apt/lists/*
+
+# mkfs.ext4 -d copies a directory tree; a non-recursive bind mount of the root shows the tree
+# without the /proc, /sys and /dev that mmdebstrap has mounted inside it.
+mkdir -p "$work/rootview"
+mount --bind "$root" "$work/rootview"
+trap 'umount "$work/rootview"' EXIT
+{mkfs} -q -F -L ci-exec-root -d "$work/rootview" -m 0 -i 65536 -J size=16 \
+  -E lazy_itable_init=0,lazy_journal_init=0 "$work/root.ext4" {size}G
+"#,
+        work = quote(work),
+        apt_cache = quote(apt_cache),
+        podman = quote(podman),
+        mkfs = quote(mkfs),
+        base_image = BASE_CONTAINER_IMAGE,
+        size = options.disk_size_gib,
+    )
+}
+
+/// Module files listed by `modprobe --show-depends`, deduplicated, in load order.
+fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
+    let listing = read_text(&work.join("modules.show"))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut modules = Vec::new();
+    for line in listing.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("insmod") {
+            continue;
+        }
+        let Some(path) = words.next() else { continue };
+        if !seen.insert(path.to_owned()) {
+            continue;
+        }
+        let Some(relative) = path.strip_prefix("/lib/modules/") else {
+            continue;
+        };
+        let source = work.join("modules").join(path.trim_start_matches('/'));
+        let contents = std::fs::read(&source).map_err(|_| Error::MissingModule {
+            module: relative.to_owned(),
+            path: source.clone(),
+        })?;
+        modules.push(initramfs::ModuleFile {
+            relative_path: relative.to_owned(),
+            contents,
+        });
+    }
+    for wanted in initramfs::MODULES {
+        let found = modules
+            .iter()
+            .any(|module| initramfs::module_name(&module.relative_path) == *wanted);
+        let builtin = listing
+            .lines()
+            .any(|line| line.trim() == format!("builtin {wanted}"));
+        if !found && !builtin {
+            return Err(Error::MissingModule {
+                module: (*wanted).to_owned(),
+                path: work.join("modules.show"),
+            });
+        }
+    }
+    Ok(modules)
+}
+
+fn parse_packages(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.split_once('\t'))
+        .map(|(name, version)| (name.to_owned(), version.to_owned()))
+        .collect()
+}
+
+pub(crate) fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+fn create_directory(path: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(path).map_err(|source| Error::CreateDirectory {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    std::fs::write(path, contents).map_err(|source| Error::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_text(path: &Path) -> Result<String, Error> {
+    if !path.exists() {
+        return Err(Error::MissingOutput {
+            path: path.to_owned(),
+        });
+    }
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn require_output(path: &Path) -> Result<(), Error> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(Error::MissingOutput {
+            path: path.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_cmdlines_per_variant() {
+        let mut options = BuildOptions::new("mk".into(), "init".into());
+        assert_eq!(options.image_name(), "debian-bookworm");
+        assert!(!options.kernel_cmdline().contains("ci.init"));
+        options.variant = Variant::CloudInit;
+        assert_eq!(options.image_name(), "debian-bookworm-cloud-init");
+        assert!(options.kernel_cmdline().ends_with("ci.init=/sbin/init"));
+        assert!(options.packages().contains(&"cloud-init".to_owned()));
+    }
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        assert_eq!(shell_quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
+    }
+
+    #[test]
+    fn package_table_parses() {
+        let packages = parse_packages("git\t1:2.39.5-0+deb12u2\npodman\t4.3.1+ds1-8+deb12u1\n");
+        assert_eq!(packages["podman"], "4.3.1+ds1-8+deb12u1");
+    }
+}

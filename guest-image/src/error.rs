@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong building, fetching or caching a guest image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("host tool `{tool}` not found on PATH (install it: {hint})")]
+    MissingTool {
+        tool: &'static str,
+        hint: &'static str,
+    },
+
+    #[error("cannot determine the cache directory: neither `XDG_CACHE_HOME` nor `HOME` is set")]
+    NoCacheDirectory,
+
+    #[error("failed to create directory `{path}`")]
+    CreateDirectory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to read `{path}`")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to write `{path}`")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to remove `{path}`")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to move `{from}` to `{to}`")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to lock `{path}`")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("manifest `{path}` is not valid (delete it, or run `ci-exec image prune`)")]
+    ParseManifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error(
+        "`{path}` is not a static executable ({reason}); build it with `cargo build --release --target x86_64-unknown-linux-musl -p {package}`"
+    )]
+    NotStaticBinary {
+        path: PathBuf,
+        reason: &'static str,
+        package: &'static str,
+    },
+
+    #[error("failed to start `{program}`")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("`{command}` failed with {status}{}", tail_suffix(.stderr_tail))]
+    CommandFailed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr_tail: String,
+    },
+
+    #[error("the image build did not produce `{path}`")]
+    MissingOutput { path: PathBuf },
+
+    #[error("kernel `{path}` is not a bzImage ({reason})")]
+    NotBzImage { path: PathBuf, reason: &'static str },
+
+    #[error("module `{module}` needed in the initramfs was not found in `{path}`")]
+    MissingModule { module: String, path: PathBuf },
+
+    #[error("file `{path}` is too large for a newc cpio archive ({size} bytes)")]
+    CpioFileTooLarge { path: PathBuf, size: u64 },
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!(":\n{}", tail.trim_end())
+    }
+}

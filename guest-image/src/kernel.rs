@@ -1,0 +1,160 @@
+//! The uncompressed `vmlinux` inside a bzImage, for PVH direct boot.
+
+use crate::{Error, host};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Writes the ELF kernel contained in the bzImage `kernel` to `vmlinux`.
+///
+/// The boot protocol header says where the compressed payload sits (`payload_offset`,
+/// `payload_length`, relative to the protected-mode code after the setup sectors); we hand it
+/// to the host's `xz` (Debian's kernels use xz with the x86 BCJ filter, which pure-Rust
+/// decoders lack) and check that an ELF image came out.
+pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
+    let image = std::fs::read(kernel).map_err(|source| Error::Read {
+        path: kernel.to_owned(),
+        source,
+    })?;
+    let payload = payload(&image).map_err(|reason| Error::NotBzImage {
+        path: kernel.to_owned(),
+        reason,
+    })?;
+    if !payload.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        return Err(Error::NotBzImage {
+            path: kernel.to_owned(),
+            reason: "payload is not xz-compressed",
+        });
+    }
+    let xz = host::find(host::XZ)?;
+    let output_file = std::fs::File::create(vmlinux).map_err(|source| Error::Write {
+        path: vmlinux.to_owned(),
+        source,
+    })?;
+    let mut child = Command::new(&xz)
+        .args(["--decompress", "--stdout", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(output_file)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            program: "xz".to_owned(),
+            source,
+        })?;
+    let mut stdin = child.stdin.take();
+    let written = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || stdin.as_mut().map(|stdin| stdin.write_all(payload)));
+        writer.join()
+    });
+    let output = child.wait_with_output().map_err(|source| Error::Spawn {
+        program: "xz".to_owned(),
+        source,
+    })?;
+    // xz stops reading after the stream; a broken pipe on the trailing bytes is expected.
+    if let Ok(Some(Err(error))) = written
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(Error::Write {
+            path: vmlinux.to_owned(),
+            source: error,
+        });
+    }
+    if !output.status.success() {
+        return Err(Error::CommandFailed {
+            command: "xz --decompress --stdout --single-stream".to_owned(),
+            status: output.status,
+            stderr_tail: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    let mut magic = [0; 4];
+    let read = std::fs::File::open(vmlinux)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic));
+    if read.is_err() || &magic != b"\x7fELF" {
+        return Err(Error::NotBzImage {
+            path: kernel.to_owned(),
+            reason: "payload did not decompress to an ELF image",
+        });
+    }
+    Ok(())
+}
+
+/// The compressed payload of a bzImage (boot protocol 2.08 or later).
+fn payload(image: &[u8]) -> Result<&[u8], &'static str> {
+    if image.len() < 0x250 || &image[0x202..0x206] != b"HdrS" {
+        return Err("no `HdrS` boot header");
+    }
+    let version = u16::from_le_bytes([image[0x206], image[0x207]]);
+    if version < 0x0208 {
+        return Err("boot protocol older than 2.08 has no payload fields");
+    }
+    let setup_sectors = match image[0x1f1] {
+        0 => 4,
+        sectors => usize::from(sectors),
+    };
+    let read_u32 = |offset: usize| {
+        u32::from_le_bytes([
+            image[offset],
+            image[offset + 1],
+            image[offset + 2],
+            image[offset + 3],
+        ]) as usize
+    };
+    let start = (setup_sectors + 1) * 512 + read_u32(0x248);
+    let end = start + read_u32(0x24c);
+    image.get(start..end).ok_or("payload lies outside the file")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_bzimage(payload_bytes: &[u8]) -> Vec<u8> {
+        let mut image = vec![0u8; 0x1000];
+        image[0x1f1] = 1;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x248..0x24c].copy_from_slice(&0x10u32.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&(payload_bytes.len() as u32).to_le_bytes());
+        image.truncate(1024 + 0x10);
+        image.extend_from_slice(payload_bytes);
+        image.extend_from_slice(&[0xaa; 4]);
+        image
+    }
+
+    #[test]
+    fn finds_payload_from_header() {
+        let image = fake_bzimage(b"payload!");
+        assert_eq!(payload(&image), Ok(&b"payload!"[..]));
+    }
+
+    #[test]
+    fn rejects_files_without_boot_header() {
+        assert_eq!(payload(&[0; 0x300]), Err("no `HdrS` boot header"));
+        let mut image = fake_bzimage(b"x");
+        image[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(payload(&image), Err("payload lies outside the file"));
+    }
+
+    #[test]
+    fn extracts_elf_from_xz_payload_with_trailing_bytes() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let elf = b"\x7fELF-not-really-but-starts-like-one".repeat(100);
+        let mut xz = Command::new("xz")
+            .args(["--compress", "--stdout", "--check=crc32"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("xz is a prerequisite of these tests");
+        xz.stdin
+            .take()
+            .expect("stdin")
+            .write_all(&elf)
+            .expect("write");
+        let compressed = xz.wait_with_output().expect("xz output").stdout;
+        let kernel = directory.path().join("vmlinuz");
+        std::fs::write(&kernel, fake_bzimage(&compressed)).expect("write kernel");
+        let vmlinux = directory.path().join("vmlinux");
+        extract_vmlinux(&kernel, &vmlinux).expect("extract");
+        assert_eq!(std::fs::read(&vmlinux).expect("read"), elf);
+    }
+}
