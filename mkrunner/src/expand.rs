@@ -247,7 +247,7 @@ impl<'a> Expander<'a> {
             let rest = &text[*position..];
             if rest.starts_with('}') {
                 *position += 1;
-                return Ok(self.lookup(&name, text, position));
+                return Ok(self.lookup(&name));
             }
             if !rest.starts_with(':') {
                 self.warnings.push(ExpandProblem::BadVariableName {
@@ -280,24 +280,14 @@ impl<'a> Expander<'a> {
                 });
                 Ok(None)
             }
-            Some(name) => Ok(self.lookup(&name, text, position)),
+            Some(name) => Ok(self.lookup(&name)),
         }
     }
 
-    fn lookup(&self, name: &str, text: &str, position: &mut usize) -> Option<Vec<String>> {
-        match self.variables.non_empty(name) {
-            Some(value) => Some(value.clone()),
-            None => {
-                // mk swallows the blanks after a variable that expands to nothing.
-                let bytes = text.as_bytes();
-                while *position < bytes.len()
-                    && (bytes[*position] == b' ' || bytes[*position] == b'\t')
-                {
-                    *position += 1;
-                }
-                None
-            }
-        }
+    fn lookup(&self, name: &str) -> Option<Vec<String>> {
+        // plan9port's mk also swallows the blanks after a variable that expands to nothing;
+        // 9base's does not, and 9base is the reference.
+        self.variables.non_empty(name).cloned()
     }
 
     /// `${name:A%B=C%D}`: each word that starts with one of A and ends with one of B becomes
@@ -633,7 +623,7 @@ mod tests {
             ("$A$B", &["a1", "a2b"]),
             ("${B}c", &["bc"]),
             ("$E x", &["x"]),
-            ("p$E q", &["pq"]),
+            ("p$E q", &["p", "q"]),
             ("$UNSET", &[""]),
             ("'' x", &[""]),
             ("${SRC:%.c=%.o}", &["x.o", "y.o", "z.h"]),
