@@ -1,0 +1,663 @@
+//! [`QemuDriver`]: the driver contract over one lazily booted VM.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ci_exec_driver::{
+    Container, ContainerStatus, Driver, DriverError, FollowLogs, LogSink, Sandbox, SandboxExec,
+    SandboxOutput, Task, Volume, VolumeFiles,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+use crate::accel::{self, AccelVerdict};
+use crate::guest::{self, Runner};
+use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec};
+use crate::run_dir::RunDir;
+use crate::{QemuConfig, QemuError, image, output, warm};
+
+const DRIVER: &str = "qemu";
+
+fn backend(action: impl Into<String>, error: QemuError) -> DriverError {
+    DriverError::backend(DRIVER, action, error)
+}
+
+/// The qemu driver: one VM per instance, booted on first use.
+#[derive(Debug)]
+pub struct QemuDriver {
+    config: QemuConfig,
+    run: RunDir,
+    machine: Mutex<Option<Arc<Machine>>>,
+    containers: Mutex<HashMap<String, Arc<TaskHandle>>>,
+    sandboxes: AtomicU64,
+}
+
+impl QemuDriver {
+    /// A driver for `config`. Cheap: nothing starts until the first task.
+    pub fn new(config: QemuConfig) -> Self {
+        let run = RunDir::new(config.run_dir());
+        QemuDriver {
+            config,
+            run,
+            machine: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            sandboxes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The accelerator this driver will use, and why.
+    pub async fn accel(&self) -> AccelVerdict {
+        accel::choose(
+            self.config.accel,
+            &self.config.qemu_binary,
+            &self.config.cache_dir,
+        )
+        .await
+    }
+
+    /// Boots the VM if it is not running yet (warm when a saved state exists) and returns it.
+    pub async fn machine(&self) -> Result<Arc<Machine>, QemuError> {
+        let mut slot = self.machine.lock().await;
+        if let Some(machine) = slot.as_ref() {
+            machine.check_alive("run")?;
+            return Ok(machine.clone());
+        }
+        let image = image::resolve(&self.config.image)?;
+        let verdict = self.accel().await;
+        tracing::debug!(accel = %verdict.accel, reason = %verdict.reason, "accelerator");
+        self.run.create(&self.config.namespace)?;
+        let spec = MachineSpec {
+            qemu_binary: self.config.qemu_binary.clone(),
+            accel: verdict.accel,
+            memory_mb: self.config.memory_mb,
+            cpus: self.config.cpus,
+            backing: image.disk.clone(),
+            image,
+            run_dir: self.run.clone(),
+            overlay: self.run.overlay(),
+            incoming: None,
+        };
+        let machine = if self.config.warm {
+            self.start_warm(&spec).await?
+        } else {
+            Machine::start(&spec, self.config.boot_timeout).await?
+        };
+        machine.prepare_guest().await?;
+        let machine = Arc::new(machine);
+        *slot = Some(machine.clone());
+        Ok(machine)
+    }
+
+    async fn start_warm(&self, spec: &MachineSpec) -> Result<Machine, QemuError> {
+        let state = warm::state_dir(&self.config.cache_dir, spec);
+        if !warm::is_ready(&state) {
+            let scratch = RunDir::new(self.run.path().join("warmup"));
+            if let Err(error) = warm::create(spec, &scratch, &state, self.config.boot_timeout).await
+            {
+                tracing::warn!(%error, "cannot save a warm VM state; booting cold");
+                return Machine::start(spec, self.config.boot_timeout).await;
+            }
+        }
+        let warm_spec = MachineSpec {
+            backing: state.join("disk.qcow2"),
+            incoming: Some(state.join("state")),
+            ..spec.clone()
+        };
+        match Machine::start(&warm_spec, self.config.boot_timeout).await {
+            Ok(machine) => Ok(machine),
+            Err(error) => {
+                tracing::warn!(%error, state = %state.display(), "warm start failed; discarding the saved state and booting cold");
+                let _ = std::fs::remove_dir_all(&state);
+                Machine::start(spec, self.config.boot_timeout).await
+            }
+        }
+    }
+
+    /// Removes the leftovers of namespace `namespace` under `run_root` (a killed run's qemu,
+    /// sockets, overlay, volumes), without a driver instance.
+    pub fn remove_leftovers(run_root: &Path, namespace: &str) -> Result<(), QemuError> {
+        match crate::run_dir::leftovers(run_root, namespace) {
+            Some(run) => run.remove_leftovers(),
+            None => Ok(()),
+        }
+    }
+
+    fn volume_path(&self, name: &str) -> Result<PathBuf, DriverError> {
+        guest::check_name(name).map_err(|reason| DriverError::InvalidVolume {
+            volume: name.to_owned(),
+            reason,
+        })?;
+        Ok(self.run.volume(name))
+    }
+
+    fn ensure_volume(&self, name: &str) -> Result<PathBuf, DriverError> {
+        let path = self.volume_path(name)?;
+        std::fs::create_dir_all(&path).map_err(|source| {
+            backend(
+                format!("create volume `{name}`"),
+                QemuError::CreateDir {
+                    path: path.clone(),
+                    source,
+                },
+            )
+        })?;
+        // Tasks in the guest may run as any user: the volume is theirs to write.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+        Ok(path)
+    }
+
+    /// Writes the task's files and starts its wrapper; returns the wrapper's guest pid.
+    async fn start_task(
+        &self,
+        machine: &Machine,
+        task: &Task,
+        env: &BTreeMap<String, String>,
+        runner: Runner<'_>,
+    ) -> Result<(PathBuf, i64), DriverError> {
+        for mount in &task.mounts {
+            self.ensure_volume(&mount.volume)?;
+        }
+        let stdin = match &task.stdin {
+            None => None,
+            Some(stdin) => {
+                // A stream is spooled to a file first: a 9p reader cannot wait on a growing
+                // file, so interactive input is not supported by this driver.
+                let mut bytes = Vec::new();
+                if let Some(mut reader) = stdin.take_reader() {
+                    tokio::io::copy(&mut reader, &mut bytes)
+                        .await
+                        .map_err(|source| {
+                            DriverError::backend(
+                                DRIVER,
+                                format!("read stdin of task `{}`", task.id),
+                                source,
+                            )
+                        })?;
+                }
+                Some(bytes)
+            }
+        };
+        start_wrapper(&self.run, machine, task, env, runner, stdin).await
+    }
+}
+
+/// Writes a task's files into its directory on the share and starts its wrapper as a session
+/// leader (so stopping it kills its whole process group); returns the directory and the
+/// wrapper's guest pid.
+async fn start_wrapper(
+    run: &RunDir,
+    machine: &Machine,
+    task: &Task,
+    env: &BTreeMap<String, String>,
+    runner: Runner<'_>,
+    stdin: Option<Vec<u8>>,
+) -> Result<(PathBuf, i64), DriverError> {
+    let dir = run.task(&task.id);
+    let prepare = |error: QemuError| backend(format!("prepare task `{}`", task.id), error);
+    std::fs::create_dir_all(&dir).map_err(|source| {
+        prepare(QemuError::CreateDir {
+            path: dir.clone(),
+            source,
+        })
+    })?;
+    for stale in ["exit", "exit.tmp", "pid"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    let script = guest::task_script(task, env, runner, stdin.is_some());
+    let mut files = vec![
+        ("stdout", Vec::new()),
+        ("stderr", Vec::new()),
+        ("run.sh", script.into_bytes()),
+    ];
+    if let Some(stdin) = stdin {
+        files.push(("stdin", stdin));
+    }
+    for (name, contents) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .map_err(|source| prepare(QemuError::WriteFile { path, source }))?;
+    }
+    let pid = machine
+        .exec(
+            "/usr/bin/setsid",
+            &[
+                "-w".to_owned(),
+                "/bin/sh".to_owned(),
+                format!("{}/run.sh", guest::guest_task_dir(&task.id)),
+            ],
+            &guest::wrapper_env(),
+            false,
+        )
+        .await
+        .map_err(|error| backend(format!("start task `{}`", task.id), error))?;
+    Ok((dir, pid))
+}
+
+#[async_trait]
+impl Driver for QemuDriver {
+    fn name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    async fn create_volume(
+        &self,
+        name: &str,
+        _size_bytes: u64,
+    ) -> Result<Box<dyn Volume>, DriverError> {
+        let path = self.ensure_volume(name)?;
+        Ok(Box::new(QemuVolume {
+            name: name.to_owned(),
+            path,
+        }))
+    }
+
+    async fn run_container(&self, task: Task) -> Result<Box<dyn Container>, DriverError> {
+        guest::check_task(&task)?;
+        let mut containers = self.containers.lock().await;
+        if let Some(existing) = containers.get(&task.id) {
+            return Ok(Box::new(QemuContainer {
+                handle: existing.clone(),
+            }));
+        }
+        let machine = self
+            .machine()
+            .await
+            .map_err(|error| backend("boot the VM", error))?;
+        let name = ci_exec_driver::resource_name(&self.config.namespace, &task.id);
+        let runner = if task.image.is_empty() {
+            Runner::GuestOs
+        } else {
+            Runner::PodmanRun {
+                image: &task.image,
+                name: &name,
+            }
+        };
+        let (dir, pid) = self.start_task(&machine, &task, &task.env, runner).await?;
+        let handle = Arc::new(TaskHandle {
+            id: task.id.clone(),
+            dir,
+            machine,
+            pid,
+            podman_name: (!task.image.is_empty()).then_some(name),
+            exit: Mutex::new(None),
+        });
+        containers.insert(task.id.clone(), handle.clone());
+        Ok(Box::new(QemuContainer { handle }))
+    }
+
+    async fn close(&self) -> Result<(), DriverError> {
+        self.containers.lock().await.clear();
+        if let Some(machine) = self.machine.lock().await.take() {
+            machine.shutdown().await;
+        }
+        self.run
+            .remove_leftovers()
+            .map_err(|error| backend("remove the namespace's run directory", error))
+    }
+
+    fn as_volume_files(&self) -> Option<&dyn VolumeFiles> {
+        Some(self)
+    }
+
+    fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl VolumeFiles for QemuDriver {
+    async fn read_file(&self, volume: &str, path: &str) -> Result<Vec<u8>, DriverError> {
+        let root = self.volume_path(volume)?;
+        let relative = Path::new(path.trim_start_matches('/'));
+        if relative
+            .components()
+            .any(|part| !matches!(part, std::path::Component::Normal(_)))
+        {
+            return Err(DriverError::InvalidVolume {
+                volume: volume.to_owned(),
+                reason: format!("path `{path}` must stay inside the volume"),
+            });
+        }
+        let file = root.join(relative);
+        match tokio::fs::read(&file).await {
+            Ok(bytes) => Ok(bytes),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(DriverError::FileNotFound {
+                    volume: volume.to_owned(),
+                    path: path.to_owned(),
+                })
+            }
+            Err(source) => Err(backend(
+                format!("read `{path}` from volume `{volume}`"),
+                QemuError::ReadFile { path: file, source },
+            )),
+        }
+    }
+}
+
+/// A started task's state, shared by every handle to it.
+#[derive(Debug)]
+struct TaskHandle {
+    id: String,
+    dir: PathBuf,
+    machine: Arc<Machine>,
+    /// The wrapper's guest pid.
+    pid: i64,
+    podman_name: Option<String>,
+    exit: Mutex<Option<i32>>,
+}
+
+impl TaskHandle {
+    async fn status(&self) -> Result<ContainerStatus, DriverError> {
+        let mut exit = self.exit.lock().await;
+        if let Some(code) = *exit {
+            return Ok(ContainerStatus::Exited { code });
+        }
+        if let Some(code) = read_exit(&self.dir) {
+            *exit = Some(code);
+            return Ok(ContainerStatus::Exited { code });
+        }
+        let status = self
+            .machine
+            .exec_status(self.pid)
+            .await
+            .map_err(|error| backend(format!("poll task `{}`", self.id), error))?;
+        if status.exited {
+            // The wrapper writes `exit` before it ends; read again, then fall back to how the
+            // wrapper itself ended (killed before it could write).
+            let code = read_exit(&self.dir).unwrap_or_else(|| status.shell_code());
+            *exit = Some(code);
+            return Ok(ContainerStatus::Exited { code });
+        }
+        Ok(ContainerStatus::Running)
+    }
+
+    async fn stop(&self) -> Result<(), DriverError> {
+        if self.status().await?.is_done() {
+            return Ok(());
+        }
+        let script = match &self.podman_name {
+            Some(name) => format!(
+                "/usr/bin/podman rm --force --time=0 {name} >/dev/null 2>&1; kill -KILL -- -$(cat {dir}/pid) 2>/dev/null; true",
+                dir = guest::guest_task_dir(&self.id)
+            ),
+            None => format!(
+                "kill -KILL -- -$(cat {}/pid) 2>/dev/null; true",
+                guest::guest_task_dir(&self.id)
+            ),
+        };
+        self.machine
+            .sh(&script, AGENT_TIMEOUT)
+            .await
+            .map_err(|error| backend(format!("stop task `{}`", self.id), error))?;
+        Ok(())
+    }
+}
+
+fn read_exit(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("exit"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[derive(Debug)]
+struct QemuContainer {
+    handle: Arc<TaskHandle>,
+}
+
+#[async_trait]
+impl Container for QemuContainer {
+    fn id(&self) -> &str {
+        &self.handle.id
+    }
+
+    async fn status(&self) -> Result<ContainerStatus, DriverError> {
+        self.handle.status().await
+    }
+
+    async fn logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
+        output::logs(&self.handle.dir, stdout, stderr).await
+    }
+
+    async fn cleanup(&self) -> Result<(), DriverError> {
+        self.handle.stop().await?;
+        match std::fs::remove_dir_all(&self.handle.dir) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(backend(
+                format!("remove task `{}`", self.handle.id),
+                QemuError::Remove {
+                    path: self.handle.dir.clone(),
+                    source,
+                },
+            )),
+        }
+    }
+
+    fn as_follow(&self) -> Option<&dyn FollowLogs> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl FollowLogs for QemuContainer {
+    async fn follow(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
+        let handle = &self.handle;
+        output::follow(&handle.dir, stdout, stderr, || async {
+            Ok(handle.status().await?.is_done())
+        })
+        .await
+    }
+}
+
+#[derive(Debug)]
+struct QemuVolume {
+    name: String,
+    path: PathBuf,
+}
+
+#[async_trait]
+impl Volume for QemuVolume {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn cleanup(&self) -> Result<(), DriverError> {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(backend(
+                format!("remove volume `{}`", self.name),
+                QemuError::Remove {
+                    path: self.path.clone(),
+                    source,
+                },
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl SandboxExec for QemuDriver {
+    async fn start_sandbox(&self, task: Task) -> Result<Box<dyn Sandbox>, DriverError> {
+        let mut probe = Task::new(task.id.clone(), ["true"]);
+        probe.mounts = task.mounts.clone();
+        guest::check_task(&probe)?;
+        let machine = self
+            .machine()
+            .await
+            .map_err(|error| backend("boot the VM", error))?;
+        let serial = self.sandboxes.fetch_add(1, Ordering::Relaxed);
+        let container = if task.image.is_empty() {
+            None
+        } else {
+            let name = ci_exec_driver::resource_name(
+                &self.config.namespace,
+                &format!("{}-sandbox{serial}", task.id),
+            );
+            // The container idles until `exec`s arrive; output goes to the exec'd commands.
+            let mut keeper =
+                Task::new(format!("{}-sandbox{serial}-start", task.id), ["2147483647"]);
+            keeper.image = task.image.clone();
+            keeper.mounts = task.mounts.clone();
+            keeper.user = task.user.clone();
+            keeper.workdir = task.workdir.clone();
+            keeper.privileged = task.privileged;
+            keeper.limits = task.limits;
+            for mount in &task.mounts {
+                self.ensure_volume(&mount.volume)?;
+            }
+            let (dir, pid) = start_wrapper(
+                &self.run,
+                &machine,
+                &keeper,
+                &task.env,
+                Runner::PodmanStart {
+                    image: &task.image,
+                    name: &name,
+                },
+                None,
+            )
+            .await?;
+            let handle = TaskHandle {
+                id: keeper.id.clone(),
+                dir: dir.clone(),
+                machine: machine.clone(),
+                pid,
+                podman_name: None,
+                exit: Mutex::new(None),
+            };
+            let code = wait(&handle).await?;
+            if code != 0 {
+                let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+                return Err(DriverError::backend(
+                    DRIVER,
+                    format!("start sandbox container `{name}` of image `{}`", task.image),
+                    QemuError::GuestCommand {
+                        command: "podman run --detach".to_owned(),
+                        code,
+                        stderr: stderr.trim().to_owned(),
+                    },
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            Some(name)
+        };
+        Ok(Box::new(QemuSandbox {
+            driver_run: self.run.clone(),
+            machine,
+            task,
+            container,
+            serial,
+            execs: AtomicU64::new(0),
+        }))
+    }
+}
+
+async fn wait(handle: &TaskHandle) -> Result<i32, DriverError> {
+    let mut interval = Duration::from_millis(1);
+    loop {
+        if let ContainerStatus::Exited { code } = handle.status().await? {
+            return Ok(code);
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// The VM itself (no image) or a long-lived podman container in it.
+#[derive(Debug)]
+struct QemuSandbox {
+    driver_run: RunDir,
+    machine: Arc<Machine>,
+    task: Task,
+    container: Option<String>,
+    serial: u64,
+    execs: AtomicU64,
+}
+
+#[async_trait]
+impl Sandbox for QemuSandbox {
+    async fn exec(
+        &self,
+        command: &[String],
+        env: &BTreeMap<String, String>,
+        stdout: LogSink<'_>,
+        stderr: LogSink<'_>,
+    ) -> Result<SandboxOutput, DriverError> {
+        let number = self.execs.fetch_add(1, Ordering::Relaxed);
+        let mut step = Task::new(
+            format!("{}-sandbox{}-exec{number}", self.task.id, self.serial),
+            command.iter().cloned(),
+        );
+        guest::check_task(&step)?;
+        step.mounts = self.task.mounts.clone();
+        step.user = self.task.user.clone();
+        step.workdir = self.task.workdir.clone();
+        let mut all_env = self.task.env.clone();
+        all_env.extend(
+            env.iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        let (runner, exec_env) = match &self.container {
+            None => (Runner::GuestOs, all_env),
+            Some(name) => (Runner::PodmanExec { name }, env.clone()),
+        };
+        let (dir, pid) = start_wrapper(
+            &self.driver_run,
+            &self.machine,
+            &step,
+            &exec_env,
+            runner,
+            None,
+        )
+        .await?;
+        let handle = TaskHandle {
+            id: step.id.clone(),
+            dir: dir.clone(),
+            machine: self.machine.clone(),
+            pid,
+            podman_name: None,
+            exit: Mutex::new(None),
+        };
+        output::follow(&dir, &mut *stdout, &mut *stderr, || async {
+            Ok(handle.status().await?.is_done())
+        })
+        .await?;
+        let code = wait(&handle).await?;
+        let _ = stdout.flush().await;
+        let _ = stderr.flush().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(SandboxOutput { exit_code: code })
+    }
+
+    async fn cleanup(&self) -> Result<(), DriverError> {
+        if let Some(name) = &self.container
+            && self.machine.is_running()
+        {
+            self.machine
+                .sh(
+                    &format!("/usr/bin/podman rm --force --time=0 {name} >/dev/null 2>&1; true"),
+                    AGENT_TIMEOUT,
+                )
+                .await
+                .map_err(|error| backend(format!("remove sandbox `{name}`"), error))?;
+        }
+        Ok(())
+    }
+}

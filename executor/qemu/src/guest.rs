@@ -1,0 +1,348 @@
+//! The shell scripts a task runs as in the guest.
+//!
+//! Live output: a task's stdin, stdout and stderr are files in its directory on the 9p share
+//! (`/mnt/ci/tasks/<id>/` in the guest, `<run>/share/tasks/<id>/` on the host). The guest
+//! writes through 9p with `cache=none`, so every write lands in the host file before the
+//! writer continues, and the host tails those files while the task runs: byte-exact, stdout
+//! and stderr kept apart, readable after exit and again. The exit code is written last, to
+//! `exit` (through a rename, so a reader never sees half of it). QGA's `guest-exec-status`
+//! only tells whether the wrapper itself is gone (killed before it could write `exit`).
+//!
+//! A task without an image runs in the guest OS as root, with exactly its own environment
+//! (`env -i`), in a private mount namespace where its volumes are bind-mounted at their paths.
+//! A task with an image runs under `podman run` in the guest, volumes bind-mounted from the
+//! share.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use ci_exec_driver::{DriverError, Task};
+
+use crate::machine::{GUEST_PATH, shell_quote};
+use crate::run_dir::GUEST_SHARE;
+
+/// The guest directory of task `id`.
+pub fn guest_task_dir(id: &str) -> String {
+    format!("{GUEST_SHARE}/tasks/{id}")
+}
+
+/// The guest directory of volume `name`.
+pub fn guest_volume_dir(name: &str) -> String {
+    format!("{GUEST_SHARE}/volumes/{name}")
+}
+
+/// Checks a task id or volume name for use as a file name and a podman name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err("must be 1 to 128 characters".to_owned());
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err("must not start with `.` or `-`".to_owned());
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "contains `{bad}`; use letters, digits, `_`, `.` or `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a task before anything is started.
+pub fn check_task(task: &Task) -> Result<(), DriverError> {
+    let invalid = |reason: String| DriverError::InvalidTask {
+        task: task.id.clone(),
+        reason,
+    };
+    check_name(&task.id).map_err(|reason| invalid(format!("id {reason}")))?;
+    if task.command.is_empty() {
+        return Err(invalid("the command is empty".to_owned()));
+    }
+    for mount in &task.mounts {
+        check_name(&mount.volume).map_err(|reason| DriverError::InvalidVolume {
+            volume: mount.volume.clone(),
+            reason,
+        })?;
+        if !mount.path.starts_with('/') {
+            return Err(invalid(format!(
+                "mount path `{}` of volume `{}` is not absolute",
+                mount.path, mount.volume
+            )));
+        }
+    }
+    for name in task.env.keys() {
+        if name.is_empty() || name.contains('=') {
+            return Err(invalid(format!(
+                "environment variable name `{name}` is invalid"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The environment the guest agent starts a wrapper with (never the task's own).
+pub fn wrapper_env() -> Vec<String> {
+    vec![format!("PATH={GUEST_PATH}"), "HOME=/root".to_owned()]
+}
+
+/// How a script should run its command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner<'a> {
+    /// In the guest OS.
+    GuestOs,
+    /// `podman run` of this image, as container `name`.
+    PodmanRun { image: &'a str, name: &'a str },
+    /// `podman run --detach` of this image as container `name`, idling in `sleep`: a sandbox.
+    PodmanStart { image: &'a str, name: &'a str },
+    /// `podman exec` in the running container `name`.
+    PodmanExec { name: &'a str },
+}
+
+/// The wrapper script for a task (`run.sh`), which the agent starts as
+/// `setsid -w /bin/sh run.sh`. `env` is the complete environment of the command.
+pub fn task_script(
+    task: &Task,
+    env: &BTreeMap<String, String>,
+    runner: Runner<'_>,
+    has_stdin: bool,
+) -> String {
+    let dir = guest_task_dir(&task.id);
+    let mut script = String::new();
+    let _ = writeln!(script, "d={}", shell_quote(&dir));
+    script.push_str("echo $$ >\"$d/pid\"\n");
+    let stdin = if has_stdin {
+        "\"$d/stdin\""
+    } else {
+        "/dev/null"
+    };
+    let _ = writeln!(script, "exec <{stdin} >\"$d/stdout\" 2>\"$d/stderr\"");
+    match runner {
+        Runner::GuestOs => guest_os_command(&mut script, task, env),
+        Runner::PodmanRun { image, name } | Runner::PodmanStart { image, name } => {
+            let mut argv: Vec<String> = [
+                "/usr/bin/podman",
+                "run",
+                "--rm",
+                "--network=none",
+                "--pull=never",
+                "--log-driver=none",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if matches!(runner, Runner::PodmanStart { .. }) {
+                argv.extend(["--detach".to_owned(), "--entrypoint=sleep".to_owned()]);
+            }
+            argv.push(format!("--name={name}"));
+            podman_options(&mut argv, task, env, has_stdin);
+            if task.privileged {
+                argv.push("--privileged".to_owned());
+            }
+            if task.limits.memory_bytes > 0 {
+                argv.push(format!("--memory={}b", task.limits.memory_bytes));
+            }
+            if task.limits.cpu_shares > 0 {
+                argv.push(format!("--cpu-shares={}", task.limits.cpu_shares));
+            }
+            for mount in &task.mounts {
+                argv.push(format!(
+                    "--volume={}:{}",
+                    guest_volume_dir(&mount.volume),
+                    mount.path
+                ));
+            }
+            argv.push(image.to_owned());
+            argv.extend(task.command.iter().cloned());
+            push_argv(&mut script, &argv);
+        }
+        Runner::PodmanExec { name } => {
+            let mut argv: Vec<String> = vec!["/usr/bin/podman".to_owned(), "exec".to_owned()];
+            podman_options(&mut argv, task, env, has_stdin);
+            argv.push(name.to_owned());
+            argv.extend(task.command.iter().cloned());
+            push_argv(&mut script, &argv);
+        }
+    }
+    script.push_str("code=$?\n");
+    script.push_str(
+        "echo \"$code\" >\"$d/exit.tmp\" && /usr/bin/mv -f \"$d/exit.tmp\" \"$d/exit\"\n",
+    );
+    script
+}
+
+fn podman_options(
+    argv: &mut Vec<String>,
+    task: &Task,
+    env: &BTreeMap<String, String>,
+    has_stdin: bool,
+) {
+    if has_stdin {
+        argv.push("--interactive".to_owned());
+    }
+    if let Some(user) = &task.user {
+        argv.push(format!("--user={user}"));
+    }
+    if let Some(workdir) = &task.workdir {
+        argv.push(format!("--workdir={workdir}"));
+    }
+    for (name, value) in env {
+        argv.push(format!("--env={name}={value}"));
+    }
+}
+
+fn push_argv(script: &mut String, argv: &[String]) {
+    let quoted: Vec<String> = argv.iter().map(|argument| shell_quote(argument)).collect();
+    script.push_str(&quoted.join(" "));
+    script.push('\n');
+}
+
+/// The guest-OS path: volumes bind-mounted in a private mount namespace, then `cd`, then the
+/// user switch, then `env -i` with exactly the task's environment.
+fn guest_os_command(script: &mut String, task: &Task, env: &BTreeMap<String, String>) {
+    let mut inner = String::new();
+    for mount in &task.mounts {
+        let _ = writeln!(
+            inner,
+            "/usr/bin/mkdir -p {path} && /usr/bin/mount --bind {volume} {path} || exit 125",
+            path = shell_quote(&mount.path),
+            volume = shell_quote(&guest_volume_dir(&mount.volume)),
+        );
+    }
+    let workdir = task.workdir.as_deref().unwrap_or("/");
+    let _ = writeln!(inner, "cd {} || exit 125", shell_quote(workdir));
+    let mut argv: Vec<String> = vec!["exec".to_owned()];
+    if let Some(user) = &task.user {
+        argv.push("/usr/bin/setpriv".to_owned());
+        match user.split_once(':') {
+            Some((uid, gid)) => {
+                argv.extend([
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".to_owned(),
+                ]);
+            }
+            None => {
+                argv.extend([
+                    format!("--reuid={user}"),
+                    format!("--regid=$(/usr/bin/id -g {})", shell_quote(user)),
+                    "--init-groups".to_owned(),
+                ]);
+            }
+        }
+        argv.push("--".to_owned());
+    }
+    argv.push("/usr/bin/env".to_owned());
+    argv.push("-i".to_owned());
+    let mut env = env.clone();
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| GUEST_PATH.to_owned());
+    let mut quoted: Vec<String> = Vec::new();
+    for argument in &argv {
+        // `$(id -g user)` must expand; everything else is literal.
+        if argument.starts_with("--regid=$(") {
+            quoted.push(format!("\"{argument}\""));
+        } else {
+            quoted.push(shell_quote(argument));
+        }
+    }
+    for (name, value) in &env {
+        quoted.push(shell_quote(&format!("{name}={value}")));
+    }
+    // `env` would read a leading `NAME=value` or `-x` of the command as its own.
+    quoted.push("--".to_owned());
+    for argument in &task.command {
+        quoted.push(shell_quote(argument));
+    }
+    inner.push_str(&quoted.join(" "));
+    inner.push('\n');
+    if task.mounts.is_empty() {
+        let _ = writeln!(script, "(\n{inner})");
+    } else {
+        let _ = writeln!(
+            script,
+            "/usr/bin/unshare --mount --propagation private /bin/sh -c {}",
+            shell_quote(&inner)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "task-1", "T_2.x"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "-x", "a b", &"x".repeat(129)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn guest_os_script_runs_with_exactly_the_task_env() {
+        let task = Task::new("t1", ["echo", "it's"]).env("A", "1 2");
+        let script = task_script(&task, &task.env, Runner::GuestOs, false);
+        assert!(script.contains("d=/mnt/ci/tasks/t1\n"), "{script}");
+        assert!(script.contains("exec </dev/null >\"$d/stdout\" 2>\"$d/stderr\""));
+        assert!(
+            script.contains(
+                "exec /usr/bin/env -i 'A=1 2' PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin -- echo 'it'\\''s'"
+            ),
+            "{script}"
+        );
+        assert!(script.contains("cd / || exit 125"));
+        assert!(!script.contains("unshare"));
+        assert!(script.ends_with("/usr/bin/mv -f \"$d/exit.tmp\" \"$d/exit\"\n"));
+    }
+
+    #[test]
+    fn guest_os_mounts_use_a_private_namespace() {
+        let task = Task::new("t2", ["ls"])
+            .mount("cache", "/work/cache")
+            .workdir("/work")
+            .user("1000:1000");
+        let script = task_script(&task, &task.env, Runner::GuestOs, true);
+        assert!(script.contains("exec <\"$d/stdin\""));
+        assert!(script.contains("/usr/bin/unshare --mount --propagation private /bin/sh -c '"));
+        assert!(script.contains("/usr/bin/mount --bind /mnt/ci/volumes/cache /work/cache"));
+        assert!(script.contains("--reuid=1000 --regid=1000 --clear-groups --"));
+    }
+
+    #[test]
+    fn podman_script_passes_env_volumes_user_and_stdin() {
+        let task = Task::new("t3", ["sh", "-c", "cat"])
+            .image("localhost/ci-exec/base:latest")
+            .env("K", "v")
+            .mount("data", "/data")
+            .workdir("/data")
+            .user("nobody");
+        let script = task_script(
+            &task,
+            &task.env,
+            Runner::PodmanRun {
+                image: &task.image,
+                name: "ns-t3",
+            },
+            true,
+        );
+        assert!(
+            script.contains(
+                "/usr/bin/podman run --rm --network=none --pull=never --log-driver=none --name=ns-t3 --interactive --user=nobody --workdir=/data --env=K=v --volume=/mnt/ci/volumes/data:/data localhost/ci-exec/base:latest sh -c cat"
+            ),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn tasks_are_checked() {
+        assert!(check_task(&Task::new("ok", ["true"])).is_ok());
+        assert!(check_task(&Task::new("ok", Vec::<String>::new())).is_err());
+        assert!(check_task(&Task::new("../x", ["true"])).is_err());
+        assert!(check_task(&Task::new("ok", ["true"]).mount("v", "relative")).is_err());
+        assert!(check_task(&Task::new("ok", ["true"]).mount("a/b", "/x")).is_err());
+    }
+}

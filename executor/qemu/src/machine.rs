@@ -1,0 +1,750 @@
+//! One QEMU process: its command line, its start (cold, or warm from a saved state), the QMP
+//! and QGA sessions to it, and its end.
+//!
+//! QEMU is started by a dedicated thread that stays blocked in `wait()` for as long as the VM
+//! lives, with `PR_SET_PDEATHSIG`: the signal fires when the *thread* that forked dies, so a
+//! tokio worker that might retire must not be the parent. QEMU gets its own process group, so
+//! a Ctrl-C reaches ci-exec (which stops tasks and the VM in order), not QEMU directly.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, watch};
+
+use crate::QemuError;
+use crate::accel::Accel;
+use crate::error::ProtocolError;
+use crate::qga::{ExecStatus, QgaClient};
+use crate::qmp::QmpClient;
+use crate::run_dir::{GUEST_SHARE, RunDir, SHARE_TAG};
+
+/// 9p message size: throughput grows with it (≈40× from 8 KiB to 512 KiB, DESIGN.md §3).
+pub const MSIZE: u32 = 512 * 1024;
+/// How long one guest-agent command may take before the client re-syncs.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(30);
+/// `PATH` for commands the driver itself runs in the guest.
+pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The files of a guest image the VM boots from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ImageFiles {
+    pub name: String,
+    pub digest: String,
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+    /// qcow2 base; never written.
+    pub disk: PathBuf,
+    pub kernel_cmdline: String,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    pub qemu_binary: String,
+    pub accel: Accel,
+    pub memory_mb: u64,
+    pub cpus: u64,
+    pub image: ImageFiles,
+    /// Sockets, console log, pid file and the share live here.
+    pub run_dir: RunDir,
+    /// The disk this VM writes: a fresh qcow2 overlay over `backing`.
+    pub overlay: PathBuf,
+    /// The image's base disk, or a warm state's disk.
+    pub backing: PathBuf,
+    /// A saved state to start from (`-incoming`), instead of booting.
+    pub incoming: Option<PathBuf>,
+}
+
+impl MachineSpec {
+    /// QEMU's arguments (without the program). Devices must stay identical between the VM that
+    /// saves a warm state and the VMs that start from it: only paths may differ.
+    pub fn arguments(&self) -> Vec<OsString> {
+        let run = &self.run_dir;
+        let mut arguments: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| arguments.extend(items.iter().map(OsString::from));
+        let cpu = match self.accel {
+            Accel::Tcg => "max",
+            Accel::Kvm | Accel::Hvf => "host",
+        };
+        push(&[
+            "-name",
+            "ci-exec",
+            "-accel",
+            self.accel.as_str(),
+            "-machine",
+            "microvm,pit=on,pic=off,rtc=on,isa-serial=on",
+            "-cpu",
+            cpu,
+            "-m",
+            &self.memory_mb.to_string(),
+            "-smp",
+            &self.cpus.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ]);
+        let path = |path: &Path| path.display().to_string();
+        push(&["-kernel", &path(&self.image.vmlinux)]);
+        push(&["-initrd", &path(&self.image.initrd)]);
+        push(&["-append", &self.image.kernel_cmdline]);
+        push(&[
+            "-chardev",
+            &format!("file,id=console,path={}", path(&run.console_log())),
+            "-serial",
+            "chardev:console",
+        ]);
+        push(&[
+            "-drive",
+            &format!(
+                "id=root,if=none,format=qcow2,cache=unsafe,discard=unmap,file={}",
+                path(&self.overlay)
+            ),
+            "-device",
+            "virtio-blk-device,drive=root",
+        ]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=qga,path={},server=on,wait=off",
+                path(&run.qga_socket())
+            ),
+            "-device",
+            "virtio-serial-device",
+            "-device",
+            "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+        ]);
+        push(&[
+            "-fsdev",
+            &format!(
+                "local,id=share,path={},security_model=none",
+                path(&run.share())
+            ),
+            "-device",
+            &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}"),
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", path(&run.qmp_socket())),
+        ]);
+        if let Some(state) = &self.incoming {
+            push(&[
+                "-incoming",
+                &format!("exec:cat {}", shell_quote(&path(state))),
+            ]);
+        }
+        arguments
+    }
+}
+
+/// A running VM with its monitor and agent sessions.
+#[derive(Debug)]
+pub struct Machine {
+    run_dir: RunDir,
+    pid: i32,
+    exit: watch::Receiver<Option<String>>,
+    qmp: Mutex<QmpClient>,
+    qga: Mutex<QgaClient>,
+    version: String,
+}
+
+impl Machine {
+    /// Starts QEMU for `spec` and waits until the guest agent answers (or `boot_timeout`).
+    pub async fn start(spec: &MachineSpec, boot_timeout: Duration) -> Result<Machine, QemuError> {
+        create_overlay(&spec.backing, &spec.overlay).await?;
+        for stale in [spec.run_dir.qmp_socket(), spec.run_dir.qga_socket()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let _ = std::fs::remove_file(spec.run_dir.console_log());
+        let (pid, exit) = spawn(
+            &spec.qemu_binary,
+            spec.arguments(),
+            &spec.run_dir.qemu_log(),
+        )?;
+        let pid_file = spec.run_dir.pid_file();
+        std::fs::write(&pid_file, pid.to_string()).map_err(|source| QemuError::WriteFile {
+            path: pid_file,
+            source,
+        })?;
+        let started = Machine::connect(spec, pid, exit.clone(), boot_timeout).await;
+        match started {
+            Ok(machine) => Ok(machine),
+            Err(error) => {
+                // SAFETY: kill has no memory-safety preconditions; `pid` is our child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                Err(error)
+            }
+        }
+    }
+
+    async fn connect(
+        spec: &MachineSpec,
+        pid: i32,
+        exit: watch::Receiver<Option<String>>,
+        boot_timeout_after: Duration,
+    ) -> Result<Machine, QemuError> {
+        let deadline = Instant::now() + boot_timeout_after;
+        let run = &spec.run_dir;
+        let stage = if spec.incoming.is_some() {
+            "restore"
+        } else {
+            "boot"
+        };
+        let qmp_socket = run.qmp_socket();
+        let mut qmp = loop {
+            check_alive(&exit, run, stage)?;
+            if qmp_socket.exists() {
+                match QmpClient::connect(&qmp_socket, MONITOR_TIMEOUT).await {
+                    Ok(client) => break client,
+                    Err(ProtocolError::Connect { .. }) => {}
+                    Err(source) => {
+                        check_alive(&exit, run, stage)?;
+                        return Err(QemuError::Monitor {
+                            stage: "connect".to_owned(),
+                            source,
+                        });
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(boot_timeout(run, boot_timeout_after));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let version = qmp.version().to_owned();
+        if spec.incoming.is_some() {
+            loop {
+                check_alive(&exit, run, stage)?;
+                let status = qmp
+                    .execute("query-status", Value::Null, MONITOR_TIMEOUT)
+                    .await
+                    .map_err(|source| QemuError::Monitor {
+                        stage: "restore".to_owned(),
+                        source,
+                    })?;
+                match status["status"].as_str() {
+                    Some("running") => break,
+                    Some("inmigrate") | Some("prelaunch") => {}
+                    Some(other) => {
+                        return Err(QemuError::WarmSave {
+                            reason: format!("restored VM is `{other}`, not running"),
+                        });
+                    }
+                    None => {}
+                }
+                if Instant::now() > deadline {
+                    return Err(boot_timeout(run, boot_timeout_after));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let mut qga = QgaClient::connect(&run.qga_socket())
+            .await
+            .map_err(|source| QemuError::Agent {
+                stage: "connect".to_owned(),
+                source,
+            })?;
+        loop {
+            check_alive(&exit, run, stage)?;
+            let attempt_deadline = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            match qga.sync(Duration::from_millis(500), attempt_deadline).await {
+                Ok(()) => break,
+                Err(ProtocolError::Timeout { .. }) if Instant::now() < deadline => {}
+                Err(ProtocolError::Timeout { .. }) => {
+                    return Err(boot_timeout(run, boot_timeout_after));
+                }
+                Err(source) => {
+                    check_alive(&exit, run, stage)?;
+                    return Err(QemuError::Agent {
+                        stage: stage.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(Machine {
+            run_dir: run.clone(),
+            pid,
+            exit,
+            qmp: Mutex::new(qmp),
+            qga: Mutex::new(qga),
+            version,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// QEMU's version, from the QMP greeting.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
+    /// Errors with the console's last lines if QEMU has exited.
+    pub fn check_alive(&self, stage: &'static str) -> Result<(), QemuError> {
+        check_alive(&self.exit, &self.run_dir, stage)
+    }
+
+    /// The last `lines` lines of the serial console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        console_tail(&self.run_dir.console_log(), lines)
+    }
+
+    /// Runs `script` with `/bin/sh -c` as root in the guest, waits for it and returns its exit
+    /// code, stdout and stderr. For the driver's own short commands, not for tasks.
+    pub async fn sh(&self, script: &str, timeout: Duration) -> Result<ExecStatus, QemuError> {
+        let pid = self
+            .exec(
+                "/bin/sh",
+                &["-c".to_owned(), script.to_owned()],
+                &[format!("PATH={GUEST_PATH}"), "HOME=/root".to_owned()],
+                true,
+            )
+            .await?;
+        let deadline = Instant::now() + timeout;
+        let mut interval = Duration::from_millis(1);
+        loop {
+            let status = self.exec_status(pid).await?;
+            if status.exited {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::Agent {
+                    stage: format!("`{script}`"),
+                    source: ProtocolError::Timeout {
+                        peer: "qga",
+                        command: "guest-exec-status".to_owned(),
+                        after: timeout,
+                    },
+                });
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Machine::sh`], but a non-zero exit is an error.
+    pub async fn sh_ok(&self, script: &str, timeout: Duration) -> Result<ExecStatus, QemuError> {
+        let status = self.sh(script, timeout).await?;
+        if status.shell_code() != 0 {
+            return Err(QemuError::GuestCommand {
+                command: script.to_owned(),
+                code: status.shell_code(),
+                stderr: String::from_utf8_lossy(&status.stderr).trim().to_owned(),
+            });
+        }
+        Ok(status)
+    }
+
+    /// Starts `path` in the guest with exactly `env`; returns the guest pid.
+    pub async fn exec(
+        &self,
+        path: &str,
+        arguments: &[String],
+        env: &[String],
+        capture_output: bool,
+    ) -> Result<i64, QemuError> {
+        self.check_alive("exec")?;
+        self.qga
+            .lock()
+            .await
+            .exec(path, arguments, env, capture_output, AGENT_TIMEOUT)
+            .await
+            .map_err(|source| QemuError::Agent {
+                stage: format!("starting `{path}`"),
+                source,
+            })
+    }
+
+    pub async fn exec_status(&self, pid: i64) -> Result<ExecStatus, QemuError> {
+        self.check_alive("exec")?;
+        self.qga
+            .lock()
+            .await
+            .exec_status(pid, AGENT_TIMEOUT)
+            .await
+            .map_err(|source| QemuError::Agent {
+                stage: format!("status of guest pid {pid}"),
+                source,
+            })
+    }
+
+    /// Sets the guest clock to the host's (a restored VM wakes with the time it was saved at)
+    /// and mounts the share.
+    pub async fn prepare_guest(&self) -> Result<(), QemuError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let script = format!(
+            "date -u -s @{}.{:09} >/dev/null; mkdir -p {GUEST_SHARE} /mnt && \
+             mount -t 9p -o trans=virtio,version=9p2000.L,msize={MSIZE},cache=none {SHARE_TAG} {GUEST_SHARE} && \
+             ln -sfn {GUEST_SHARE}/volumes /mnt/volumes",
+            now.as_secs(),
+            now.subsec_nanos()
+        );
+        self.sh_ok(&script, AGENT_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// Saves the running VM's state to `state` (the VM ends paused).
+    pub async fn save_state(&self, state: &Path) -> Result<(), QemuError> {
+        let mut qmp = self.qmp.lock().await;
+        let monitor = |stage: &str| {
+            let stage = stage.to_owned();
+            move |source| QemuError::Monitor { stage, source }
+        };
+        // `exec:` migration is throttled to 32 MiB/s by default; a file has no reason to be.
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": 64u64 << 30 }),
+            MONITOR_TIMEOUT,
+        )
+        .await
+        .map_err(monitor("migrate-set-parameters"))?;
+        qmp.execute("stop", Value::Null, MONITOR_TIMEOUT)
+            .await
+            .map_err(monitor("stop"))?;
+        let uri = format!("exec:cat > {}", shell_quote(&state.display().to_string()));
+        qmp.execute("migrate", json!({ "uri": uri }), MONITOR_TIMEOUT)
+            .await
+            .map_err(monitor("migrate"))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let progress = qmp
+                .execute("query-migrate", Value::Null, MONITOR_TIMEOUT)
+                .await
+                .map_err(monitor("query-migrate"))?;
+            match progress["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(QemuError::WarmSave {
+                        reason: progress["error-desc"]
+                            .as_str()
+                            .unwrap_or("migration failed")
+                            .to_owned(),
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::WarmSave {
+                    reason: "migration did not complete within 120 s".to_owned(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asks QEMU to quit, then kills it if it has not exited within a few seconds.
+    pub async fn shutdown(&self) {
+        if self.is_running() {
+            let mut qmp = self.qmp.lock().await;
+            if let Err(error) = qmp
+                .execute("quit", Value::Null, Duration::from_secs(2))
+                .await
+            {
+                tracing::debug!(%error, "qmp quit");
+            }
+        }
+        if !self.wait_exit(Duration::from_secs(5)).await {
+            // SAFETY: kill has no memory-safety preconditions; `pid` is our child.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.wait_exit(Duration::from_secs(5)).await;
+        }
+        let _ = std::fs::remove_file(self.run_dir.pid_file());
+    }
+}
+
+impl Machine {
+    /// Waits up to `timeout` for QEMU to exit; returns whether it has.
+    async fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut exit = self.exit.clone();
+        tokio::time::timeout(timeout, async {
+            exit.wait_for(|status| status.is_some()).await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if self.is_running() {
+            // SAFETY: kill has no memory-safety preconditions; `pid` is our child.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn check_alive(
+    exit: &watch::Receiver<Option<String>>,
+    run: &RunDir,
+    stage: &'static str,
+) -> Result<(), QemuError> {
+    if let Some(status) = exit.borrow().as_ref() {
+        let mut console = console_tail(&run.console_log(), 20);
+        let qemu_log = std::fs::read_to_string(run.qemu_log()).unwrap_or_default();
+        if !qemu_log.trim().is_empty() {
+            console.push_str("\nqemu: ");
+            console.push_str(qemu_log.trim());
+        }
+        return Err(QemuError::QemuExited {
+            stage,
+            status: status.clone(),
+            console,
+        });
+    }
+    Ok(())
+}
+
+fn boot_timeout(run: &RunDir, after: Duration) -> QemuError {
+    QemuError::BootTimeout {
+        after,
+        console: console_tail(&run.console_log(), 20),
+    }
+}
+
+/// The last `lines` lines of a console log, without terminal escapes.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return "(no console output)".to_owned();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let kept: Vec<&str> = text
+        .lines()
+        .map(|line| line.trim_end_matches('\r'))
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let start = kept.len().saturating_sub(lines);
+    let tail = kept[start..].join("\n");
+    if tail.is_empty() {
+        "(no console output)".to_owned()
+    } else {
+        tail.chars()
+            .filter(|c| *c == '\n' || !c.is_control())
+            .collect()
+    }
+}
+
+/// Quotes `text` for a POSIX shell.
+pub fn shell_quote(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-=:,@+%".contains(&b))
+    {
+        return text.to_owned();
+    }
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// `qemu-img create -f qcow2 -F qcow2 -b base overlay`: a fresh copy-on-write disk.
+pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), QemuError> {
+    let _ = std::fs::remove_file(overlay);
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn {
+            program: "qemu-img".to_owned(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(QemuError::ToolFailed {
+            program: "qemu-img create".to_owned(),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Starts QEMU from a thread that waits for it; returns its pid and a channel that gets its
+/// exit status.
+fn spawn(
+    program: &str,
+    arguments: Vec<OsString>,
+    log: &Path,
+) -> Result<(i32, watch::Receiver<Option<String>>), QemuError> {
+    let log_file = std::fs::File::create(log).map_err(|source| QemuError::WriteFile {
+        path: log.to_owned(),
+        source,
+    })?;
+    let log_clone = log_file
+        .try_clone()
+        .map_err(|source| QemuError::WriteFile {
+            path: log.to_owned(),
+            source,
+        })?;
+    tracing::debug!(program, ?arguments, "starting qemu");
+    let (exit_sender, exit) = watch::channel(None);
+    let (pid_sender, pid_receiver) = std::sync::mpsc::channel();
+    let program = program.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("qemu-wait".to_owned())
+        .spawn(move || {
+            let mut command = std::process::Command::new(&program);
+            command
+                .args(&arguments)
+                .stdin(Stdio::null())
+                .stdout(log_file)
+                .stderr(log_clone)
+                .process_group(0);
+            // SAFETY: getpid has no preconditions.
+            let parent = unsafe { libc::getpid() };
+            // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and
+            // exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
+            match command.spawn() {
+                Err(error) => {
+                    let _ = pid_sender.send(Err(error));
+                }
+                Ok(mut child) => {
+                    let _ = pid_sender.send(Ok(child.id() as i32));
+                    let status = match child.wait() {
+                        Ok(status) => status.to_string(),
+                        Err(error) => format!("unknown ({error})"),
+                    };
+                    let _ = exit_sender.send(Some(status));
+                }
+            }
+        });
+    let spawn_error = |source| QemuError::Spawn {
+        program: "qemu".to_owned(),
+        source,
+    };
+    spawned.map_err(spawn_error)?;
+    let pid = pid_receiver
+        .recv()
+        .map_err(|_| spawn_error(std::io::Error::other("spawner thread ended")))?
+        .map_err(|source| QemuError::Spawn {
+            program: "qemu".to_owned(),
+            source,
+        })?;
+    Ok((pid, exit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(incoming: Option<PathBuf>) -> MachineSpec {
+        MachineSpec {
+            qemu_binary: "qemu-system-x86_64".to_owned(),
+            accel: Accel::Tcg,
+            memory_mb: 2048,
+            cpus: 2,
+            image: ImageFiles {
+                name: "debian-bookworm".to_owned(),
+                digest: "abc".to_owned(),
+                vmlinux: PathBuf::from("/images/vmlinux"),
+                initrd: PathBuf::from("/images/initrd"),
+                disk: PathBuf::from("/images/disk.qcow2"),
+                kernel_cmdline: "console=ttyS0 quiet".to_owned(),
+            },
+            run_dir: RunDir::new(PathBuf::from("/run/q/ns")),
+            overlay: PathBuf::from("/run/q/ns/overlay.qcow2"),
+            backing: PathBuf::from("/images/disk.qcow2"),
+            incoming,
+        }
+    }
+
+    fn joined(spec: &MachineSpec) -> String {
+        spec.arguments()
+            .iter()
+            .map(|argument| argument.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn command_line_has_every_device() {
+        let line = joined(&spec(None));
+        for expected in [
+            "-accel tcg",
+            "-machine microvm,pit=on",
+            "-cpu max",
+            "-m 2048",
+            "-smp 2",
+            "-kernel /images/vmlinux",
+            "-initrd /images/initrd",
+            "-append console=ttyS0 quiet",
+            "file=/run/q/ns/overlay.qcow2",
+            "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+            "socket,id=qga,path=/run/q/ns/qga.sock,server=on,wait=off",
+            "local,id=share,path=/run/q/ns/share,security_model=none",
+            "virtio-9p-device,fsdev=share,mount_tag=ci",
+            "-qmp unix:/run/q/ns/qmp.sock,server=on,wait=off",
+            "-nic none",
+        ] {
+            assert!(line.contains(expected), "`{expected}` missing from {line}");
+        }
+        assert!(!line.contains("-incoming"));
+    }
+
+    #[test]
+    fn warm_start_only_adds_incoming() {
+        let cold = spec(None).arguments();
+        let warm = spec(Some(PathBuf::from("/cache/warm/k/state"))).arguments();
+        assert_eq!(&warm[..cold.len()], &cold[..]);
+        assert_eq!(
+            warm[cold.len()..],
+            [
+                OsString::from("-incoming"),
+                OsString::from("exec:cat /cache/warm/k/state")
+            ]
+        );
+    }
+
+    #[test]
+    fn shell_quote_table() {
+        for (input, expected) in [
+            ("plain", "plain"),
+            ("/a/b.c", "/a/b.c"),
+            ("", "''"),
+            ("a b", "'a b'"),
+            ("it's", r"'it'\''s'"),
+            ("$HOME", "'$HOME'"),
+        ] {
+            assert_eq!(shell_quote(input), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn console_tail_keeps_the_last_lines() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("console.log");
+        std::fs::write(&path, "one\r\ntwo\n\nthree\x1b[0m\nfour\n").expect("write");
+        assert_eq!(console_tail(&path, 2), "three[0m\nfour");
+        assert_eq!(
+            console_tail(&directory.path().join("none"), 2),
+            "(no console output)"
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! Warm start: after the first cold boot of an image, the booted VM's state is saved, and later
+//! VMs start from it (`-incoming`) in a fraction of the boot time.
+//!
+//! A saved state is only valid with the disk it was saved with, so the VM that makes it boots
+//! with its own overlay (`disk.qcow2` beside `state`), which is never written again: later VMs
+//! put their fresh overlay over it. The state is saved before the 9p share is mounted (a
+//! mounted 9p export blocks migration) and the guest clock is set after every start. Its key
+//! holds everything that must match: the image digest, the machine's size and accelerator,
+//! the QEMU binary, and this module's format version.
+//!
+//! ```text
+//! <cache_dir>/warm/<key>/{disk.qcow2, state}
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::QemuError;
+use crate::machine::{Machine, MachineSpec};
+use crate::run_dir::RunDir;
+
+/// Bumped when the device layout of [`MachineSpec::arguments`] changes.
+const FORMAT_VERSION: u32 = 1;
+
+/// The directory of the warm state for `spec`.
+pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
+    let binary = crate::accel::find_on_path(&spec.qemu_binary)
+        .unwrap_or_else(|| PathBuf::from(&spec.qemu_binary));
+    let modified = std::fs::metadata(&binary)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let mut hasher = Sha256::new();
+    for part in [
+        format!("format={FORMAT_VERSION}"),
+        format!("digest={}", spec.image.digest),
+        format!("cmdline={}", spec.image.kernel_cmdline),
+        format!("accel={}", spec.accel),
+        format!("memory={}", spec.memory_mb),
+        format!("cpus={}", spec.cpus),
+        format!("qemu={}@{modified}", binary.display()),
+    ] {
+        hasher.update(part.as_bytes());
+        hasher.update(b"\n");
+    }
+    let key = hex::encode(hasher.finalize());
+    cache_dir.join("warm").join(&key[..24])
+}
+
+/// Whether `dir` holds a complete saved state.
+pub fn is_ready(dir: &Path) -> bool {
+    dir.join("state").is_file() && dir.join("disk.qcow2").is_file()
+}
+
+/// Boots `spec` cold in `scratch` (its own sockets and share), saves its state into
+/// `final_dir`, and stops it. Publishing is atomic: a half-made state is never used.
+pub async fn create(
+    spec: &MachineSpec,
+    scratch: &RunDir,
+    final_dir: &Path,
+    boot_timeout: Duration,
+) -> Result<(), QemuError> {
+    let parent = final_dir.parent().unwrap_or(final_dir);
+    std::fs::create_dir_all(parent).map_err(|source| QemuError::CreateDir {
+        path: parent.to_owned(),
+        source,
+    })?;
+    let building = parent.join(format!(
+        ".building-{}-{}",
+        std::process::id(),
+        final_dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let _ = std::fs::remove_dir_all(&building);
+    for directory in [building.clone(), scratch.share()] {
+        std::fs::create_dir_all(&directory).map_err(|source| QemuError::CreateDir {
+            path: directory.clone(),
+            source,
+        })?;
+    }
+    let cold = MachineSpec {
+        run_dir: scratch.clone(),
+        overlay: building.join("disk.qcow2"),
+        backing: spec.image.disk.clone(),
+        incoming: None,
+        ..spec.clone()
+    };
+    let result = async {
+        let machine = Machine::start(&cold, boot_timeout).await?;
+        let saved = machine.save_state(&building.join("state")).await;
+        machine.shutdown().await;
+        saved
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(scratch.path());
+    if let Err(error) = result {
+        let _ = std::fs::remove_dir_all(&building);
+        return Err(error);
+    }
+    match std::fs::rename(&building, final_dir) {
+        Ok(()) => Ok(()),
+        // Another process published the same state first: use theirs.
+        Err(_) if is_ready(final_dir) => {
+            let _ = std::fs::remove_dir_all(&building);
+            Ok(())
+        }
+        Err(source) => {
+            let _ = std::fs::remove_dir_all(&building);
+            Err(QemuError::WriteFile {
+                path: final_dir.to_owned(),
+                source,
+            })
+        }
+    }
+}
