@@ -1,1 +1,34 @@
-fn main() {}
+//! `ci-exec`: parses the command line and hands it to the command modules. Everything else
+//! lives in the libraries (`ci-exec-driver`, the drivers, `ci-exec-job`).
+
+mod commands;
+mod drivers;
+mod exit;
+
+use clap::Parser;
+
+/// Hermetic, local-first CI: run a repository's mk targets in a cached VM and replay results.
+#[derive(Debug, Parser)]
+#[command(name = "ci-exec", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() {
+    // clap exits 2 on a usage error and 0 for --help / --version.
+    let cli = Cli::parse();
+    exit::init_logging();
+    let code = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => match runtime.block_on(commands::dispatch(cli.command)) {
+            Ok(code) => code,
+            Err(error) => exit::report(&error),
+        },
+        Err(error) => {
+            exit::report(&anyhow::Error::new(error).context("cannot start the async runtime"))
+        }
+    };
+    // Exits without dropping the runtime: a blocking read of our stdin (`run -i`) would
+    // otherwise keep the process alive after the task has finished.
+    std::process::exit(i32::from(code));
+}

@@ -1,0 +1,37 @@
+//! One module per subcommand. To add one: a module here, a variant of [`Command`], an arm in
+//! [`dispatch`]. Each returns the process's exit code, or an error that `exit` prints.
+
+mod driver;
+mod drivers;
+mod results;
+mod run;
+mod test;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one command through any driver, streaming its output, exiting with its exit code
+    Run(run::RunArgs),
+    /// Inspect or clean up one driver configuration
+    #[command(subcommand)]
+    Driver(driver::DriverCommand),
+    /// List every driver with its DSN parameters
+    Drivers(drivers::DriversArgs),
+    /// Run the repository's mk job (`mk prepare-runtime`, `mk test`, artifacts) hermetically,
+    /// or replay its recorded result
+    Test(test::TestArgs),
+    /// List, show or prune recorded results
+    #[command(subcommand)]
+    Results(results::ResultsCommand),
+}
+
+pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Run(args) => run::run(args).await,
+        Command::Driver(command) => driver::run(command).await,
+        Command::Drivers(args) => drivers::run(&args),
+        Command::Test(args) => test::run(args).await,
+        Command::Results(command) => results::run(command),
+    }
+}

@@ -1,0 +1,188 @@
+//! Exit codes, in one place, and how a failure is printed.
+//!
+//! `error: …` then one `caused by: …` line per source, then an optional `hint: …`.
+
+use std::fmt;
+use std::io::IsTerminal;
+
+use ci_exec_driver::{DriverError, DsnError, ExitClass};
+
+/// Success.
+pub const SUCCESS: u8 = 0;
+/// The job's tests failed (the job ran; its result is a failure).
+#[allow(
+    dead_code,
+    reason = "for `ci-exec test`, which lands with `ci-exec-job`"
+)]
+pub const TEST_FAILED: u8 = 1;
+/// Bad usage or configuration: arguments, DSN, parameters. Nothing was run.
+pub const USAGE: u8 = 2;
+/// The driver or the infrastructure failed, as `docker run` reports it.
+pub const INFRASTRUCTURE: u8 = 125;
+/// The command exists but cannot be invoked.
+pub const CANNOT_INVOKE: u8 = 126;
+/// The command was not found.
+pub const NOT_FOUND: u8 = 127;
+/// Stopped by Ctrl-C / SIGTERM (128 + SIGINT), as a shell reports it.
+pub const INTERRUPTED: u8 = 130;
+
+/// A failure the CLI itself detects, with its exit code and how to fix it.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub code: u8,
+    pub hint: Option<String>,
+}
+
+impl CliError {
+    /// Bad arguments or configuration (exit 2).
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            code: USAGE,
+            hint: None,
+        }
+    }
+
+    /// The infrastructure cannot do what was asked (exit 125).
+    pub fn infrastructure(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            code: INFRASTRUCTURE,
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> CliError {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+/// The exit code for `error`: the first error in its chain that knows one, else 125.
+pub fn code(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if let Some(error) = cause.downcast_ref::<CliError>() {
+            return error.code;
+        }
+        if cause.downcast_ref::<DsnError>().is_some() {
+            return USAGE;
+        }
+        if let Some(error) = cause.downcast_ref::<DriverError>() {
+            return match error.exit_class() {
+                ExitClass::Infrastructure => INFRASTRUCTURE,
+                ExitClass::CannotInvoke => CANNOT_INVOKE,
+                ExitClass::NotFound => NOT_FOUND,
+            };
+        }
+    }
+    INFRASTRUCTURE
+}
+
+/// How to fix `error`, if we can say.
+pub fn hint(error: &anyhow::Error) -> Option<String> {
+    for cause in error.chain() {
+        if let Some(error) = cause.downcast_ref::<CliError>() {
+            return error.hint.clone();
+        }
+        if let Some(error) = cause.downcast_ref::<DsnError>() {
+            return match error {
+                DsnError::UnknownDriver { .. }
+                | DsnError::InvalidValue { .. }
+                | DsnError::MissingRequired { .. } => {
+                    Some("`ci-exec drivers` lists every driver and its parameters".to_owned())
+                }
+                _ => None,
+            };
+        }
+        if let Some(error) = cause.downcast_ref::<DriverError>() {
+            return match error {
+                DriverError::ProgramNotFound { .. } => Some(
+                    "check the command's name; a task sees only its own `PATH` (`-e PATH=…`)"
+                        .to_owned(),
+                ),
+                DriverError::CannotInvoke { .. } => {
+                    Some("the command must be an executable file (`chmod +x`)".to_owned())
+                }
+                _ => None,
+            };
+        }
+    }
+    None
+}
+
+/// Prints `error` to stderr and returns its exit code.
+pub fn report(error: &anyhow::Error) -> u8 {
+    let color = color_enabled();
+    let paint = |label: &str, ansi: &str| {
+        if color {
+            format!("\x1b[{ansi}m{label}\x1b[0m")
+        } else {
+            label.to_owned()
+        }
+    };
+    let mut text = format!("{} {error}\n", paint("error:", "1;31"));
+    for cause in error.chain().skip(1) {
+        text.push_str(&format!("{} {cause}\n", paint("caused by:", "1")));
+    }
+    if let Some(hint) = hint(error) {
+        text.push_str(&format!("{} {hint}\n", paint("hint:", "1;36")));
+    }
+    eprint!("{text}");
+    code(error)
+}
+
+/// Colour on stderr only for a terminal, and never with `NO_COLOR` set (no-color.org).
+pub fn color_enabled() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+        && std::io::stderr().is_terminal()
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(color_enabled())
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_error_chain() {
+        let dsn = anyhow::Error::new(DsnError::Empty).context("bad --driver");
+        assert_eq!(code(&dsn), USAGE);
+        let missing = anyhow::Error::new(DriverError::ProgramNotFound {
+            task: "t".into(),
+            program: "nope".into(),
+        });
+        assert_eq!(code(&missing), NOT_FOUND);
+        assert!(hint(&missing).is_some());
+        let refused = anyhow::Error::new(DriverError::CannotInvoke {
+            task: "t".into(),
+            program: "x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        assert_eq!(code(&refused), CANNOT_INVOKE);
+        let usage = anyhow::Error::new(CliError::usage("bad").hint("fix it"));
+        assert_eq!(code(&usage), USAGE);
+        assert_eq!(hint(&usage).as_deref(), Some("fix it"));
+        assert_eq!(code(&anyhow::anyhow!("something else")), INFRASTRUCTURE);
+        assert_eq!(SUCCESS, 0);
+    }
+}
