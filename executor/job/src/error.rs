@@ -71,6 +71,9 @@ pub enum JobError {
         source: std::io::Error,
     },
 
+    #[error("cannot give the job a private `/var/run/ci` on this host: {reason}")]
+    PrivateRunDir { reason: String },
+
     #[error("no result with key `{key}` in the store")]
     UnknownResult { key: String },
 }
@@ -110,6 +113,10 @@ impl JobError {
             }
             JobError::MissingEnv { name, .. } => Some(format!("export `{name}` before running")),
             JobError::UnknownResult { .. } => Some("list keys with `ci-exec results list`".into()),
+            JobError::PrivateRunDir { .. } => Some(
+                "run as root, or allow unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`), or use `--driver=qemu`"
+                    .into(),
+            ),
             _ => None,
         }
     }

@@ -21,6 +21,10 @@ pub const SOURCE_PATH: &str = "/src";
 /// Where ci-exec's own tools (the static `mk`) appear inside the test container.
 pub const TOOLS_PATH: &str = "/opt/ci-exec/bin";
 const RUN_CI: &str = "/var/run/ci";
+/// Unpacks the source archive on stdin into the step's directory, and creates the well-known
+/// directories mkfiles write into (`echo $CONTAINERIMAGE > $target` expects them).
+const UNPACK: &str =
+    "mkdir -p /var/run/ci/env /var/run/ci/artifacts /var/run/ci/cache && tar -x -f - -C .";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the user asked for.
@@ -219,6 +223,7 @@ impl PreparedJob {
             .collect();
         let mut run = Run {
             driver,
+            private_run_dir: driver.name() == "native",
             job: format!("job-{}-{}", &key[..12], std::process::id()),
             stdout: Stream::new(terminal.stdout, &secrets),
             stderr: Stream::new(terminal.stderr, &secrets),
@@ -265,9 +270,14 @@ impl PreparedJob {
         store: &ResultStore,
     ) -> Result<(i32, Vec<Artifact>, Option<String>), JobError> {
         let env = self.base_env();
+        if run.private_run_dir {
+            run.check_private_run_dir(&env).await?;
+        }
+        // Every base-OS step starts in the source directory, so paths relative to it work on
+        // every driver (the native driver places mounts under the task's own directory).
         run.base(
             "unpack source",
-            &["tar", "-x", "-f", "-", "-C", SOURCE_PATH],
+            &["sh", "-c", UNPACK],
             &env,
             Some(self.snapshot.archive.clone()),
         )
@@ -423,6 +433,8 @@ impl PreparedJob {
 /// One job's run on a driver: step bookkeeping and the output streams.
 struct Run<'a> {
     driver: &'a dyn Driver,
+    /// Host processes share this machine's `/var/run/ci`: give each step a private one.
+    private_run_dir: bool,
     job: String,
     stdout: Stream,
     stderr: Stream,
@@ -442,7 +454,12 @@ impl Run<'_> {
     }
 
     fn base_task(&mut self, name: &str, command: &[&str], stdin: Option<Vec<u8>>) -> Task {
-        let mut task = Task::new(self.next_id(name), command.iter().copied())
+        let command: Vec<String> = if self.private_run_dir {
+            private_run_dir_command(command)
+        } else {
+            command.iter().map(|&part| part.to_owned()).collect()
+        };
+        let mut task = Task::new(self.next_id(name), command)
             .mount("src", SOURCE_PATH)
             .mount("ci", RUN_CI)
             .mount("tools", TOOLS_PATH)
@@ -451,6 +468,42 @@ impl Run<'_> {
             task = task.stdin(Stdin::bytes(bytes));
         }
         task
+    }
+
+    /// Fails with a clear error when this host cannot give the job a private `/var/run/ci`.
+    async fn check_private_run_dir(
+        &mut self,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), JobError> {
+        let mut task = self.base_task("private run dir", &["true"], None);
+        task.env = env.clone();
+        let mut errors = Vec::new();
+        let container =
+            self.driver
+                .run_container(task)
+                .await
+                .map_err(|source| JobError::Driver {
+                    step: "private run dir".into(),
+                    source,
+                })?;
+        let mut sink = Vec::new();
+        let code = async {
+            wait_for_exit(container.as_ref(), Duration::from_millis(50), None).await?;
+            container.logs(&mut sink, &mut errors).await?;
+            wait_for_exit(container.as_ref(), Duration::from_millis(50), None).await
+        }
+        .await
+        .map_err(|source| JobError::Driver {
+            step: "private run dir".into(),
+            source,
+        })?;
+        let _ = container.cleanup().await;
+        if code != 0 {
+            return Err(JobError::PrivateRunDir {
+                reason: String::from_utf8_lossy(&errors).trim().replace('\n', "; "),
+            });
+        }
+        Ok(())
     }
 
     /// `mk TARGETS…` in the base OS, announced and recorded.
@@ -550,6 +603,26 @@ impl Run<'_> {
         });
         Ok(code)
     }
+}
+
+/// Wraps a base-OS command for the native driver: a new mount namespace in which the job's
+/// `ci` volume is bound over `/var/run/ci`, so mkfiles can use the well-known paths without
+/// touching the host's. The native driver keeps a namespace's volumes as sibling directories
+/// and the step's working directory resolves to the `src` volume, so `ci` is `../ci`.
+/// Not root: a user namespace maps us to root inside (where the kernel allows it).
+fn private_run_dir_command(command: &[&str]) -> Vec<String> {
+    const SCRIPT: &str = "mkdir -p /var/run/ci && mount --bind ../ci /var/run/ci && exec \"$@\"";
+    let mut wrapped: Vec<String> = ["unshare", "--mount", "--propagation", "private"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        wrapped.push("--map-root-user".to_owned());
+    }
+    wrapped.extend(["--", "sh", "-c", SCRIPT, "ci-exec"].map(str::to_owned));
+    wrapped.extend(command.iter().map(|&part| part.to_owned()));
+    wrapped
 }
 
 fn expect_success(step: &str, code: i32) -> Result<i32, JobError> {

@@ -63,7 +63,9 @@ impl TaskState {
         link_mounts(&id, &work, volumes, &task.mounts)?;
         let cwd = match &task.workdir {
             Some(workdir) => {
-                let workdir = work.join(workdir);
+                // Like mount paths, an absolute workdir names a place inside the task directory
+                // (`Path::join` would otherwise replace the task directory with it).
+                let workdir = work.join(workdir.trim_start_matches('/'));
                 if !workdir.is_dir() {
                     return Err(DriverError::InvalidTask {
                         task: id,

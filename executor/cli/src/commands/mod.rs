@@ -1,6 +1,7 @@
 //! One module per subcommand. To add one: a module here, a variant of [`Command`], an arm in
 //! [`dispatch`]. Each returns the process's exit code, or an error that `exit` prints.
 
+mod doctor;
 mod driver;
 mod drivers;
 mod results;
@@ -21,6 +22,8 @@ pub enum Command {
     /// Run the repository's mk job (`mk prepare-runtime`, `mk test`, artifacts) hermetically,
     /// or replay its recorded result
     Test(test::TestArgs),
+    /// Check the qemu driver on this host: accelerator and why, QEMU, guest image, podman
+    Doctor(doctor::DoctorArgs),
     /// List, show or prune recorded results
     #[command(subcommand)]
     Results(results::ResultsCommand),
@@ -33,5 +36,6 @@ pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Drivers(args) => drivers::run(&args),
         Command::Test(args) => test::run(args).await,
         Command::Results(command) => results::run(command),
+        Command::Doctor(args) => doctor::run(args).await,
     }
 }

@@ -1,0 +1,252 @@
+//! `ci-exec test`: the repository's mk job, replayed when its inputs were already tested.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use ci_exec_driver::{Driver, DriverConfig};
+use ci_exec_job::{JobError, JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
+
+use crate::drivers::new_driver;
+use crate::exit::{CliError, INTERRUPTED, SUCCESS, TEST_FAILED, USAGE};
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// The repository, or any directory inside it
+    #[arg(default_value = ".")]
+    path: PathBuf,
+    /// The driver DSN (`qemu`, `native`, `docker://ns?host=…`, …)
+    #[arg(
+        long,
+        env = "CI_EXEC_DRIVER",
+        default_value = "qemu",
+        value_name = "DSN"
+    )]
+    driver: String,
+    /// An environment variable whose value is an input of the result (repeatable; also
+    /// `CI_EXEC_ENV=NAME,NAME`)
+    #[arg(long = "env", value_name = "NAME")]
+    inputs: Vec<String>,
+    /// An environment variable passed to the job but never hashed, stored or printed
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
+    /// Always run, even when a recorded result could be replayed
+    #[arg(long)]
+    no_replay: bool,
+    /// Ignore the repository's saved `/var/run/ci/cache`
+    #[arg(long)]
+    fresh: bool,
+    /// Copy the artifacts into DIR (also when replaying)
+    #[arg(long, value_name = "DIR")]
+    artifacts: Option<PathBuf>,
+    /// Write a JSON report of the run to FILE
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Keep the driver's resources (VM, volumes) after the job for inspection
+    #[arg(long)]
+    keep: bool,
+    /// Mixed into the result key: a new salt forces a new run
+    #[arg(long)]
+    salt: Option<String>,
+}
+
+pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
+    let mut inputs = args.inputs.clone();
+    if let Ok(list) = std::env::var("CI_EXEC_ENV") {
+        inputs.extend(
+            list.split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    let config = DriverConfig::parse(&args.driver)?;
+    let options = JobOptions {
+        path: args.path.clone(),
+        inputs,
+        secrets: args.secrets.clone(),
+        salt: args.salt.clone(),
+        no_replay: args.no_replay,
+        fresh: args.fresh,
+        artifacts_dir: args.artifacts.clone(),
+        tools_path: (config.driver == "native")
+            .then(mk_beside_us)
+            .flatten()
+            .map(|dir| dir.display().to_string()),
+    };
+    let job = match PreparedJob::prepare(options) {
+        Ok(job) => job,
+        Err(JobError::BadMkfile { diagnostic }) => {
+            // mk's own diagnostic, with its source line and caret, says it best.
+            eprint!("{diagnostic}");
+            if !diagnostic.ends_with('\n') {
+                eprintln!();
+            }
+            return Ok(USAGE);
+        }
+        Err(error) => return Err(job_error(error)),
+    };
+    for submodule in &job.snapshot.skipped_submodules {
+        eprintln!("warning: submodule `{submodule}` is not part of the committed tree; skipped");
+    }
+    if config.driver == "native" && mk_beside_us().is_none() && !on_default_path("mk") {
+        return Err(CliError::usage("no `mk` for the native driver")
+            .hint(
+                "build it with `cargo build --release -p mkrunner` (it is found beside `ci-exec`)",
+            )
+            .into());
+    }
+
+    let store = ResultStore::open(None).map_err(job_error)?;
+    let driver = new_driver(&config).await?;
+    let key = job.key(&*driver);
+    let mut terminal = terminal();
+    let outcome = match job.replay(&store, &key, &mut terminal).map_err(job_error)? {
+        Some(report) => Ok(Some(report)),
+        None => {
+            tokio::select! {
+                result = job.run(&*driver, &store, &key, terminal) => result.map(Some),
+                () = interrupted() => Ok(None),
+            }
+        }
+    };
+    let keep = args.keep || config.namespace_given;
+    if !keep && let Err(error) = driver.close().await {
+        tracing::warn!("cannot close namespace `{}`: {error}", config.namespace);
+    }
+    let report = match outcome.map_err(job_error)? {
+        Some(report) => report,
+        None => {
+            eprintln!("ci-exec: interrupted; the job was stopped and its resources removed");
+            return Ok(INTERRUPTED);
+        }
+    };
+    if let Some(path) = &args.report {
+        write_report(path, &report)?;
+    }
+    summarize(&report, &*driver, keep, &config);
+    Ok(if report.exit_code == 0 {
+        SUCCESS
+    } else {
+        TEST_FAILED
+    })
+}
+
+fn summarize(report: &JobReport, driver: &dyn Driver, kept: bool, config: &DriverConfig) {
+    let key = &report.key[..12];
+    if report.replayed {
+        eprintln!("==> passed (replayed result {key})");
+    } else if report.exit_code == 0 {
+        let ms: u64 = report.steps.iter().map(|step| step.ms).sum();
+        eprintln!(
+            "==> passed in {:.1}s on `{}` (result {key} recorded)",
+            ms as f64 / 1000.0,
+            driver.name()
+        );
+    } else {
+        let failed = report
+            .steps
+            .iter()
+            .find(|step| step.exit_code != 0)
+            .map_or("the job", |step| step.name.as_str());
+        eprintln!(
+            "==> failed: `{failed}` exited with status {} (run {key} recorded; failed runs are never replayed)",
+            report.exit_code
+        );
+    }
+    if kept {
+        eprintln!(
+            "==> resources kept in namespace `{}`: remove them with `ci-exec driver close --driver={}://{}`",
+            config.namespace, config.driver, config.namespace
+        );
+    }
+}
+
+fn write_report(path: &Path, report: &JobReport) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    std::fs::write(path, json).with_context(|| format!("cannot write report `{}`", path.display()))
+}
+
+/// Our live output: stdout and stderr as they are, step lines on stderr.
+fn terminal() -> Terminal {
+    Terminal {
+        stdout: Box::new(std::io::stdout()),
+        stderr: Box::new(std::io::stderr()),
+        status: Box::new(StatusLine),
+    }
+}
+
+/// Step announcements on stderr, bold on a terminal.
+struct StatusLine;
+
+impl std::io::Write for StatusLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut stderr = std::io::stderr().lock();
+        if crate::exit::color_enabled() && buf.starts_with(b"==>") {
+            stderr.write_all(b"\x1b[1m")?;
+            stderr.write_all(buf)?;
+            stderr.write_all(b"\x1b[0m")?;
+        } else {
+            stderr.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// A job error as the CLI reports it: usage problems exit 2 with a hint, the rest 125.
+fn job_error(error: JobError) -> anyhow::Error {
+    let hint = error.hint();
+    if error.is_usage() {
+        let mut cli = CliError::usage(error.to_string());
+        cli.hint = hint;
+        cli.into()
+    } else {
+        let mut message = format!("{error}");
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        let mut cli = CliError::infrastructure(message);
+        cli.hint = hint;
+        cli.into()
+    }
+}
+
+/// The directory of this executable, when our `mk` was built beside it.
+fn mk_beside_us() -> Option<PathBuf> {
+    let dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    dir.join("mk").is_file().then_some(dir)
+}
+
+fn on_default_path(program: &str) -> bool {
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .any(|dir| Path::new(dir).join(program).is_file())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
