@@ -12,9 +12,11 @@
 //! ```
 //! A finished build is never modified: running VMs may have overlays backed by its disk.
 
+use crate::cloud::{self, CloudOptions};
 use crate::debian::{self, BuildOptions};
 use crate::manifest::{Manifest, RECIPE_VERSION};
 use crate::{Error, Reporter};
+use crate::{catalog, download, host};
 use std::path::{Path, PathBuf};
 
 /// The image cache. Cheap to open; every method reads the disk afresh.
@@ -138,6 +140,72 @@ impl ImageCache {
         )
         .and_then(|manifest| self.install(manifest, &work, &name));
         // The work directory holds only intermediates now (or a failed build): never leave it.
+        let cleanup = remove_tree(&work);
+        let manifest = result?;
+        cleanup?;
+        Ok(manifest)
+    }
+
+    /// Downloads (once, verified) and prepares (once) the catalog image `name`, e.g.
+    /// `ubuntu-24.04` or `alpine-3.20`. Its manifest has no kernel of ours: boot it with firmware.
+    pub fn fetch_cloud(
+        &self,
+        name: &str,
+        options: &CloudOptions,
+        reporter: &dyn Reporter,
+    ) -> Result<Manifest, Error> {
+        let image = catalog::lookup(name)?.resolve(std::env::consts::ARCH)?;
+        let _lock = Lock::acquire(&self.root.join(format!(".lock-{name}")))?;
+        let mk = host::require_static(&options.mk_binary, "mkrunner")?;
+        reporter.step(&format!("downloading `{}`", image.url));
+        let download = download::fetch_verified(
+            &image.url,
+            &image.checksum_url,
+            &self.root.join("downloads"),
+            &image.file_name,
+            reporter,
+        )?;
+        let marker = download.with_file_name(format!("{}.verified", image.file_name));
+        let verified = std::fs::read_to_string(&marker).map_err(|source| Error::Read {
+            path: marker.clone(),
+            source,
+        })?;
+        let inputs = debian::sha256_hex(
+            serde_json::json!({
+                "recipe_version": RECIPE_VERSION,
+                "name": name,
+                "url": image.url,
+                "image_digest": verified.trim(),
+                "mk_sha256": debian::sha256_hex(&mk),
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        if !options.force
+            && let Some(existing) = self.get(name)?
+            && existing.inputs == inputs
+            && existing.disk.exists()
+        {
+            return Ok(existing);
+        }
+        let work = self
+            .root
+            .join(format!(".build-{name}-{}", std::process::id()));
+        remove_tree(&work)?;
+        std::fs::create_dir_all(&work).map_err(|source| Error::CreateDirectory {
+            path: work.clone(),
+            source,
+        })?;
+        let result = cloud::prepare(
+            &image,
+            &download,
+            inputs,
+            &mk,
+            &work,
+            options.timeout,
+            reporter,
+        )
+        .and_then(|manifest| self.install(manifest, &work, name));
         let cleanup = remove_tree(&work);
         let manifest = result?;
         cleanup?;

@@ -262,7 +262,7 @@ pub(crate) fn build(
     let raw = work.join("root.ext4");
     require_output(&raw)?;
     let qcow2 = work.join("disk.qcow2");
-    disk::raw_to_qcow2(&raw, &qcow2, reporter)?;
+    disk::convert_to_qcow2(&raw, "raw", &qcow2, reporter)?;
     std::fs::remove_file(&raw).map_err(|source| Error::Remove {
         path: raw.clone(),
         source,
@@ -374,6 +374,7 @@ fn finish_script(
     };
     format!(
         r#"set -eu
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 root="$1"
 work={work}
 apt_cache={apt_cache}
@@ -387,12 +388,12 @@ chroot "$root" dpkg-deb --extract "/var/cache/apt/archives/${{deb##*/}}" /
 release=$(ls "$root/lib/modules" | head -n 1)
 printf '%s\n' "$release" > "$work/kernel-release"
 for directory in {pruned}; do rm -rf "$root/lib/modules/$release/kernel/$directory"; done
-chroot "$root" depmod --all "$release"
+chroot "$root" /sbin/depmod --all "$release"
 cp "$root/boot/vmlinuz-$release" "$work/vmlinuz"
 rm -f "$root/boot/vmlinuz-$release" "$root/boot/System.map-$release"
 
 # Modules for the initramfs, in load order.
-chroot "$root" modprobe --set-version "$release" --show-depends --all {modules} > "$work/modules.show"
+chroot "$root" /sbin/modprobe --set-version "$release" --show-depends --all {modules} > "$work/modules.show"
 mkdir -p "$work/modules"
 awk '$1 == "insmod" {{ print $2 }}' "$work/modules.show" | while read -r path; do
   mkdir -p "$work/modules$(dirname "$path")"

@@ -16,14 +16,19 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
     host::output(command).map(drop)
 }
 
-/// Converts a raw disk image to qcow2 (zero clusters are left out, so the file holds only what
-/// the filesystem uses).
-pub fn raw_to_qcow2(raw: &Path, qcow2: &Path, reporter: &dyn Reporter) -> Result<(), Error> {
+/// Converts a disk image (`raw`, or a `qcow2` with its backing chain) to a standalone qcow2;
+/// zero clusters are left out, so the file holds only what the filesystem uses.
+pub fn convert_to_qcow2(
+    source: &Path,
+    source_format: &str,
+    qcow2: &Path,
+    reporter: &dyn Reporter,
+) -> Result<(), Error> {
     let qemu_img = host::find(host::QEMU_IMG)?;
     let mut command = Command::new(qemu_img);
     command
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(raw)
+        .args(["convert", "-f", source_format, "-O", "qcow2"])
+        .arg(source)
         .arg(qcow2);
     host::run(command, reporter)
 }
@@ -46,7 +51,7 @@ mod tests {
         let raw = directory.path().join("disk.raw");
         std::fs::write(&raw, vec![0u8; 1 << 20]).expect("write raw");
         let base = directory.path().join("base.qcow2");
-        raw_to_qcow2(&raw, &base, &crate::SilentReporter).expect("convert");
+        convert_to_qcow2(&raw, "raw", &base, &crate::SilentReporter).expect("convert");
         let overlay = directory.path().join("overlay.qcow2");
         create_overlay(&base, &overlay).expect("overlay");
         let mut info = Command::new("qemu-img");

@@ -94,8 +94,47 @@ pub enum Error {
     #[error("module `{module}` needed in the initramfs was not found in `{path}`")]
     MissingModule { module: String, path: PathBuf },
 
-    #[error("file `{path}` is too large for a newc cpio archive ({size} bytes)")]
-    CpioFileTooLarge { path: PathBuf, size: u64 },
+    #[error("unknown image `{name}` (known: {known})")]
+    UnknownImage { name: String, known: String },
+
+    #[error("image `{name}` has no {arch} build in the catalog")]
+    UnsupportedArch { name: String, arch: String },
+
+    #[error("failed to download `{url}`")]
+    Download {
+        url: String,
+        #[source]
+        source: Box<crate::download::DownloadError>,
+    },
+
+    #[error("checksum file `{url}` has no entry for `{file}`")]
+    ChecksumNotListed { url: String, file: String },
+
+    #[error(
+        "`{url}` failed verification: expected {algorithm} {expected}, got {actual} (nothing was cached; retry, or check the mirror)"
+    )]
+    ChecksumMismatch {
+        url: String,
+        algorithm: &'static str,
+        expected: String,
+        actual: String,
+    },
+
+    #[error(
+        "`{url}` was truncated: expected {expected} bytes, got {actual} (nothing was cached; retry)"
+    )]
+    Truncated {
+        url: String,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error("preparing cloud image `{name}` failed: {reason} (its console log is `{console}`)")]
+    Prepare {
+        name: String,
+        reason: String,
+        console: PathBuf,
+    },
 }
 
 fn tail_suffix(tail: &str) -> String {

@@ -29,6 +29,10 @@ pub const XZ: Tool = Tool {
     name: "xz",
     hint: "apt-get install xz-utils",
 };
+pub const QEMU_SYSTEM: Tool = Tool {
+    name: "qemu-system-x86_64",
+    hint: "apt-get install qemu-system-x86",
+};
 pub const PODMAN: Tool = Tool {
     name: "podman",
     hint: "apt-get install podman",

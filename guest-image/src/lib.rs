@@ -31,8 +31,11 @@
 //! `/usr/local/bin/mk`.
 
 mod cache;
+pub mod catalog;
+mod cloud;
 mod debian;
 mod disk;
+pub mod download;
 mod error;
 mod host;
 mod initramfs;
@@ -41,6 +44,7 @@ mod manifest;
 mod reporter;
 
 pub use cache::{ImageCache, PruneReport, default_directory};
+pub use cloud::{CloudOptions, preparation_seed};
 pub use debian::{BASE_CONTAINER_IMAGE, BuildOptions, PACKAGES, Variant};
 pub use disk::create_overlay;
 pub use error::Error;

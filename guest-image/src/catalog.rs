@@ -1,0 +1,144 @@
+//! Cloud images from their publishers (Alpine, Ubuntu): where to download each release for each
+//! architecture, and where its checksum file is. Downloaded once, verified, then prepared once
+//! by a first boot (see [`crate::ImageCache::fetch_cloud`]).
+
+use crate::Error;
+
+/// One downloadable image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// `ubuntu-24.04`, `alpine-3.20`.
+    pub name: &'static str,
+    /// URL pattern with `{arch}` (the publisher's spelling, from `arches`).
+    pub url: &'static str,
+    /// Checksum file URL pattern, same placeholders.
+    pub checksum_url: &'static str,
+    /// (Rust's `std::env::consts::ARCH`, publisher's spelling, firmware) per supported arch.
+    pub arches: &'static [(&'static str, &'static str, &'static str)],
+    /// How the prepared image boots: `bios` or `uefi` (per arch, in `arches`).
+    pub user: &'static str,
+}
+
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        name: "ubuntu-24.04",
+        url: "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-24.04-server-cloudimg-{arch}.img",
+        checksum_url: "https://cloud-images.ubuntu.com/releases/24.04/release/SHA256SUMS",
+        arches: &[("x86_64", "amd64", "bios"), ("aarch64", "arm64", "uefi")],
+        user: "ubuntu",
+    },
+    CatalogEntry {
+        name: "ubuntu-22.04",
+        url: "https://cloud-images.ubuntu.com/releases/22.04/release/ubuntu-22.04-server-cloudimg-{arch}.img",
+        checksum_url: "https://cloud-images.ubuntu.com/releases/22.04/release/SHA256SUMS",
+        arches: &[("x86_64", "amd64", "bios"), ("aarch64", "arm64", "uefi")],
+        user: "ubuntu",
+    },
+    CatalogEntry {
+        name: "alpine-3.20",
+        url: "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2",
+        checksum_url: "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2.sha512",
+        arches: &[("x86_64", "x86_64", "bios"), ("aarch64", "aarch64", "uefi")],
+        user: "alpine",
+    },
+];
+
+/// A catalog entry resolved for one architecture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudImage {
+    pub name: String,
+    pub url: String,
+    pub checksum_url: String,
+    /// The file name the checksum file lists.
+    pub file_name: String,
+    pub firmware: String,
+    /// The image's default user (for `users: [default]` seeds).
+    pub user: String,
+}
+
+impl CatalogEntry {
+    pub fn resolve(&self, arch: &str) -> Result<CloudImage, Error> {
+        let (_, spelling, firmware) = self
+            .arches
+            .iter()
+            .find(|(rust_arch, _, _)| *rust_arch == arch)
+            .ok_or_else(|| Error::UnsupportedArch {
+                name: self.name.to_owned(),
+                arch: arch.to_owned(),
+            })?;
+        let fill = |pattern: &str| {
+            pattern
+                .replace("{arch}", spelling)
+                .replace("{firmware}", firmware)
+        };
+        let url = fill(self.url);
+        let file_name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        Ok(CloudImage {
+            name: self.name.to_owned(),
+            url,
+            checksum_url: fill(self.checksum_url),
+            file_name,
+            firmware: (*firmware).to_owned(),
+            user: self.user.to_owned(),
+        })
+    }
+}
+
+/// The entry called `name`, or an error listing the known names.
+pub fn lookup(name: &str) -> Result<&'static CatalogEntry, Error> {
+    CATALOG
+        .iter()
+        .find(|entry| entry.name == name)
+        .ok_or_else(|| Error::UnknownImage {
+            name: name.to_owned(),
+            known: CATALOG
+                .iter()
+                .map(|entry| format!("`{}`", entry.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+                + ", `debian-bookworm` (built locally)",
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_urls_per_arch() {
+        let ubuntu = lookup("ubuntu-24.04")
+            .expect("ubuntu")
+            .resolve("x86_64")
+            .expect("x86_64");
+        assert_eq!(ubuntu.file_name, "ubuntu-24.04-server-cloudimg-amd64.img");
+        assert!(ubuntu.checksum_url.ends_with("/SHA256SUMS"));
+        let alpine = lookup("alpine-3.20")
+            .expect("alpine")
+            .resolve("aarch64")
+            .expect("aarch64");
+        assert_eq!(
+            alpine.file_name,
+            "nocloud_alpine-3.20.3-aarch64-uefi-cloudinit-r0.qcow2"
+        );
+        assert_eq!(alpine.checksum_url, format!("{}.sha512", alpine.url));
+        assert_eq!(alpine.firmware, "uefi");
+    }
+
+    #[test]
+    fn unknown_names_and_arches_are_clear_errors() {
+        let error = lookup("windows-11").unwrap_err().to_string();
+        assert!(
+            error.starts_with("unknown image `windows-11` (known: `ubuntu-24.04`"),
+            "{error}"
+        );
+        let error = lookup("alpine-3.20")
+            .expect("alpine")
+            .resolve("riscv64")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "image `alpine-3.20` has no riscv64 build in the catalog"
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! Boots the cached default image under QEMU (TCG here) and checks, through the real guest
+//! agent, what the qemu driver relies on: PID 1 is ours, the mounts podman needs are there,
+//! `mk` is on PATH, 9p is available, and podman runs the preloaded base image offline.
+//!
+//! Needs the image (`.ci/setup-image.sh` builds it) and `qemu-system-x86_64`: without them it
+//! skips with a reason, except under `CI=true`, where it fails.
+
+use ci_exec_guest_image::{DEFAULT_IMAGE, ImageCache, Manifest, create_overlay};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn prerequisites() -> Option<Manifest> {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let missing = |reason: String| {
+        assert!(!ci, "{reason}");
+        eprintln!("skipping: {reason}");
+        None
+    };
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return missing("qemu-system-x86_64 not found (apt-get install qemu-system-x86)".into());
+    }
+    let cache = ImageCache::open(None).expect("open image cache");
+    match cache.get(DEFAULT_IMAGE).expect("read image cache") {
+        Some(manifest) => Some(manifest),
+        None => missing(format!(
+            "image `{DEFAULT_IMAGE}` is not built in `{}` (run `bash .ci/setup-image.sh`)",
+            cache.root().display()
+        )),
+    }
+}
+
+/// A QEMU process killed on drop.
+struct Vm {
+    child: Child,
+    console: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vm {
+    fn boot(manifest: &Manifest, directory: &Path) -> Self {
+        let overlay = directory.join("overlay.qcow2");
+        create_overlay(&manifest.disk, &overlay).expect("create overlay");
+        let console = directory.join("console.log");
+        let socket = directory.join("qga.sock");
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm,pit=on,pic=off,rtc=on",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-m",
+                "1024",
+                "-smp",
+                "1",
+            ])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(&manifest.vmlinux)
+            .arg("-initrd")
+            .arg(&manifest.initrd)
+            .arg("-append")
+            .arg(&manifest.kernel_cmdline)
+            .arg("-drive")
+            .arg(format!(
+                "id=root,file={},format=qcow2,if=none",
+                overlay.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=root"])
+            .args(["-device", "virtio-serial-device"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=qga,path={},server=on,wait=off",
+                socket.display()
+            ))
+            .args([
+                "-device",
+                "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        Self { child, console }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+}
+
+/// Just enough of the guest agent protocol: sync, then guest-exec and guest-exec-status.
+struct Agent {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Agent {
+    /// Connects and syncs, retrying until `deadline` (the guest may still be booting).
+    fn connect(socket: &Path, vm: &mut Vm, deadline: Instant) -> Self {
+        let mut id = 1000u64;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "guest agent did not answer in time; console:\n{}",
+                vm.console()
+            );
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                panic!("qemu exited ({status}); console:\n{}", vm.console());
+            }
+            id += 1;
+            if let Ok(stream) = UnixStream::connect(socket) {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
+                let mut agent = Agent {
+                    reader: BufReader::new(stream.try_clone().expect("clone")),
+                    writer: stream,
+                };
+                let request =
+                    format!("{{\"execute\":\"guest-sync\",\"arguments\":{{\"id\":{id}}}}}\n");
+                if agent.writer.write_all(request.as_bytes()).is_ok()
+                    && agent.wait_for(|reply| reply["return"] == id)
+                {
+                    agent
+                        .writer
+                        .set_read_timeout(Some(Duration::from_secs(30)))
+                        .expect("timeout");
+                    return agent;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_for(&mut self, matches: impl Fn(&serde_json::Value) -> bool) -> bool {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {
+                    let reply = serde_json::from_str::<serde_json::Value>(
+                        line.trim_start_matches('\u{ff}'),
+                    );
+                    if reply.is_ok_and(|reply| matches(&reply)) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, request: serde_json::Value) -> serde_json::Value {
+        let mut text = request.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .expect("send to agent");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("agent reply");
+        let reply: serde_json::Value = serde_json::from_str(&line).expect("agent reply is JSON");
+        assert!(
+            reply.get("error").is_none(),
+            "agent error for {request}: {reply}"
+        );
+        reply["return"].clone()
+    }
+
+    /// Runs `script` with `sh -c` in the guest; returns (exit code, stdout + stderr).
+    fn run(&mut self, script: &str, timeout: Duration) -> (i64, String) {
+        let started = self.call(serde_json::json!({
+            "execute": "guest-exec",
+            "arguments": {"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}
+        }));
+        let pid = started["pid"].as_i64().expect("pid");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.call(
+                serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+            );
+            if status["exited"] == true {
+                let decode = |field: &str| {
+                    status[field]
+                        .as_str()
+                        .map(|data| String::from_utf8_lossy(&base64_decode(data)).into_owned())
+                        .unwrap_or_default()
+                };
+                return (
+                    status["exitcode"].as_i64().unwrap_or(-1),
+                    decode("out-data") + &decode("err-data"),
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{script}` did not finish within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .expect("agent sends valid base64")
+}
+
+#[test]
+fn default_image_boots_to_agent_and_runs_podman_offline() {
+    let Some(manifest) = prerequisites() else {
+        return;
+    };
+    let directory = tempfile::tempdir().expect("tempdir");
+    let mut vm = Vm::boot(&manifest, directory.path());
+    let booted = Instant::now();
+    let mut agent = Agent::connect(
+        &directory.path().join("qga.sock"),
+        &mut vm,
+        Instant::now() + Duration::from_secs(120),
+    );
+    eprintln!(
+        "agent answered {:.1} s after qemu started",
+        booted.elapsed().as_secs_f64()
+    );
+
+    let (code, output) = agent.run(
+        "set -e; cat /proc/1/comm; mount | awk '{print $3, $5}'; grep -w 9p /proc/filesystems; \
+         test -x /usr/local/bin/mk && echo mk-present; hostname",
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(output.starts_with("ci-exec-init\n"), "{output}");
+    for mount in [
+        "/dev/pts devpts",
+        "/tmp tmpfs",
+        "/run tmpfs",
+        "/sys/fs/cgroup cgroup2",
+        "/ ext4",
+        "/dev/shm tmpfs",
+    ] {
+        assert!(
+            output.lines().any(|line| line == mount),
+            "missing `{mount}` in:\n{output}"
+        );
+    }
+    assert!(output.contains("nodev\t9p"), "{output}");
+    assert!(output.contains("mk-present\nci-exec\n"), "{output}");
+
+    let (code, output) = agent.run(
+        "podman images --format '{{.Repository}}:{{.Tag}}' && \
+         podman run --rm --network=none localhost/ci-exec/base:latest sh -c 'echo hello from $(cat /etc/debian_version | cut -c1-2)'",
+        Duration::from_secs(240),
+    );
+    assert_eq!(code, 0, "{output}\nconsole:\n{}", vm.console());
+    assert!(output.contains("localhost/ci-exec/base:latest"), "{output}");
+    assert!(output.contains("hello from 12"), "{output}");
+}
