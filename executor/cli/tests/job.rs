@@ -1,0 +1,538 @@
+//! `ci-exec test` end to end: the example repositories of `tests/examples/`, run by the real
+//! binary on each driver, then replayed; and every bad input the issue lists.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_ci-exec");
+
+/// A throwaway repository made from an example, with its own result store.
+struct Repo {
+    dir: tempfile::TempDir,
+    store: tempfile::TempDir,
+}
+
+impl Repo {
+    fn empty() -> Repo {
+        Repo {
+            dir: tempfile::tempdir().expect("tempdir"),
+            store: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn example(name: &str) -> Repo {
+        let repo = Repo::empty();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/examples")
+            .join(name);
+        copy_dir(&source, repo.path());
+        repo.git(&["init", "-q"]);
+        repo.commit("example");
+        repo
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn git(&self, args: &[&str]) {
+        let status = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(self.path())
+            .status()
+            .expect("git runs");
+        assert!(status.success(), "git {args:?}");
+    }
+
+    fn commit(&self, message: &str) {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-qm", message]);
+    }
+
+    fn write(&self, name: &str, content: &str) {
+        std::fs::write(self.path().join(name), content).expect("write");
+    }
+
+    /// `ci-exec test --driver=DRIVER ARGS…` in this repository.
+    fn test(&self, driver: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(BINARY);
+        command
+            .arg("test")
+            .arg(format!("--driver={driver}"))
+            .args(args)
+            .current_dir(self.path())
+            .env("CI_EXEC_RESULTS", self.store.path())
+            .env("NO_COLOR", "1")
+            .env_remove("CI_EXEC_DRIVER")
+            .env_remove("CI_EXEC_ENV");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command.output().expect("ci-exec runs")
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("example exists") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// Whether `driver` can run here. Missing prerequisites fail under `CI=true` and skip (with
+/// the reason) elsewhere.
+fn available(driver: &str) -> bool {
+    let missing = match driver {
+        "native" => {
+            let mk = Path::new(BINARY).with_file_name("mk");
+            (!mk.is_file()).then(|| {
+                format!(
+                    "`{}` is missing: build it with `cargo build -p mkrunner`",
+                    mk.display()
+                )
+            })
+        }
+        "qemu" => qemu_missing(),
+        other => Some(format!("no prerequisite check for driver `{other}`")),
+    };
+    match missing {
+        None => true,
+        Some(reason) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!("driver `{driver}` cannot run the job tests under CI: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("skipped on `{driver}`: {reason}");
+            false
+        }
+    }
+}
+
+fn qemu_missing() -> Option<String> {
+    let probe = Command::new(BINARY)
+        .args(["doctor", "--json"])
+        .output()
+        .ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap_or_default();
+    let ready = report
+        .pointer("/image/present")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true);
+    (!ready).then(|| "no guest image: run `ci-exec image build`".to_owned())
+}
+
+/// One test per driver for each job case.
+macro_rules! job_test {
+    ($name:ident, |$driver:ident| $body:block) => {
+        mod $name {
+            use super::*;
+
+            fn case($driver: &str) $body
+
+            #[test]
+            fn native() {
+                if available("native") {
+                    case("native");
+                }
+            }
+
+            #[test]
+            #[ignore = "joins when the qemu driver lands in the CLI"]
+            fn qemu() {
+                if available("qemu") {
+                    case("qemu");
+                }
+            }
+        }
+    };
+}
+
+job_test!(hello_runs_then_replays_byte_exact, |driver| {
+    let repo = Repo::example("hello");
+    let first = repo.test(driver, &[], &[]);
+    assert_exit(&first, 0);
+    assert!(
+        text(&first.stdout).contains("hello from mk test"),
+        "{}",
+        text(&first.stdout)
+    );
+    assert!(
+        text(&first.stderr).contains("==> mk test"),
+        "{}",
+        text(&first.stderr)
+    );
+
+    let second = repo.test(driver, &[], &[]);
+    assert_exit(&second, 0);
+    assert_eq!(second.stdout, first.stdout, "replayed stdout is byte-exact");
+    assert!(
+        text(&second.stderr).contains("==> replaying result"),
+        "{}",
+        text(&second.stderr)
+    );
+    assert!(!text(&second.stderr).contains("==> mk test"), "nothing ran");
+
+    let forced = repo.test(driver, &["--no-replay"], &[]);
+    assert_exit(&forced, 0);
+    assert!(
+        text(&forced.stderr).contains("==> mk test"),
+        "--no-replay runs"
+    );
+});
+
+job_test!(artifacts_are_collected_and_the_cache_survives, |driver| {
+    let repo = Repo::example("artifacts-cache");
+    let artifacts = repo.path().join("collected");
+    let report = repo.path().join("report.json");
+    let args = ["--artifacts", "collected", "--report", "report.json"];
+    let first = repo.test(driver, &args, &[]);
+    assert_exit(&first, 0);
+    assert!(
+        text(&first.stdout).contains("cache empty"),
+        "{}",
+        text(&first.stdout)
+    );
+    assert_eq!(
+        std::fs::read(artifacts.join("result.txt")).expect("artifact"),
+        b"built\n"
+    );
+    assert_eq!(
+        std::fs::read(artifacts.join("data.bin")).expect("artifact"),
+        b"\0\x01\x02binary\xff"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    assert_eq!(json["replayed"], false);
+    assert_eq!(json["exit_code"], 0);
+    assert_eq!(
+        json["artifacts"].as_array().map(Vec::len),
+        Some(2),
+        "{json}"
+    );
+
+    let second = repo.test(driver, &["--no-replay"], &[]);
+    assert_exit(&second, 0);
+    assert!(
+        text(&second.stdout).contains("cache restored: run 1"),
+        "{}",
+        text(&second.stdout)
+    );
+    let fresh = repo.test(driver, &["--no-replay", "--fresh"], &[]);
+    assert!(
+        text(&fresh.stdout).contains("cache empty"),
+        "--fresh ignores the cache"
+    );
+
+    // A replay restores the artifacts too.
+    std::fs::remove_dir_all(&artifacts).expect("rm");
+    let replay = repo.test(driver, &args, &[]);
+    assert_exit(&replay, 0);
+    assert!(artifacts.join("data.bin").is_file());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    assert_eq!(json["replayed"], true);
+});
+
+job_test!(a_failing_test_exits_1_and_is_never_replayed, |driver| {
+    let repo = Repo::example("failing");
+    let first = repo.test(driver, &[], &[]);
+    assert_exit(&first, 1);
+    assert!(
+        text(&first.stderr).contains("expected 2, got 3"),
+        "{}",
+        text(&first.stderr)
+    );
+    let second = repo.test(driver, &[], &[]);
+    assert_exit(&second, 1);
+    assert!(
+        !text(&second.stderr).contains("replaying"),
+        "{}",
+        text(&second.stderr)
+    );
+});
+
+job_test!(
+    env_files_and_inputs_reach_the_test_but_the_host_env_does_not,
+    |driver| {
+        let repo = Repo::example("env-files");
+        let host = [("HOST_ONLY", "leaked"), ("INPUT", "one")];
+        let first = repo.test(driver, &["--env", "INPUT"], &host);
+        assert_exit(&first, 0);
+        let stdout = text(&first.stdout);
+        assert!(
+            stdout.contains("GREETING=[hello from an env file]"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("CONTAINERIMAGE=[localhost/ci-exec/base:latest]"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("HOST_ONLY=[unset]"), "{stdout}");
+        assert!(stdout.contains("INPUT=[one]"), "{stdout}");
+        // A declared input is part of the key: a new value runs again.
+        let changed = repo.test(driver, &["--env", "INPUT"], &[("INPUT", "two")]);
+        assert_exit(&changed, 0);
+        assert!(text(&changed.stdout).contains("INPUT=[two]"));
+        let same = repo.test(driver, &[], &[("CI_EXEC_ENV", "INPUT"), ("INPUT", "two")]);
+        assert!(
+            text(&same.stderr).contains("replaying"),
+            "CI_EXEC_ENV declares inputs too"
+        );
+    }
+);
+
+job_test!(secrets_are_masked_live_and_in_the_record, |driver| {
+    let repo = Repo::example("secrets");
+    let secret = [("API_TOKEN", "s3cr3t-value")];
+    let first = repo.test(driver, &["--secret", "API_TOKEN"], &secret);
+    assert_exit(&first, 0);
+    let stdout = text(&first.stdout);
+    assert!(stdout.contains("token is ***"), "{stdout}");
+    assert!(!stdout.contains("s3cr3t"), "{stdout}");
+    // Not hashed: another value replays the same result, still masked.
+    let other = repo.test(
+        driver,
+        &["--secret", "API_TOKEN"],
+        &[("API_TOKEN", "another")],
+    );
+    assert!(
+        text(&other.stderr).contains("replaying"),
+        "{}",
+        text(&other.stderr)
+    );
+    assert!(!text(&other.stdout).contains("s3cr3t"));
+    let store = walk(repo.store.path());
+    for file in store {
+        let bytes = std::fs::read(&file).expect("read");
+        assert!(
+            !text(&bytes).contains("s3cr3t"),
+            "secret stored in {}",
+            file.display()
+        );
+    }
+    let missing = repo.test(driver, &["--secret", "API_TOKEN"], &[]);
+    assert_exit(&missing, 2);
+    assert!(text(&missing.stderr).contains("`API_TOKEN` is declared as a secret"));
+});
+
+job_test!(only_the_committed_tree_reaches_the_job, |driver| {
+    let repo = Repo::example("hello");
+    repo.write("mkfile", "test:V:\n\techo dirty work tree\n");
+    repo.write("untracked", "x");
+    let output = repo.test(driver, &[], &[]);
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).contains("hello from mk test"));
+    assert!(!text(&output.stdout).contains("dirty"));
+});
+
+job_test!(binary_output_replays_byte_exact, |driver| {
+    let repo = Repo::empty();
+    repo.git(&["init", "-q"]);
+    repo.write(
+        "mkfile",
+        "test:VQ:\n\tprintf '\\000\\377\\r\\n'\n\thead -c 300000 /dev/zero | tr '\\000' 'x'\n\tprintf 'err\\001' >&2\n",
+    );
+    repo.commit("binary");
+    let first = repo.test(driver, &[], &[]);
+    assert_exit(&first, 0);
+    assert!(first.stdout.starts_with(b"\0\xff\r\n"));
+    assert_eq!(first.stdout.len(), 4 + 300_000);
+    let second = repo.test(driver, &[], &[]);
+    assert!(text(&second.stderr).contains("replaying"));
+    assert_eq!(second.stdout, first.stdout);
+    // Recorded stderr holds only the job's own bytes; replay writes them between its own lines.
+    let replayed_stderr = text(&second.stderr);
+    let job_stderr = replayed_stderr
+        .split_once('\n')
+        .map(|(_, rest)| rest)
+        .and_then(|rest| {
+            rest.strip_suffix(&format!(
+                "==> passed (replayed result {})\n",
+                &key_of(&second)
+            ))
+        })
+        .expect("replay lines around the recorded stderr");
+    assert_eq!(job_stderr, "err\u{1}");
+});
+
+job_test!(two_jobs_at_once_in_one_repository_both_work, |driver| {
+    let repo = Repo::example("hello");
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| repo.test(driver, &["--no-replay"], &[]));
+        let b = scope.spawn(|| repo.test(driver, &["--no-replay"], &[]));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert_exit(&a, 0);
+    assert_exit(&b, 0);
+});
+
+/// The 12-character key prefix a replay names on stderr.
+fn key_of(output: &Output) -> String {
+    let stderr = text(&output.stderr);
+    let start = stderr.find("replaying result ").expect("replay line") + "replaying result ".len();
+    stderr[start..start + 12].to_owned()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+// Bad input: each fails before any work with exit 2 and a line saying how to fix it.
+
+#[test]
+fn not_a_git_repository() {
+    let repo = Repo::empty();
+    let output = repo.test("native", &[], &[]);
+    assert_exit(&output, 2);
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("is not inside a git repository"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint:"), "{stderr}");
+}
+
+#[test]
+fn empty_repository() {
+    let repo = Repo::empty();
+    repo.git(&["init", "-q"]);
+    let output = repo.test("native", &[], &[]);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("has no commits yet"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn no_mkfile() {
+    let repo = Repo::empty();
+    repo.git(&["init", "-q"]);
+    repo.write("README", "x");
+    repo.commit("no mkfile");
+    let output = repo.test("native", &[], &[]);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("no `mkfile` is committed"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn uncommitted_mkfile_is_not_seen() {
+    let repo = Repo::empty();
+    repo.git(&["init", "-q"]);
+    repo.write("README", "x");
+    repo.commit("no mkfile");
+    repo.write("mkfile", "test:V:\n\techo hi\n");
+    let output = repo.test("native", &[], &[]);
+    assert_exit(&output, 2);
+    assert!(text(&output.stderr).contains("uncommitted files are ignored"));
+}
+
+#[test]
+fn mkfile_without_test() {
+    let repo = Repo::empty();
+    repo.git(&["init", "-q"]);
+    repo.write("mkfile", "build:V:\n\techo hi\n");
+    repo.commit("no test");
+    let output = repo.test("native", &[], &[]);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("has no `test` target"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn mkfile_syntax_error_prints_mks_diagnostic() {
+    let repo = Repo::empty();
+    repo.git(&["init", "-q"]);
+    repo.write("mkfile", "test:V:\n\techo hi\nfoo bar\n");
+    repo.commit("bad");
+    let output = repo.test("native", &[], &[]);
+    assert_exit(&output, 2);
+    let stderr = text(&output.stderr);
+    assert!(stderr.starts_with("mk: error:"), "{stderr}");
+    assert!(stderr.contains("mkfile:3"), "{stderr}");
+}
+
+#[test]
+fn unknown_driver() {
+    let repo = Repo::example("hello");
+    let output = repo.test("nosuch", &[], &[]);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("nosuch"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn results_list_and_show() {
+    let repo = Repo::example("hello");
+    assert_exit(&repo.test("native", &["--report", "r.json"], &[]), 0);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.path().join("r.json")).expect("report"))
+            .expect("json");
+    let key = report["key"].as_str().expect("key").to_owned();
+    let results = |args: &[&str]| {
+        Command::new(BINARY)
+            .arg("results")
+            .args(args)
+            .env("CI_EXEC_RESULTS", repo.store.path())
+            .output()
+            .expect("runs")
+    };
+    let list = results(&["list", "--json"]);
+    assert_exit(&list, 0);
+    let records: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(records[0]["key"], key);
+    let show = results(&["show", &key[..8]]);
+    assert_exit(&show, 0);
+    assert!(text(&show.stdout).contains(&key));
+    assert_exit(&results(&["show", "ffffffff"]), 2);
+    assert_exit(&results(&["prune", "--all"]), 0);
+    let list = results(&["list", "--json"]);
+    assert_eq!(text(&list.stdout).trim(), "[]");
+}
