@@ -2,7 +2,6 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use bollard::container::LogOutput;
-use bollard::models::ContainerStateStatusEnum;
 use bollard::query_parameters::LogsOptionsBuilder;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -107,25 +106,10 @@ impl Container for DockerContainer {
         if let Some(code) = self.exit_code.get() {
             return Ok(ContainerStatus::Exited { code: *code });
         }
-        let docker = self.inner.docker().await?;
-        let inspected = docker
-            .inspect_container(&self.name, None)
-            .await
-            .map_err(|source| {
-                if status_code(&source) == Some(404) {
-                    self.gone()
-                } else {
-                    self.inner
-                        .backend(format!("inspect container `{}`", self.name), source)
-                }
-            })?;
-        let state = inspected.state.unwrap_or_default();
-        let exited = !state.running.unwrap_or(false)
-            && matches!(
-                state.status,
-                Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD)
-            );
-        if !exited {
+        let Some(state) = self.inner.inspect_state(&self.name).await? else {
+            return Err(self.gone());
+        };
+        if !state.exited() {
             return Ok(ContainerStatus::Running);
         }
         let code = state

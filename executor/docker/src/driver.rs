@@ -33,6 +33,9 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// `setrlimit` fails. Measured on the CI machines (hard `nofile` 20000).
 const PODMAN_ULIMITS: [(&str, i64); 2] = [("nofile", 20_000), ("nproc", 32_768)];
 
+/// How long a container may stay in a state its engine cannot remove it from.
+const REMOVE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The `docker` or `podman` driver: tasks as containers on an Engine API socket.
 ///
 /// Cheap to construct: it connects (and negotiates the API version) on first use, so an
@@ -295,39 +298,66 @@ impl Inner {
         })
     }
 
-    /// The container `name`, if it exists. One of another namespace is an error, never reused.
-    pub(crate) async fn find_container(
+    /// The state of container `name`, or `None` when it does not exist.
+    ///
+    /// Podman 4 reports states Docker's API does not know (`stopped`, `configured`), which
+    /// bollard's typed inspect rejects; the raw answer is read instead then.
+    pub(crate) async fn inspect_state(
         &self,
         name: &str,
-    ) -> Result<Option<ContainerFound>, DriverError> {
+    ) -> Result<Option<ContainerState>, DriverError> {
         let docker = self.docker().await?;
         match docker.inspect_container(name, None).await {
             Ok(inspected) => {
-                let labels = inspected
+                let namespace = inspected
                     .config
-                    .as_ref()
-                    .and_then(|config| config.labels.as_ref());
-                let namespace = labels.and_then(|labels| labels.get(NAMESPACE_LABEL));
-                if namespace.map(String::as_str) != Some(self.namespace()) {
-                    return Err(self.backend(
-                        format!("reuse container `{name}`"),
-                        format!(
-                            "it exists but is not labelled `{NAMESPACE_LABEL}={}`; remove it \
-                             or use another namespace",
-                            self.namespace()
-                        ),
-                    ));
-                }
-                let running = inspected
-                    .state
-                    .as_ref()
-                    .and_then(|state| state.running)
-                    .unwrap_or(false);
-                Ok(Some(ContainerFound { running }))
+                    .and_then(|config| config.labels)
+                    .and_then(|mut labels| labels.remove(NAMESPACE_LABEL));
+                let state = inspected.state.unwrap_or_default();
+                Ok(Some(ContainerState {
+                    namespace,
+                    running: state.running.unwrap_or(false),
+                    status: state
+                        .status
+                        .map(|status| status.to_string())
+                        .unwrap_or_default(),
+                    exit_code: state.exit_code,
+                }))
+            }
+            Err(bollard::errors::Error::JsonDataError { contents, .. }) => {
+                ContainerState::from_json(&contents)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        self.backend(
+                            format!("inspect container `{name}`"),
+                            format!("the daemon's answer is not a container: {contents}"),
+                        )
+                    })
             }
             Err(error) if status_code(&error) == Some(404) => Ok(None),
             Err(source) => Err(self.backend(format!("inspect container `{name}`"), source)),
         }
+    }
+
+    /// The container `name`, if it exists. One of another namespace is an error, never reused.
+    pub(crate) async fn find_container(
+        &self,
+        name: &str,
+    ) -> Result<Option<ContainerState>, DriverError> {
+        let Some(state) = self.inspect_state(name).await? else {
+            return Ok(None);
+        };
+        if state.namespace.as_deref() != Some(self.namespace()) {
+            return Err(self.backend(
+                format!("reuse container `{name}`"),
+                format!(
+                    "it exists but is not labelled `{NAMESPACE_LABEL}={}`; remove it or use \
+                     another namespace",
+                    self.namespace()
+                ),
+            ));
+        }
+        Ok(Some(state))
     }
 
     /// Creates and starts container `name`. Returns `false` when another caller created it
@@ -403,12 +433,24 @@ impl Inner {
     /// Removes container `name`, running or not. Idempotent.
     pub(crate) async fn remove_container(&self, name: &str) -> Result<(), DriverError> {
         let docker = self.docker().await?;
-        let options = RemoveContainerOptionsBuilder::new().force(true).build();
-        match docker.remove_container(name, Some(options)).await {
-            Ok(()) => Ok(()),
-            // Gone already, or another remove of it is under way.
-            Err(error) if matches!(status_code(&error), Some(404 | 409)) => Ok(()),
-            Err(source) => Err(self.backend(format!("remove container `{name}`"), source)),
+        let start = std::time::Instant::now();
+        loop {
+            let options = RemoveContainerOptionsBuilder::new().force(true).build();
+            match docker.remove_container(name, Some(options)).await {
+                Ok(()) => return Ok(()),
+                // Gone already, or another remove of it is under way.
+                Err(error) if matches!(status_code(&error), Some(404 | 409)) => return Ok(()),
+                // Podman refuses while a container is between running and stopped.
+                Err(error)
+                    if error_message(&error).contains("state improper")
+                        && start.elapsed() < REMOVE_DEADLINE =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(source) => {
+                    return Err(self.backend(format!("remove container `{name}`"), source));
+                }
+            }
         }
     }
 
@@ -436,12 +478,20 @@ impl Inner {
             .all(true)
             .filters(&self.namespace_filter())
             .build();
-        let containers = docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|source| self.backend("list the namespace's containers", source))?;
-        for container in containers {
-            let Some(id) = container.id else { continue };
+        let ids: Vec<String> = match docker.list_containers(Some(options)).await {
+            Ok(containers) => containers.into_iter().filter_map(|c| c.id).collect(),
+            // Podman 4 lists states Docker's API does not know (`stopped`): read the raw answer.
+            Err(bollard::errors::Error::JsonDataError { contents, .. }) => {
+                container_ids_from_json(&contents).ok_or_else(|| {
+                    self.backend(
+                        "list the namespace's containers",
+                        format!("the daemon's answer is not a container list: {contents}"),
+                    )
+                })?
+            }
+            Err(source) => return Err(self.backend("list the namespace's containers", source)),
+        };
+        for id in ids {
             if let Err(error) = self.remove_container(&id).await {
                 tracing::warn!(driver = self.driver_name(), %error, "close: container left behind");
                 first_error.get_or_insert(error);
@@ -464,9 +514,35 @@ impl Inner {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ContainerFound {
+/// What the driver needs to know of a container's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ContainerState {
+    pub(crate) namespace: Option<String>,
     pub(crate) running: bool,
+    /// `created`, `running`, `exited`, … (podman adds `stopped`, `configured`).
+    pub(crate) status: String,
+    pub(crate) exit_code: Option<i64>,
+}
+
+impl ContainerState {
+    /// Whether the task has ended for good.
+    pub(crate) fn exited(&self) -> bool {
+        !self.running && matches!(self.status.as_str(), "exited" | "dead" | "stopped")
+    }
+
+    fn from_json(json: &str) -> Option<ContainerState> {
+        let value: serde_json::Value = serde_json::from_str(json).ok()?;
+        let state = value.get("State")?;
+        Some(ContainerState {
+            namespace: value
+                .pointer(&format!("/Config/Labels/{NAMESPACE_LABEL}"))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+            running: state.get("Running")?.as_bool()?,
+            status: state.get("Status")?.as_str()?.to_owned(),
+            exit_code: state.get("ExitCode").and_then(serde_json::Value::as_i64),
+        })
+    }
 }
 
 #[async_trait]
@@ -517,6 +593,16 @@ impl Driver for DockerDriver {
     fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
         Some(self)
     }
+}
+
+/// The `Id`s of a raw container list.
+pub(crate) fn container_ids_from_json(json: &str) -> Option<Vec<String>> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    value
+        .as_array()?
+        .iter()
+        .map(|container| container.get("Id")?.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Copies the task's input into the attached stream, then closes it so the task sees EOF.
@@ -603,6 +689,17 @@ fn start_error(
             program: program.to_owned(),
             source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, error),
         }
+    } else if message.contains("apply caps") {
+        inner.backend(
+            format!("start container `{name}`"),
+            format!(
+                "the OCI runtime could not grant the capabilities asked for (a privileged \
+                 container gets every capability, and the daemon's host lacks some, as in a \
+                 nested container or a sandboxed VM); run the task unprivileged or on another \
+                 engine ({})",
+                error_message(&error).trim()
+            ),
+        )
     } else {
         inner.backend(format!("start container `{name}`"), error)
     }
@@ -676,6 +773,29 @@ mod tests {
         ] {
             assert_eq!(with_tag(image), pulled);
         }
+    }
+
+    #[test]
+    fn podman_states_docker_does_not_know_are_read_from_the_raw_answer() {
+        let json = r#"{"Id":"x","State":{"Status":"stopped","Running":false,"ExitCode":3},
+            "Config":{"Labels":{"ci-exec.namespace":"ns"}}}"#;
+        let state = ContainerState::from_json(json).unwrap();
+        assert_eq!(
+            state,
+            ContainerState {
+                namespace: Some("ns".to_owned()),
+                running: false,
+                status: "stopped".to_owned(),
+                exit_code: Some(3),
+            }
+        );
+        assert!(state.exited());
+        assert_eq!(ContainerState::from_json("{}"), None);
+        let list = r#"[{"Id":"a","State":"stopped"},{"Id":"b","State":"running"}]"#;
+        assert_eq!(
+            container_ids_from_json(list),
+            Some(vec!["a".to_owned(), "b".to_owned()])
+        );
     }
 
     #[test]

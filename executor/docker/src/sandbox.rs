@@ -22,6 +22,9 @@ const KEEP_ALIVE: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait 
 /// How long the daemon may take to record an exec's exit code after its output ended.
 const EXIT_CODE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a signal-killed command's container may take to show as stopped.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(2);
+
 /// A long-lived container (same image, env, mounts, limits and user as the task it was
 /// started from) that commands are `exec`ed into one after another, as the job flow runs its
 /// mk steps.
@@ -50,17 +53,24 @@ impl DockerSandbox {
     }
 
     async fn container_running(&self) -> Result<bool, DriverError> {
-        let docker = self.inner.docker().await?;
-        match docker.inspect_container(&self.name, None).await {
-            Ok(inspected) => Ok(inspected
-                .state
-                .and_then(|state| state.running)
-                .unwrap_or(false)),
-            Err(error) if status_code(&error) == Some(404) => Ok(false),
-            Err(source) => Err(self
-                .inner
-                .backend(format!("inspect sandbox `{}`", self.name), source)),
+        Ok(self
+            .inner
+            .inspect_state(&self.name)
+            .await?
+            .is_some_and(|state| state.running))
+    }
+
+    /// Whether the container stops within [`SETTLE_DEADLINE`]: a command killed by a signal
+    /// may have died with its container, whose state the daemon records a moment later.
+    async fn container_stops_soon(&self) -> Result<bool, DriverError> {
+        let start = Instant::now();
+        while start.elapsed() < SETTLE_DEADLINE {
+            if !self.container_running().await? {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(false)
     }
 }
 
@@ -185,9 +195,11 @@ impl Sandbox for DockerSandbox {
             if !inspected.running.unwrap_or(false)
                 && let Some(code) = inspected.exit_code
             {
-                return Ok(SandboxOutput {
-                    exit_code: i32::try_from(code).unwrap_or(-1),
-                });
+                let exit_code = i32::try_from(code).unwrap_or(-1);
+                if exit_code > 128 && self.container_stops_soon().await? {
+                    return Err(self.lost(command).await);
+                }
+                return Ok(SandboxOutput { exit_code });
             }
             if start.elapsed() > EXIT_CODE_DEADLINE {
                 return Err(self.inner.backend(
