@@ -9,9 +9,10 @@ use crate::exit::CliError;
 pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>> {
     let driver: Box<dyn Driver> = match config.driver.as_str() {
         "native" => Box::new(ci_exec_native::NativeDriver::new(config)?),
-        // Each driver crate adds its arm here, behind its feature, for example:
-        // #[cfg(feature = "qemu")]
-        // "qemu" => Box::new(ci_exec_qemu::QemuDriver::new(config).await?),
+        #[cfg(feature = "qemu")]
+        "qemu" => Box::new(ci_exec_qemu::QemuDriver::new(
+            ci_exec_qemu::QemuConfig::from_driver_config(config)?,
+        )),
         name => return Err(not_built(name).into()),
     };
     tracing::debug!(driver = %config.driver, namespace = %config.namespace, "driver ready");

@@ -27,7 +27,7 @@ pub struct QemuConfig {
     pub boot_timeout: Duration,
     /// Where per-namespace run directories (pid file, sockets, overlay, share) live.
     pub run_root: PathBuf,
-    /// Start from a saved VM state when one exists (`warm`, default on).
+    /// Start from a saved VM state when one exists (default on; `QEMU_WARM=0` turns it off).
     pub warm: bool,
 }
 
@@ -74,8 +74,15 @@ impl QemuConfig {
         if let Some(timeout) = config.duration("boot_timeout") {
             qemu.boot_timeout = timeout;
         }
-        if let Some(warm) = config.bool("warm") {
-            qemu.warm = warm;
+        // `warm` is not a DSN parameter (yet): `QEMU_WARM=0` turns warm starts off, e.g. to
+        // measure cold boots.
+        match config.bool("warm") {
+            Some(warm) => qemu.warm = warm,
+            None => {
+                if let Ok(value) = std::env::var("QEMU_WARM") {
+                    qemu.warm = !matches!(value.as_str(), "0" | "false" | "no" | "off");
+                }
+            }
         }
         Ok(qemu)
     }

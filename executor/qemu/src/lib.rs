@@ -12,6 +12,7 @@
 
 pub mod accel;
 mod config;
+pub mod doctor;
 mod driver;
 pub mod error;
 mod guest;
@@ -27,3 +28,4 @@ mod wire;
 pub use config::{QemuConfig, default_run_root};
 pub use driver::QemuDriver;
 pub use error::{ProtocolError, QemuError};
+pub use image::resolve as resolve_image;

@@ -4,6 +4,7 @@
 mod doctor;
 mod driver;
 mod drivers;
+mod image;
 mod results;
 mod run;
 mod test;
@@ -24,6 +25,9 @@ pub enum Command {
     Test(test::TestArgs),
     /// Check the qemu driver on this host: accelerator and why, QEMU, guest image, podman
     Doctor(doctor::DoctorArgs),
+    /// Build, list, locate or prune guest images
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// List, show or prune recorded results
     #[command(subcommand)]
     Results(results::ResultsCommand),
@@ -36,6 +40,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Drivers(args) => drivers::run(&args),
         Command::Test(args) => test::run(args).await,
         Command::Results(command) => results::run(command),
+        Command::Image(command) => image::run(command),
         Command::Doctor(args) => doctor::run(args).await,
     }
 }

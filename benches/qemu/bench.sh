@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# qemu driver benchmarks, as ratios against the native driver measured in the same run.
+# Usage: benches/qemu/bench.sh [RUNS]   (needs hyperfine, QEMU, and the default guest image)
+# Prints a markdown table; copy it into benches/RESULTS-qemu.md with the date and this command.
+set -euo pipefail
+runs=${1:-5}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+cargo build -q --release -p ci-exec --manifest-path "$root/Cargo.toml"
+bin=$CARGO_TARGET_DIR/release/ci-exec
+image=localhost/ci-exec/base:latest
+out=$(mktemp -d)
+# One warm-up run makes (or reuses) the saved VM state, so "warm" measures starts from it.
+"$bin" run --driver=qemu -- true
+hyperfine --runs "$runs" --warmup 1 --export-markdown "$out/start.md" \
+    -n native "$bin run --driver=native -- echo hi" \
+    -n 'qemu warm (guest OS)' "$bin run --driver=qemu -- echo hi" \
+    -n 'qemu warm (podman)' "$bin run --driver=qemu --image $image -- echo hi" \
+    -n 'qemu cold (guest OS)' "QEMU_WARM=0 $bin run --driver=qemu -- echo hi" >&2
+cat "$out/start.md"
+# In-VM numbers (9p throughput, podman overhead, idle VM memory): the driver's own bench.
+cargo bench -q -p ci-exec-qemu --manifest-path "$root/Cargo.toml" --bench vm -- "$runs"
+rm -rf "$out"

@@ -1,0 +1,253 @@
+//! Real VMs: QEMU (TCG is enough) and the default guest image. Without them the tests skip
+//! with the reason, except under `CI=true`, where a missing prerequisite fails loudly.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ci_exec_driver::{Driver, Stdin, Task, wait_for_exit};
+use ci_exec_qemu::{QemuConfig, QemuDriver};
+
+const BASE_IMAGE: &str = "localhost/ci-exec/base:latest";
+
+/// A driver for a fresh namespace, or `None` (after saying why) when this host cannot run VMs.
+fn driver(test: &str) -> Option<QemuDriver> {
+    let config = QemuConfig::new(format!("t-{test}-{}", std::process::id()));
+    let mut missing = Vec::new();
+    if ci_exec_qemu::accel::find_on_path(&config.qemu_binary).is_none() {
+        missing.push(format!(
+            "`{}` is not installed (`apt-get install qemu-system-x86`)",
+            config.qemu_binary
+        ));
+    }
+    if ci_exec_qemu::accel::find_on_path("qemu-img").is_none() {
+        missing.push("`qemu-img` is not installed (`apt-get install qemu-utils`)".to_owned());
+    }
+    if let Err(error) = ci_exec_qemu::resolve_image(&config.image) {
+        missing.push(error.to_string());
+    }
+    if missing.is_empty() {
+        return Some(QemuDriver::new(config));
+    }
+    let reason = missing.join("; ");
+    if std::env::var("CI").is_ok_and(|value| value == "true") {
+        panic!("qemu test `{test}` cannot run under CI=true: {reason}");
+    }
+    eprintln!("skipping qemu test `{test}`: {reason}");
+    None
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(driver: &QemuDriver, task: Task) -> Output {
+    let id = task.id.clone();
+    let container = driver.run_container(task).await.expect("run_container");
+    let code = wait_for_exit(
+        container.as_ref(),
+        Duration::from_millis(20),
+        Some(Duration::from_secs(120)),
+    )
+    .await
+    .unwrap_or_else(|error| panic!("task `{id}`: {error}"));
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    container
+        .logs(&mut stdout, &mut stderr)
+        .await
+        .expect("logs");
+    Output {
+        code,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_os_tasks_get_stdin_env_volumes_and_exit_codes() {
+    let Some(driver) = driver("guest-os") else {
+        return;
+    };
+    let uname = run(&driver, Task::new("uname", ["uname", "-r"])).await;
+    assert_eq!(uname.code, 0, "stderr: {}", uname.stderr);
+    assert!(uname.stdout.trim().contains('.'), "{}", uname.stdout);
+
+    let stdin = run(
+        &driver,
+        Task::new("stdin", ["sh", "-c", "cat; echo to-stderr >&2; exit 3"])
+            .stdin(Stdin::bytes(&b"hello\x00\xffworld"[..])),
+    )
+    .await;
+    assert_eq!(stdin.code, 3);
+    assert_eq!(
+        stdin.stdout.as_bytes(),
+        "hello\u{0}\u{fffd}world".as_bytes()
+    );
+    assert_eq!(stdin.stderr, "to-stderr\n");
+
+    let env = run(&driver, Task::new("env", ["env"]).env("ONLY", "this one")).await;
+    let mut names: Vec<&str> = env
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ONLY", "PATH"], "{}", env.stdout);
+    assert!(env.stdout.contains("ONLY=this one\n"));
+
+    let write = run(
+        &driver,
+        Task::new("write", ["sh", "-c", "echo shared >/data/file && pwd"])
+            .mount("vol", "/data")
+            .workdir("/data"),
+    )
+    .await;
+    assert_eq!(write.code, 0, "{}", write.stderr);
+    assert_eq!(write.stdout, "/data\n");
+    let read = run(
+        &driver,
+        Task::new("read", ["cat", "/elsewhere/file"]).mount("vol", "/elsewhere"),
+    )
+    .await;
+    assert_eq!(read.stdout, "shared\n");
+    let files = driver.as_volume_files().expect("volume files");
+    assert_eq!(
+        files.read_file("vol", "file").await.expect("read"),
+        b"shared\n"
+    );
+
+    let missing = run(&driver, Task::new("missing", ["no-such-program"])).await;
+    assert_eq!(missing.code, 127, "{}", missing.stderr);
+
+    // Same id: the first container, not a second run.
+    let again = run(&driver, Task::new("stdin", ["sh", "-c", "exit 9"])).await;
+    assert_eq!(again.code, 3);
+
+    driver.close().await.expect("close");
+    assert!(
+        !driver.config().run_dir().exists(),
+        "close removes the run dir"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_tasks_and_sandboxes_run_in_the_guest() {
+    let Some(driver) = driver("podman") else {
+        return;
+    };
+    let task = Task::new(
+        "os",
+        ["sh", "-c", "cat /etc/os-release; cat >/work/in; id -u"],
+    )
+    .image(BASE_IMAGE)
+    .env("K", "v")
+    .mount("work", "/work")
+    .stdin(Stdin::bytes("piped"));
+    let output = run(&driver, task).await;
+    assert_eq!(output.code, 0, "stderr: {}", output.stderr);
+    assert!(output.stdout.contains("ID="), "{}", output.stdout);
+    let files = driver.as_volume_files().expect("volume files");
+    assert_eq!(files.read_file("work", "in").await.expect("read"), b"piped");
+
+    let failing = run(
+        &driver,
+        Task::new("exit", ["sh", "-c", "echo out; echo err >&2; exit 42"]).image(BASE_IMAGE),
+    )
+    .await;
+    assert_eq!(failing.code, 42);
+    assert_eq!(failing.stdout, "out\n");
+    assert_eq!(failing.stderr, "err\n");
+
+    let sandboxes = driver.as_sandbox().expect("sandbox");
+    let sandbox = sandboxes
+        .start_sandbox(Task::new("job", ["true"]).image(BASE_IMAGE).env("A", "1"))
+        .await
+        .expect("start sandbox");
+    let mut env = BTreeMap::new();
+    env.insert("B".to_owned(), "2".to_owned());
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let result = sandbox
+        .exec(
+            &[
+                "sh".to_owned(),
+                "-c".to_owned(),
+                "echo $A$B; exit 4".to_owned(),
+            ],
+            &env,
+            &mut stdout,
+            &mut stderr,
+        )
+        .await
+        .expect("exec");
+    assert_eq!(result.exit_code, 4, "{}", String::from_utf8_lossy(&stderr));
+    assert_eq!(stdout, b"12\n");
+    sandbox.cleanup().await.expect("cleanup");
+
+    let guest = sandboxes
+        .start_sandbox(Task::new("vm", ["true"]))
+        .await
+        .expect("guest sandbox");
+    let mut stdout = Vec::new();
+    let result = guest
+        .exec(
+            &["id".to_owned(), "-u".to_owned()],
+            &BTreeMap::new(),
+            &mut stdout,
+            &mut Vec::new(),
+        )
+        .await
+        .expect("exec in the guest");
+    assert_eq!((result.exit_code, stdout.as_slice()), (0, &b"0\n"[..]));
+    driver.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_leaves_nothing_after_close_and_a_dead_vm_is_reported() {
+    let Some(first) = driver("leftover") else {
+        return;
+    };
+    let namespace = first.namespace().to_owned();
+    let run_dir = first.config().run_dir();
+    let machine = first.machine().await.expect("boot");
+    let pid = machine.pid();
+
+    // A dead QEMU is an infrastructure error that shows the console.
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our qemu.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while machine.is_running() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = first
+        .run_container(Task::new("after-death", ["true"]))
+        .await
+        .expect_err("the VM is dead");
+    let message = format!("{error:#?}");
+    assert!(message.contains("QemuExited"), "{message}");
+    assert_eq!(
+        error.exit_class(),
+        ci_exec_driver::ExitClass::Infrastructure
+    );
+
+    // A second instance finds the leftovers of the first (as `driver close` does) and removes
+    // them: a live leftover qemu is simulated by forgetting a running driver.
+    drop(machine);
+    first.close().await.expect("close");
+    let second = QemuDriver::new(QemuConfig::new(namespace.clone()));
+    let machine = second.machine().await.expect("boot");
+    let pid = machine.pid();
+    drop(machine);
+    std::mem::forget(second);
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    QemuDriver::remove_leftovers(&ci_exec_qemu::default_run_root(), &namespace)
+        .expect("remove leftovers");
+    assert!(!run_dir.exists());
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "qemu {pid} still runs: {stat}"
+    );
+}
