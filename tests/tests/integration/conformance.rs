@@ -1,0 +1,427 @@
+//! The driver conformance suite: every case runs against every driver listed in
+//! `conformance!` at the bottom. A driver joins with one line there (see `tests/README.md`).
+//!
+//! Cases use only `sh`, `cat`, `env`, `printf`, `seq`, `head`, `sleep` and `touch`, so they run
+//! in busybox, a Debian guest and on the host alike. Mount paths are absolute (`/data`) and the
+//! commands reach them relative to the task's default working directory (`data/…`): that is `/`
+//! in containers and VMs, and the task directory (where the mounts appear) for native.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ci_exec_driver::{ContainerStatus, DriverError, Stdin, Task, wait_for_exit};
+use ci_exec_tests::{Output, Subject, logs, unique_namespace, wait_until};
+use tokio::io::AsyncWrite;
+
+/// Generates one `#[tokio::test]` per case for each driver: `driver => constructor, image;`.
+macro_rules! conformance {
+    ($($driver:ident => $constructor:path, image = $image:expr;)*) => {
+        $(
+            mod $driver {
+                conformance!(@cases $driver, $constructor, $image;
+                    stdin,
+                    exit_code_1,
+                    exit_code_42,
+                    happy_path_same_id_is_idempotent,
+                    volume_shared_between_tasks,
+                    volume_files_read_back,
+                    env_passed_without_host_leakage,
+                    follow_streams_and_returns_after_exit,
+                    stderr_apart_from_stdout,
+                    binary_output_byte_exact,
+                    output_50_mb_byte_exact,
+                    close_removes_everything,
+                    cleanup_twice_is_fine,
+                );
+            }
+        )*
+    };
+    (@cases $driver:ident, $constructor:path, $image:expr; $($case:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                ci_exec_tests::run_case(
+                    stringify!($driver),
+                    $constructor(),
+                    $image,
+                    super::$case,
+                )
+                .await;
+            }
+        )*
+    };
+}
+
+fn id(name: &str) -> String {
+    unique_namespace(name)
+}
+
+async fn stdin(subject: Subject) {
+    let input = b"hello\nworld\n\x00\xff binary too".to_vec();
+    let task = Task::new(id("stdin"), ["cat"])
+        .image(subject.image)
+        .stdin(Stdin::bytes(input.clone()));
+    let output = subject.run(task).await;
+    assert_eq!(output.code, 0, "stderr: {}", output.stderr_text());
+    assert_eq!(output.stdout, input);
+}
+
+async fn exit_code_1(subject: Subject) {
+    let output = subject.run(subject.shell(&id("exit1"), "exit 1")).await;
+    assert_eq!(output.code, 1);
+}
+
+async fn exit_code_42(subject: Subject) {
+    let output = subject
+        .run(subject.shell(&id("exit42"), "echo before; exit 42"))
+        .await;
+    assert_eq!(output.code, 42);
+    assert_eq!(output.stdout_text(), "before\n");
+}
+
+async fn happy_path_same_id_is_idempotent(subject: Subject) {
+    let task_id = id("happy");
+    let first = subject
+        .driver
+        .run_container(subject.shell(&task_id, "echo hello"))
+        .await
+        .expect("first run");
+    let output = Output::of(&*first).await;
+    assert_eq!((output.code, output.stdout_text().as_str()), (0, "hello\n"));
+
+    // The same id again gives the first container, not a second run.
+    let again = subject
+        .driver
+        .run_container(subject.shell(&task_id, "echo second-run"))
+        .await
+        .expect("second run_container");
+    assert_eq!(again.id(), first.id());
+    let output = Output::of(&*again).await;
+    assert_eq!(output.stdout_text(), "hello\n", "the same id ran twice");
+    // Logs can be read again, with the same bytes.
+    assert_eq!(logs(&*first).await, (b"hello\n".to_vec(), Vec::new()));
+}
+
+async fn volume_shared_between_tasks(subject: Subject) {
+    let volume = subject
+        .driver
+        .create_volume("data", 0)
+        .await
+        .expect("create volume");
+    assert_eq!(volume.name(), "data");
+    let writer = subject
+        .shell(&id("writer"), "printf 'shared\\n' > data/file")
+        .mount("data", "/data");
+    assert_eq!(subject.run(writer).await.code, 0);
+    let reader = subject
+        .shell(&id("reader"), "cat data/file")
+        .mount("data", "/data");
+    let output = subject.run(reader).await;
+    assert_eq!(output.code, 0, "stderr: {}", output.stderr_text());
+    assert_eq!(output.stdout_text(), "shared\n");
+    // A volume named only in a mount is created on demand.
+    let fresh = subject
+        .shell(&id("on-demand"), "echo made > other/file && cat other/file")
+        .mount("other", "/other");
+    assert_eq!(subject.run(fresh).await.stdout_text(), "made\n");
+}
+
+async fn volume_files_read_back(subject: Subject) {
+    let Some(files) = subject.driver.as_volume_files() else {
+        eprintln!(
+            "driver `{}` cannot read volume files",
+            subject.driver.name()
+        );
+        return;
+    };
+    let writer = subject
+        .shell(
+            &id("files"),
+            "mkdir -p out/dir && printf 'a\\000b\\377' > out/dir/file.bin",
+        )
+        .mount("out", "/out");
+    assert_eq!(subject.run(writer).await.code, 0);
+    assert_eq!(
+        files.read_file("out", "dir/file.bin").await.expect("read"),
+        b"a\x00b\xff"
+    );
+    assert!(matches!(
+        files.read_file("out", "dir/missing").await,
+        Err(DriverError::FileNotFound { .. })
+    ));
+    for escape in ["../out/dir/file.bin", "/etc/passwd", "dir/../../x"] {
+        assert!(
+            matches!(
+                files.read_file("out", escape).await,
+                Err(DriverError::InvalidVolume { .. })
+            ),
+            "`{escape}` must be rejected"
+        );
+    }
+}
+
+async fn env_passed_without_host_leakage(subject: Subject) {
+    // Cargo sets this in every test process: a driver that copies the host env leaks it.
+    let leaked = "CARGO_PKG_NAME";
+    assert!(std::env::var(leaked).is_ok(), "run the tests with cargo");
+    let task = subject
+        .shell(&id("env"), "env")
+        .env("GREETING", "hello world")
+        .env("EMPTY", "")
+        .env("WITH_EQUALS", "a=b");
+    let output = subject.run(task).await;
+    assert_eq!(output.code, 0, "stderr: {}", output.stderr_text());
+    let env = output.stdout_text();
+    let lines: Vec<&str> = env.lines().collect();
+    for expected in ["GREETING=hello world", "EMPTY=", "WITH_EQUALS=a=b"] {
+        assert!(
+            lines.contains(&expected),
+            "`{expected}` missing from:\n{env}"
+        );
+    }
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.starts_with(&format!("{leaked}="))),
+        "host variable `{leaked}` leaked into the task:\n{env}"
+    );
+    // `sh` finds `env` only through a PATH: the driver gives a default when the task has none.
+    assert!(lines.iter().any(|line| line.starts_with("PATH=")), "{env}");
+}
+
+/// An `AsyncWrite` that shares what it received, so a test can look while `follow` runs.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+async fn follow_streams_and_returns_after_exit(subject: Subject) {
+    // The task prints, then blocks until a second task creates `sync/go`: "first" must
+    // arrive while it still runs, and `follow` must return promptly once it exits.
+    let task = subject
+        .shell(
+            &id("follow"),
+            "echo first; echo err-first >&2; \
+             while [ ! -e sync/go ]; do sleep 0.05; done; echo second",
+        )
+        .mount("sync", "/sync");
+    let container = subject.driver.run_container(task).await.expect("start");
+    if container.as_follow().is_none() {
+        eprintln!("driver `{}` cannot follow logs", subject.driver.name());
+        let release = subject
+            .shell(&id("go"), "touch sync/go")
+            .mount("sync", "/sync");
+        subject.run(release).await;
+        return;
+    }
+    let stdout = Shared::default();
+    let stderr = Shared::default();
+    let (mut out, mut err) = (stdout.clone(), stderr.clone());
+    let following = tokio::spawn(async move {
+        // `follow` borrows the container: move an owned handle in.
+        follow_owned(container, &mut out, &mut err).await
+    });
+    assert!(
+        wait_until(Duration::from_secs(120), || async {
+            stdout.text() == "first\n" && stderr.text() == "err-first\n"
+        })
+        .await,
+        "output did not stream before exit: stdout {:?}, stderr {:?}",
+        stdout.text(),
+        stderr.text()
+    );
+    assert!(
+        !following.is_finished(),
+        "follow returned while the task ran"
+    );
+    let release = subject
+        .shell(&id("go"), "touch sync/go")
+        .mount("sync", "/sync");
+    assert_eq!(subject.run(release).await.code, 0);
+    let status = tokio::time::timeout(Duration::from_secs(60), following)
+        .await
+        .expect("follow did not return within 60 s of the task's exit")
+        .expect("follow task");
+    assert_eq!(status, ContainerStatus::Exited { code: 0 });
+    assert_eq!(stdout.text(), "first\nsecond\n");
+    assert_eq!(stderr.text(), "err-first\n");
+}
+
+async fn follow_owned(
+    container: Box<dyn ci_exec_driver::Container>,
+    out: &mut Shared,
+    err: &mut Shared,
+) -> ContainerStatus {
+    let follow = container.as_follow().expect("checked before");
+    follow.follow(out, err).await.expect("follow");
+    // `follow` returned: the task must be done.
+    container.status().await.expect("status")
+}
+
+async fn stderr_apart_from_stdout(subject: Subject) {
+    let output = subject
+        .run(subject.shell(
+            &id("streams"),
+            "echo out1; echo err1 >&2; echo out2; echo err2 >&2",
+        ))
+        .await;
+    assert_eq!(output.code, 0);
+    assert_eq!(output.stdout_text(), "out1\nout2\n");
+    assert_eq!(output.stderr_text(), "err1\nerr2\n");
+}
+
+async fn binary_output_byte_exact(subject: Subject) {
+    let output = subject
+        .run(subject.shell(
+            &id("binary"),
+            "printf '\\000\\001\\177\\200\\377\\r\\n'; printf '\\377\\000' >&2",
+        ))
+        .await;
+    assert_eq!(output.stdout, b"\x00\x01\x7f\x80\xff\r\n");
+    assert_eq!(output.stderr, b"\xff\x00");
+}
+
+async fn output_50_mb_byte_exact(subject: Subject) {
+    const SIZE: usize = 50 * 1024 * 1024;
+    let output = subject
+        .run(subject.shell(&id("large"), &format!("seq 1 7000000 | head -c {SIZE}")))
+        .await;
+    assert_eq!(output.code, 0, "stderr: {}", output.stderr_text());
+    let mut expected = Vec::with_capacity(SIZE + 16);
+    let mut number = 1u64;
+    while expected.len() < SIZE {
+        expected.extend_from_slice(format!("{number}\n").as_bytes());
+        number += 1;
+    }
+    expected.truncate(SIZE);
+    assert_eq!(output.stdout.len(), SIZE);
+    assert!(output.stdout == expected, "50 MB of output differ");
+
+    // Following gives the same bytes as reading the logs.
+    let container = subject
+        .driver
+        .run_container(subject.shell(
+            &id("large-follow"),
+            &format!("seq 1 7000000 | head -c {SIZE}"),
+        ))
+        .await
+        .expect("start");
+    if let Some(follow) = container.as_follow() {
+        let mut stdout = Vec::with_capacity(SIZE);
+        let mut stderr = Vec::new();
+        follow
+            .follow(&mut stdout, &mut stderr)
+            .await
+            .expect("follow");
+        assert!(
+            stdout == expected,
+            "followed output differs ({} bytes)",
+            stdout.len()
+        );
+    }
+}
+
+async fn close_removes_everything(subject: Subject) {
+    let writer = subject
+        .shell(&id("kept"), "echo x > data/file")
+        .mount("data", "/data");
+    assert_eq!(subject.run(writer).await.code, 0);
+    let running = subject
+        .driver
+        .run_container(subject.shell(&id("long"), "sleep 600"))
+        .await
+        .expect("start");
+    subject.driver.close().await.expect("close");
+    if let Some(files) = subject.driver.as_volume_files() {
+        assert!(
+            files.read_file("data", "file").await.is_err(),
+            "volume `data` survived close"
+        );
+    }
+    // The running task was stopped: its status is no longer `Running` (or it is gone).
+    if let Ok(status) = running.status().await {
+        assert!(
+            status.is_done(),
+            "task still running after close: {status:?}"
+        );
+    }
+    subject.driver.close().await.expect("second close");
+}
+
+async fn cleanup_twice_is_fine(subject: Subject) {
+    let volume = subject
+        .driver
+        .create_volume("twice", 0)
+        .await
+        .expect("volume");
+    let container = subject
+        .driver
+        .run_container(subject.shell(&id("twice"), "echo bye"))
+        .await
+        .expect("start");
+    wait_for_exit(
+        &*container,
+        Duration::from_millis(50),
+        Some(Duration::from_secs(600)),
+    )
+    .await
+    .expect("exit");
+    container.cleanup().await.expect("first cleanup");
+    container.cleanup().await.expect("second cleanup");
+    volume.cleanup().await.expect("first volume cleanup");
+    volume.cleanup().await.expect("second volume cleanup");
+    subject.driver.close().await.expect("first close");
+    subject.driver.close().await.expect("second close");
+
+    // Cleaning up a running task stops it.
+    let running = subject
+        .driver
+        .run_container(subject.shell(&id("stop"), "sleep 600"))
+        .await
+        .expect("start");
+    running.cleanup().await.expect("cleanup of a running task");
+    running
+        .cleanup()
+        .await
+        .expect("second cleanup of a running task");
+    if let Ok(status) = running.status().await {
+        assert!(
+            status.is_done(),
+            "task still running after cleanup: {status:?}"
+        );
+    }
+}
+
+conformance! {
+    native => ci_exec_tests::drivers::native, image = "";
+}

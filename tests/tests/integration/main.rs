@@ -1,0 +1,6 @@
+//! The one integration test binary: the driver conformance suite, the CLI as a user drives
+//! it, and native-driver specifics that the generic suite cannot see.
+
+mod cli;
+mod conformance;
+mod native;
