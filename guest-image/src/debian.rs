@@ -215,36 +215,56 @@ pub(crate) fn build(
     write_file(&init_path, &inputs.init)?;
     let mirror = mirror(options);
 
-    reporter.step("bootstrapping the container base image (debian minbase)");
+    // The two bootstraps are independent until the hook imports the base image, so they run
+    // side by side; the hook waits for `base.ok` (or `base.failed`) before the import.
+    reporter.step("bootstrapping the guest root filesystem and the container base image");
     let base_tar = work.join("base.tar");
-    let mut command = Command::new(&mmdebstrap);
-    command.arg("--variant=minbase");
-    command.args(common_mmdebstrap_arguments(apt_cache));
-    command.arg(format!(
+    let mut base = Command::new(&mmdebstrap);
+    base.arg("--variant=minbase");
+    base.args(common_mmdebstrap_arguments(apt_cache));
+    base.arg(format!(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f '${{Package}}\\t${{Version}}\\n' > {}",
         shell_quote(&work.join("base-packages.tsv"))
     ));
-    command.arg(&options.suite).arg(&base_tar);
-    command.args(&mirror);
-    host::run(command, reporter)?;
+    base.arg(&options.suite).arg(&base_tar);
+    base.args(&mirror);
 
-    reporter.step("bootstrapping the guest root filesystem");
     let script = work.join("finish.sh");
     write_file(
         &script,
         finish_script(options, work, apt_cache, &mkfs, &podman).as_bytes(),
     )?;
-    let mut command = Command::new(&mmdebstrap);
-    command.arg("--variant=minbase");
-    command.arg(format!("--include={}", options.packages().join(",")));
-    command.args(common_mmdebstrap_arguments(apt_cache));
-    command.arg(format!(
+    let mut root = Command::new(&mmdebstrap);
+    root.arg("--variant=minbase");
+    root.arg(format!("--include={}", options.packages().join(",")));
+    root.args(common_mmdebstrap_arguments(apt_cache));
+    root.arg(format!(
         "--customize-hook=sh {} \"$1\"",
         shell_quote(&script)
     ));
-    command.arg(&options.suite).arg("/dev/null");
-    command.args(&mirror);
-    host::run(command, reporter)?;
+    root.arg(&options.suite).arg("/dev/null");
+    root.args(&mirror);
+
+    let (base_result, root_result) = std::thread::scope(|scope| {
+        let base_thread = scope.spawn(|| {
+            let result = host::run(base, reporter);
+            let marker = work.join(if result.is_ok() {
+                "base.ok"
+            } else {
+                "base.failed"
+            });
+            let _ = std::fs::write(marker, b"");
+            result
+        });
+        let root_result = host::run(root, reporter);
+        // If the root bootstrap failed before its hook, nothing waits for the base: let it end.
+        let base_result = base_thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (base_result, root_result)
+    });
+    base_result?;
+    root_result?;
 
     reporter.step("building the initramfs");
     let release = read_text(&work.join("kernel-release"))?.trim().to_owned();
@@ -384,7 +404,8 @@ apt_cache={apt_cache}
 chroot "$root" apt-get install --download-only --yes --no-install-recommends linux-image-amd64 >&2
 deb=$(ls "$root"/var/cache/apt/archives/linux-image-[0-9]*.deb | head -n 1)
 chroot "$root" dpkg-deb --field "/var/cache/apt/archives/${{deb##*/}}" Package Version | sed 's/^[A-Za-z]*: //' | paste - - > "$work/kernel-package"
-chroot "$root" dpkg-deb --extract "/var/cache/apt/archives/${{deb##*/}}" /
+# tar must keep /lib a symlink to usr/lib (merged /usr); `dpkg-deb --extract` would replace it.
+chroot "$root" sh -c "dpkg-deb --fsys-tarfile '/var/cache/apt/archives/${{deb##*/}}' | tar -x --keep-directory-symlink -C /"
 release=$(ls "$root/lib/modules" | head -n 1)
 printf '%s\n' "$release" > "$work/kernel-release"
 for directory in {pruned}; do rm -rf "$root/lib/modules/$release/kernel/$directory"; done
@@ -417,11 +438,24 @@ events_logger = "file"
 CONF
 {cloud_init}
 # The preloaded container image, in the storage podman in the guest uses (overlay on ext4).
-{podman} --root "$root/var/lib/containers/storage" --runroot "$work/podman-run" --storage-driver overlay \
+# Its tarball comes from the bootstrap running beside this one.
+waited=0
+until [ -e "$work/base.ok" ]; do
+  if [ -e "$work/base.failed" ] || [ "$waited" -gt 3000 ]; then
+    echo "the container base image bootstrap failed or took over 10 minutes" >&2
+    exit 1
+  fi
+  sleep 0.2
+  waited=$((waited + 1))
+done
+# podman refuses a runroot path over 50 characters, so it gets a short one of its own.
+runroot=$(mktemp -d /tmp/ci-exec-podman.XXXXXX)
+{podman} --root "$root/var/lib/containers/storage" --runroot "$runroot" --storage-driver overlay \
   import --change 'CMD ["/bin/sh"]' --message 'ci-exec base image' "$work/base.tar" {base_image} >&2
 # podman's database records the host paths it was run with; the guest makes its own.
 rm -rf "$root/var/lib/containers/storage/libpod" "$root/var/lib/containers/storage/tmp" \
   "$root/var/lib/containers/storage/mounts" "$root/var/lib/containers/storage/userns.lock"
+rm -rf "$runroot"
 
 chroot "$root" dpkg-query -W -f '${{Package}}\t${{Version}}\n' > "$work/packages.tsv"
 

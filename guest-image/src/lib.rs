@@ -30,6 +30,7 @@
 //! `localhost/ci-exec/base:latest` preloaded, modules for 9p/virtio/overlay loaded, and `mk` at
 //! `/usr/local/bin/mk`.
 
+pub mod binaries;
 mod cache;
 pub mod catalog;
 mod cloud;

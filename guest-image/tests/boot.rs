@@ -13,6 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn prerequisites() -> Option<Manifest> {
+    prerequisites_for(DEFAULT_IMAGE)
+}
+
+fn prerequisites_for(name: &str) -> Option<Manifest> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let missing = |reason: String| {
         assert!(!ci, "{reason}");
@@ -27,10 +31,10 @@ fn prerequisites() -> Option<Manifest> {
         return missing("qemu-system-x86_64 not found (apt-get install qemu-system-x86)".into());
     }
     let cache = ImageCache::open(None).expect("open image cache");
-    match cache.get(DEFAULT_IMAGE).expect("read image cache") {
+    match cache.get(name).expect("read image cache") {
         Some(manifest) => Some(manifest),
         None => missing(format!(
-            "image `{DEFAULT_IMAGE}` is not built in `{}` (run `bash .ci/setup-image.sh`)",
+            "image `{name}` is not built in `{}` (run `bash .ci/setup-image.sh`)",
             cache.root().display()
         )),
     }
@@ -51,6 +55,11 @@ impl Drop for Vm {
 
 impl Vm {
     fn boot(manifest: &Manifest, directory: &Path) -> Self {
+        Self::boot_with(manifest, directory, &[])
+    }
+
+    /// Boots with extra QEMU arguments (e.g. a seed disk).
+    fn boot_with(manifest: &Manifest, directory: &Path, extra: &[String]) -> Self {
         let overlay = directory.join("overlay.qcow2");
         create_overlay(&manifest.disk, &overlay).expect("create overlay");
         let console = directory.join("console.log");
@@ -93,6 +102,7 @@ impl Vm {
                 "-device",
                 "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -272,4 +282,61 @@ fn default_image_boots_to_agent_and_runs_podman_offline() {
     assert_eq!(code, 0, "{output}\nconsole:\n{}", vm.console());
     assert!(output.contains("localhost/ci-exec/base:latest"), "{output}");
     assert!(output.contains("hello from 12"), "{output}");
+}
+
+/// The real thing: Debian's cloud-init (in the `debian-bookworm-cloud-init` variant, booted with
+/// systemd) reads a seed built by `ci-exec-cloud-init` from a virtio disk, and its `write_files`
+/// and `runcmd` take effect. `runcmd` reports on the serial console, which the test polls.
+#[test]
+fn cloud_init_applies_our_nocloud_seed() {
+    use ci_exec_cloud_init::{CloudConfig, MetaData, Seed, WriteFile};
+    let Some(manifest) = prerequisites_for("debian-bookworm-cloud-init") else {
+        return;
+    };
+    let directory = tempfile::tempdir().expect("tempdir");
+    let seed = Seed {
+        meta_data: MetaData::new("ci-exec-seed-test", "seeded"),
+        user_data: CloudConfig {
+            write_files: vec![WriteFile::new("/etc/ci-exec-seed-test", "written by write_files\n").permissions("0600")],
+            runcmd: vec![
+                "echo \"CI_EXEC_RUNCMD $(cat /etc/ci-exec-seed-test) mode=$(stat -c %a /etc/ci-exec-seed-test) host=$(hostname)\" > /dev/ttyS0"
+                    .into(),
+            ],
+            ..CloudConfig::default()
+        },
+        network_config: None,
+    };
+    let seed_path = directory.path().join("seed.img");
+    seed.write_image(&seed_path).expect("write seed");
+    let vm = Vm::boot_with(
+        &manifest,
+        directory.path(),
+        &[
+            "-drive".to_owned(),
+            format!(
+                "id=seed,file={},format=raw,if=none,readonly=on",
+                seed_path.display()
+            ),
+            "-device".to_owned(),
+            "virtio-blk-device,drive=seed".to_owned(),
+        ],
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let expected = "CI_EXEC_RUNCMD written by write_files mode=600 host=seeded";
+    loop {
+        let console = vm.console();
+        if console.contains(expected) {
+            eprintln!(
+                "cloud-init ran our seed {:.1} s after qemu started",
+                started.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{expected}` on the console within 600 s:\n{console}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
