@@ -26,7 +26,7 @@ fn engine_host(engine: Engine) -> Option<String> {
         ),
         Engine::Podman => (
             "CONTAINER_HOST",
-            &["/run/ci-exec/podman.sock", "/run/podman/podman.sock"],
+            &["/run/podman/podman.sock"],
         ),
     };
     if let Some(host) = std::env::var(env).ok().filter(|host| !host.is_empty()) {

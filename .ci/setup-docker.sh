@@ -1,0 +1,106 @@
+# Sourced by .ci/run. The docker and podman drivers' tests run against real engines:
+#   - dockerd (Debian's docker.io) with its own data root, exec root and socket
+#     (/run/ci-exec/docker.sock), so it never touches a system Docker;
+#   - podman's Docker-compatible API service on the rootful well-known socket
+#     (/run/podman/podman.sock, what `systemctl start podman.socket` would give);
+#   - the test image `localhost/ci-exec/test:latest` in both: a Debian bookworm minbase rootfs
+#     made by mmdebstrap from the mirror apt already uses, then `docker import` / `podman import`
+#     (no registry is reachable in CI).
+# Exports DOCKER_HOST and CI_EXEC_DOCKER_IMAGE. It does not export CONTAINER_HOST: podman's own
+# CLI turns into a remote client when that is set, which would change other setup scripts.
+# Idempotent: quick when the daemons answer and the image is present.
+#
+# What this sandbox needed (measured, Debian bookworm on a firecracker VM, cgroup v1 hybrid,
+# root without CAP_SYS_RESOURCE):
+#   - dockerd: nothing special (overlay2 and iptables work); a private --data-root/--exec-root.
+#   - podman: `--runtime=runc` (crun 1.8 refuses hybrid cgroups: "cgroups in hybrid mode not
+#     supported"), `--cgroup-manager=cgroupfs` (no systemd), `--events-backend=file` (no
+#     journald); and ulimits nofile=20000:20000, nproc=32768:32768 on every container, which
+#     the driver adds itself when it lacks CAP_SYS_RESOURCE.
+# No `||` after the subshell: bash ignores `set -e` inside a command whose status is tested.
+(
+    set -euo pipefail
+    trap 'echo "error: .ci/setup-docker.sh: line $LINENO failed (logs in /var/log/ci-exec)" >&2' ERR
+    log_dir=/var/log/ci-exec
+    cache_dir=/var/cache/ci-exec/docker
+    image=localhost/ci-exec/test:latest
+    docker_socket=/run/ci-exec/docker.sock
+    podman_socket=/run/podman/podman.sock
+    if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+
+    packages=""
+    for tool in dockerd:docker.io podman:podman runc:runc mmdebstrap:mmdebstrap curl:curl; do
+        PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 || packages="$packages ${tool##*:}"
+    done
+    if [ -n "$packages" ]; then
+        $sudo apt-get update -qq
+        # shellcheck disable=SC2086 # the list is split on purpose
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages
+    fi
+    $sudo mkdir -p "$log_dir" "$cache_dir" /run/ci-exec /run/podman
+
+    answers() { curl -fsS --max-time 5 --unix-socket "$1" http://engine/_ping >/dev/null 2>&1; }
+    wait_for() { # socket, what, log: poll with a deadline
+        local deadline=$(( $(date +%s) + 60 ))
+        until answers "$1"; do
+            if [ "$(date +%s)" -ge "$deadline" ]; then
+                echo "error: $2 did not answer on $1 within 60 s; its log:" >&2
+                tail -n 30 "$3" >&2 || true
+                return 1
+            fi
+            sleep 0.2
+        done
+    }
+
+    if ! answers "$docker_socket"; then
+        $sudo setsid -f /usr/sbin/dockerd \
+            --data-root /var/lib/ci-exec/docker \
+            --exec-root /run/ci-exec/docker \
+            --pidfile /run/ci-exec/docker.pid \
+            -H "unix://$docker_socket" \
+            </dev/null >"$log_dir/dockerd.log" 2>&1
+        wait_for "$docker_socket" dockerd "$log_dir/dockerd.log"
+    fi
+
+    podman_flags="--runtime=runc --cgroup-manager=cgroupfs --events-backend=file"
+    if ! answers "$podman_socket"; then
+        # shellcheck disable=SC2086 # the flags are split on purpose
+        $sudo setsid -f podman $podman_flags system service --time=0 "unix://$podman_socket" \
+            </dev/null >"$log_dir/podman-service.log" 2>&1
+        wait_for "$podman_socket" "the podman service" "$log_dir/podman-service.log"
+    fi
+
+    export DOCKER_HOST="unix://$docker_socket"
+    missing_in_docker=0
+    docker image inspect "$image" >/dev/null 2>&1 || missing_in_docker=1
+    missing_in_podman=0
+    # shellcheck disable=SC2086
+    $sudo podman $podman_flags image exists "$image" || missing_in_podman=1
+    if [ $(( missing_in_docker + missing_in_podman )) -gt 0 ]; then
+        rootfs="$cache_dir/bookworm-minbase.tar"
+        if [ ! -s "$rootfs" ]; then
+            # The mirror apt is configured with on this machine, never a hard-coded host.
+            sources=""
+            for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+                [ -s "$file" ] && sources="$sources $file"
+            done
+            # shellcheck disable=SC2086
+            # mmdebstrap picks the output format from the name: keep `.tar` last.
+            $sudo mmdebstrap --variant=minbase --quiet bookworm "$cache_dir/partial.tar" $sources
+            $sudo mv "$cache_dir/partial.tar" "$rootfs"
+        fi
+        changes=(--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' --change 'CMD ["/bin/sh"]')
+        if [ "$missing_in_docker" = 1 ]; then
+            docker import "${changes[@]}" "$rootfs" "$image" >/dev/null
+        fi
+        if [ "$missing_in_podman" = 1 ]; then
+            # shellcheck disable=SC2086
+            $sudo podman $podman_flags import --quiet "${changes[@]}" "$rootfs" "$image" >/dev/null
+        fi
+    fi
+    echo "setup-docker: dockerd on $docker_socket, podman on $podman_socket, image $image ready" >&2
+)
+ci_exec_docker_status=$?
+export DOCKER_HOST=unix:///run/ci-exec/docker.sock
+export CI_EXEC_DOCKER_IMAGE=localhost/ci-exec/test:latest
+[ "$ci_exec_docker_status" = 0 ]
