@@ -98,14 +98,33 @@ impl QemuDriver {
 
     async fn start_warm(&self, spec: &MachineSpec) -> Result<Machine, QemuError> {
         let state = warm::state_dir(&self.config.cache_dir, spec);
+        // Drivers of one process that start at once wait for the first to save the state
+        // instead of each booting cold to save their own.
+        static CREATING: Mutex<()> = Mutex::const_new(());
+        // A state that could not be saved is not tried again by this process.
+        static FAILED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        let creating = CREATING.lock().await;
+        let failed_before = FAILED
+            .lock()
+            .map(|failed| failed.contains(&state))
+            .unwrap_or(false);
+        if failed_before {
+            drop(creating);
+            return Machine::start(spec, self.config.boot_timeout).await;
+        }
         if !warm::is_ready(&state) {
             let scratch = RunDir::new(self.run.path().join("warmup"));
             if let Err(error) = warm::create(spec, &scratch, &state, self.config.boot_timeout).await
             {
                 tracing::warn!(%error, "cannot save a warm VM state; booting cold");
+                if let Ok(mut failed) = FAILED.lock() {
+                    failed.push(state.clone());
+                }
+                drop(creating);
                 return Machine::start(spec, self.config.boot_timeout).await;
             }
         }
+        drop(creating);
         let warm_spec = MachineSpec {
             backing: state.join("disk.qcow2"),
             incoming: Some(state.join("state")),
@@ -403,6 +422,19 @@ impl TaskHandle {
             .sh(&script, AGENT_TIMEOUT)
             .await
             .map_err(|error| backend(format!("stop task `{}`", self.id), error))?;
+        // The agent reaps the killed wrapper a moment later: a stopped task must read as done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut interval = Duration::from_millis(1);
+        while !self.status().await?.is_done() {
+            if std::time::Instant::now() > deadline {
+                return Err(DriverError::Timeout {
+                    task: self.id.clone(),
+                    after: Duration::from_secs(30),
+                });
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(Duration::from_millis(20));
+        }
         Ok(())
     }
 }

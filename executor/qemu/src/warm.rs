@@ -69,9 +69,11 @@ pub async fn create(
         path: parent.to_owned(),
         source,
     })?;
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let building = parent.join(format!(
-        ".building-{}-{}",
+        ".building-{}-{}-{}",
         std::process::id(),
+        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         final_dir
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
