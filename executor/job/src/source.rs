@@ -10,7 +10,8 @@ use crate::JobError;
 /// What a job runs: one commit's tree, packed as a tar archive.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// The work tree root of the repository.
+    /// The directory the job is about: the repository's work tree root, or the subdirectory
+    /// (a project in a monorepo) whose subtree the job runs.
     pub root: PathBuf,
     pub commit: String,
     pub tree: String,
@@ -43,7 +44,22 @@ impl Snapshot {
             Err(error) => return Err(read_tree(error)),
         };
         let commit = head.peel_to_commit().map_err(read_tree)?;
-        let tree = commit.tree().map_err(read_tree)?;
+        let mut tree = commit.tree().map_err(read_tree)?;
+        // A subdirectory of the repository is a project of its own (a monorepo): its committed
+        // subtree is the job's source, and only changes under it change the key.
+        let subdirectory = subdirectory_of(&root, path);
+        if let Some(sub) = &subdirectory {
+            let entry = tree.get_path(sub).map_err(|_| JobError::NoMkfile {
+                path: root.join(sub),
+            })?;
+            tree = repo.find_tree(entry.id()).map_err(|_| JobError::NoMkfile {
+                path: root.join(sub),
+            })?;
+        }
+        let root = match subdirectory {
+            Some(sub) => root.join(sub),
+            None => root.clone(),
+        };
         let mkfile = match tree.get_name("mkfile") {
             Some(entry) if entry.kind() == Some(ObjectType::Blob) => {
                 let blob = repo.find_blob(entry.id()).map_err(read_tree)?;
@@ -66,6 +82,14 @@ impl Snapshot {
             skipped_submodules,
         })
     }
+}
+
+/// `path` relative to the work tree `root`, when it is a subdirectory of it.
+fn subdirectory_of(root: &Path, path: &Path) -> Option<PathBuf> {
+    let root = root.canonicalize().ok()?;
+    let path = path.canonicalize().ok()?;
+    let relative = path.strip_prefix(&root).ok()?;
+    (!relative.as_os_str().is_empty()).then(|| relative.to_path_buf())
 }
 
 fn archive_tree(
@@ -226,7 +250,7 @@ mod tests {
         std::fs::write(d.join("mkfile"), "test:V:\n\techo dirty\n").expect("write");
         std::fs::write(d.join("untracked"), "x").expect("write");
 
-        let snapshot = Snapshot::of_head(&d.join("bin")).expect("snapshot");
+        let snapshot = Snapshot::of_head(d).expect("snapshot");
         assert_eq!(snapshot.mkfile, b"test:V:\n\techo committed\n");
         let entries = entries(&snapshot.archive);
         let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
@@ -238,6 +262,38 @@ mod tests {
             .expect("bin/run");
         assert_eq!(run.2 & 0o111, 0o111, "executable bit kept");
         assert_eq!(snapshot.tree.len(), 40);
+    }
+
+    #[test]
+    fn a_subdirectory_is_a_project_of_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        git(d, &["init", "-q"]);
+        std::fs::create_dir_all(d.join("services/api")).expect("mkdir");
+        std::fs::write(d.join("mkfile"), "test:V:\n\techo root\n").expect("write");
+        std::fs::write(d.join("services/api/mkfile"), "test:V:\n\techo api\n").expect("write");
+        std::fs::write(d.join("services/api/main.c"), "int main;\n").expect("write");
+        git(d, &["add", "."]);
+        git(d, &["commit", "-qm", "one"]);
+        let api = Snapshot::of_head(&d.join("services/api")).expect("snapshot");
+        assert_eq!(api.mkfile, b"test:V:\n\techo api\n");
+        let names: Vec<String> = entries(&api.archive)
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        assert_eq!(names, ["main.c", "mkfile"]);
+        assert!(api.root.ends_with("services/api"));
+
+        // A change outside the subtree keeps its tree id, and so its result key.
+        std::fs::write(d.join("README"), "x").expect("write");
+        git(d, &["add", "."]);
+        git(d, &["commit", "-qm", "two"]);
+        let again = Snapshot::of_head(&d.join("services/api")).expect("snapshot");
+        assert_eq!(again.tree, api.tree);
+        assert_ne!(Snapshot::of_head(d).expect("root").tree, api.tree);
+
+        let error = Snapshot::of_head(&d.join("services")).expect_err("no mkfile there");
+        assert!(error.to_string().contains("services"), "{error}");
     }
 
     #[test]
