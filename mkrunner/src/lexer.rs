@@ -16,6 +16,8 @@ pub struct LogicalLine {
     pub line: usize,
     /// `(offset in text, line, column)` at each point where the mapping jumps.
     spans: Vec<(usize, usize, usize)>,
+    /// Where the next character continues the last span from.
+    expected: Option<(usize, usize)>,
 }
 
 impl LogicalLine {
@@ -24,20 +26,15 @@ impl LogicalLine {
             text: String::new(),
             line,
             spans: Vec::new(),
+            expected: None,
         }
     }
 
     fn push(&mut self, c: char, line: usize, column: usize) {
-        let offset = self.text.len();
-        let continues = self
-            .spans
-            .last()
-            .is_some_and(|&(start, span_line, span_column)| {
-                span_line == line && span_column + self.text[start..].chars().count() == column
-            });
-        if !continues {
-            self.spans.push((offset, line, column));
+        if self.expected != Some((line, column)) {
+            self.spans.push((self.text.len(), line, column));
         }
+        self.expected = Some((line, column + 1));
         self.text.push(c);
     }
 
@@ -47,6 +44,7 @@ impl LogicalLine {
         self.spans.push((self.text.len(), line, column));
         self.text.push_str(text);
         self.spans.push((self.text.len(), line, column));
+        self.expected = None;
     }
 
     /// The `(line, column)` a byte offset of `text` came from.

@@ -152,13 +152,13 @@ impl<'r> Parser<'r> {
             let runner = self.runner;
             let directory = self.directory.clone();
             let shell = self.shell.clone();
-            let environment = Self::environment(&self.variables);
+            let variables = &self.variables;
             let mut backquote = |command: &str, location: Location| -> Result<String, Error> {
                 let outcome = runner
                     .run(&Command {
                         argv: shell.clone(),
                         stdin: Some(command.to_string()),
-                        environment: environment.clone(),
+                        environment: Self::environment(variables),
                         directory: directory.clone(),
                         capture_stdout: true,
                         targets: Vec::new(),

@@ -147,7 +147,8 @@ struct PendingJob {
     rule: usize,
     nodes: Vec<NodeId>,
     job: Job,
-    environment: Vec<(String, String)>,
+    /// `$target`, `$stem`…: added to the exported variables when the recipe starts.
+    internal: Vec<(&'static str, String)>,
 }
 
 struct Running {
@@ -652,12 +653,15 @@ impl<'a, 'm> Build<'a, 'm> {
         }
         let mut prereqs: Vec<String> = Vec::new();
         let mut new_prereqs: Vec<String> = Vec::new();
+        // mk de-duplicates with a linear scan; a set keeps 10,000 prerequisites linear.
+        let mut seen_prereqs = std::collections::HashSet::new();
+        let mut seen_new = std::collections::HashSet::new();
         for &n in &chain {
             for index in 0..self.graph.nodes[n].arcs.len() {
                 match self.graph.nodes[n].arcs[index].node {
                     Some(child) => {
                         let name = self.graph.nodes[child].name.clone();
-                        if !prereqs.contains(&name) {
+                        if seen_prereqs.insert(child) {
                             prereqs.push(name.clone());
                         }
                         if self.out_of_date(n, index, false)? {
@@ -671,7 +675,7 @@ impl<'a, 'm> Build<'a, 'm> {
                                 );
                                 self.print(&text);
                             }
-                            if !new_prereqs.contains(&name) {
+                            if seen_new.insert(child) {
                                 new_prereqs.push(name);
                             }
                         }
@@ -714,8 +718,6 @@ impl<'a, 'm> Build<'a, 'm> {
             };
             internal.push((name, value));
         }
-        let mut environment = self.base_environment.clone();
-        environment.extend(internal.into_iter().map(|(k, v)| (k.to_string(), v)));
         let job = Job {
             targets,
             all_targets,
@@ -731,7 +733,7 @@ impl<'a, 'm> Build<'a, 'm> {
             rule: arc.rule,
             nodes: chain,
             job,
-            environment,
+            internal,
         });
         if self.running < self.limit {
             self.schedule()?;
@@ -739,18 +741,17 @@ impl<'a, 'm> Build<'a, 'm> {
         Ok(true)
     }
 
-    fn echo(&self, recipe: &str, environment: &[(String, String)]) -> String {
+    fn echo(&self, recipe: &str, internal: &[(&'static str, String)]) -> String {
         let variables = &self.mkfile.variables;
         let lookup = |name: &str| -> Option<String> {
-            let internal = crate::expand::INTERNAL_VARIABLES.contains(&name);
-            if !internal && !variables.is_assigned(name) {
+            if let Some((_, value)) = internal.iter().find(|(key, _)| *key == name) {
+                return Some(value.clone());
+            }
+            // Only variables mk set and exports are expanded; the rest is the shell's.
+            if !variables.is_assigned(name) || !variables.is_exported(name) {
                 return None;
             }
-            environment
-                .iter()
-                .rev()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
+            variables.get(name).map(|words| words.join(" "))
         };
         echo_text(recipe, &lookup)
     }
@@ -761,10 +762,10 @@ impl<'a, 'm> Build<'a, 'm> {
             return Ok(());
         };
         let slot = self.slots.iter().position(Option::is_none).unwrap_or(0);
-        if let Some(entry) = pending.environment.iter_mut().find(|(k, _)| k == "nproc") {
+        if let Some(entry) = pending.internal.iter_mut().find(|(k, _)| *k == "nproc") {
             entry.1 = slot.to_string();
         }
-        let echo = self.echo(&pending.job.recipe, &pending.environment);
+        let echo = self.echo(&pending.job.recipe, &pending.internal);
         pending.job.echo = echo.clone();
         let rule = self.graph.rule(pending.rule).clone();
         if !self.options.touch && (self.options.dry_run || !rule.attributes.quiet) {
@@ -791,10 +792,17 @@ impl<'a, 'm> Build<'a, 'm> {
         if !rule.attributes.continue_on_error {
             argv.push("-e".to_string());
         }
+        let mut environment = self.base_environment.clone();
+        environment.extend(
+            pending
+                .internal
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value)),
+        );
         let command = Command {
             argv,
             stdin: Some(pending.job.recipe.clone()),
-            environment: pending.environment,
+            environment,
             directory: self.mkfile.directory.clone(),
             capture_stdout: false,
             targets: pending.job.targets.clone(),
