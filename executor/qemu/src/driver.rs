@@ -70,8 +70,14 @@ impl QemuDriver {
             machine.check_alive("run")?;
             return Ok(machine.clone());
         }
-        let image = image::resolve(&self.config.image)?;
+        let mut image = image::resolve(&self.config.image)?;
         let verdict = self.accel().await;
+        if verdict.accel == crate::accel::Accel::Tcg {
+            image.kernel_cmdline = crate::machine::tcg_kernel_cmdline(
+                &image.kernel_cmdline,
+                crate::machine::host_tsc_khz(),
+            );
+        }
         tracing::debug!(accel = %verdict.accel, reason = %verdict.reason, "accelerator");
         self.run.create(&self.config.namespace)?;
         let spec = MachineSpec {

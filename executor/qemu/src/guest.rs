@@ -233,8 +233,8 @@ fn guest_os_command(script: &mut String, task: &Task, env: &BTreeMap<String, Str
         }
         argv.push("--".to_owned());
     }
-    argv.push("/usr/bin/env".to_owned());
-    argv.push("-i".to_owned());
+    // `--` ends env's options; what follows is `NAME=value`s, then the command.
+    argv.extend(["/usr/bin/env".to_owned(), "-i".to_owned(), "--".to_owned()]);
     let mut env = env.clone();
     env.entry("PATH".to_owned())
         .or_insert_with(|| GUEST_PATH.to_owned());
@@ -250,8 +250,6 @@ fn guest_os_command(script: &mut String, task: &Task, env: &BTreeMap<String, Str
     for (name, value) in &env {
         quoted.push(shell_quote(&format!("{name}={value}")));
     }
-    // `env` would read a leading `NAME=value` or `-x` of the command as its own.
-    quoted.push("--".to_owned());
     for argument in &task.command {
         quoted.push(shell_quote(argument));
     }
@@ -290,7 +288,7 @@ mod tests {
         assert!(script.contains("exec </dev/null >\"$d/stdout\" 2>\"$d/stderr\""));
         assert!(
             script.contains(
-                "exec /usr/bin/env -i 'A=1 2' PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin -- echo 'it'\\''s'"
+                "exec /usr/bin/env -i -- 'A=1 2' PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin echo 'it'\\''s'"
             ),
             "{script}"
         );

@@ -145,6 +145,58 @@ impl MachineSpec {
     }
 }
 
+/// Kernel arguments that make a TCG guest boot on a busy host: under TCG the guest's TSC
+/// runs at the host's rate, but calibrating it against the emulated PIT fails when the host is
+/// loaded (measured here: the boot hangs at "tsc: Unable to calibrate against PIT" at load
+/// 11 on 2 cores). So the frequency is given (`tsc_early_khz`, the host's), the clocksource
+/// watchdog that would distrust it under jittery emulated timers is off (`tsc=reliable`), and
+/// so is the IO-APIC timer check (`no_timer_check`). Arguments already present are kept.
+pub fn tcg_kernel_cmdline(cmdline: &str, host_tsc_khz: Option<u64>) -> String {
+    let mut arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
+    let has = |arguments: &[String], name: &str| {
+        arguments
+            .iter()
+            .any(|argument| argument.split('=').next() == Some(name))
+    };
+    let mut extra = Vec::new();
+    if let Some(khz) = host_tsc_khz
+        && !has(&arguments, "tsc_early_khz")
+    {
+        extra.push(format!("tsc_early_khz={khz}"));
+    }
+    if !has(&arguments, "tsc") {
+        extra.push("tsc=reliable".to_owned());
+    }
+    if !has(&arguments, "no_timer_check") {
+        extra.push("no_timer_check".to_owned());
+    }
+    // Arguments after `--` go to init, not the kernel: insert before it.
+    let position = arguments
+        .iter()
+        .position(|argument| argument == "--")
+        .unwrap_or(arguments.len());
+    arguments.splice(position..position, extra);
+    arguments.join(" ")
+}
+
+/// The host's TSC frequency in kHz, from `/proc/cpuinfo` (x86 only).
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = cpuinfo.lines().find(|line| line.starts_with("flags"))?;
+    if !flags.split_whitespace().any(|flag| flag == "constant_tsc") {
+        return None;
+    }
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|line| line.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
 /// A running VM with its monitor and agent sessions.
 #[derive(Debug)]
 pub struct Machine {
@@ -719,6 +771,22 @@ mod tests {
                 OsString::from("-incoming"),
                 OsString::from("exec:cat /cache/warm/k/state")
             ]
+        );
+    }
+
+    #[test]
+    fn tcg_arguments_are_added_once_and_before_init_arguments() {
+        assert_eq!(
+            tcg_kernel_cmdline("root=/dev/vda quiet", Some(2445432)),
+            "root=/dev/vda quiet tsc_early_khz=2445432 tsc=reliable no_timer_check"
+        );
+        assert_eq!(
+            tcg_kernel_cmdline("tsc=unstable no_timer_check -- init-arg", None),
+            "tsc=unstable no_timer_check -- init-arg"
+        );
+        assert_eq!(
+            tcg_kernel_cmdline("a -- b", Some(1)),
+            "a tsc_early_khz=1 tsc=reliable no_timer_check -- b"
         );
     }
 
