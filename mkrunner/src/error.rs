@@ -34,7 +34,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("missing closing {quote}")]
+    #[error("missing closing quote `{quote}`")]
     MissingClosingQuote { quote: char, location: Location },
     #[error("missing closing `{terminator}` after a backquote")]
     MissingClosingBackquote {
@@ -83,9 +83,14 @@ pub enum Error {
     DontKnowHow { target: String, directory: String },
     #[error("no recipe to make `{target}`")]
     NoRecipe { target: String },
-    #[error("recipe for `{targets}` failed: {status}{}", deleted_note(deleted))]
+    #[error(
+        "recipe for `{targets}` failed with {status}: `{recipe}`{}",
+        deleted_note(deleted)
+    )]
     RecipeFailed {
         targets: String,
+        /// The recipe shortened as mk shortens it (first words, `...`, last word).
+        recipe: String,
         status: String,
         deleted: Vec<String>,
     },

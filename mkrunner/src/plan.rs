@@ -854,7 +854,8 @@ impl<'a, 'm> Build<'a, 'm> {
                     }
                 }
                 Some(Error::RecipeFailed {
-                    targets: front(&running.echo),
+                    targets: running.targets.join(" "),
+                    recipe: front(&running.echo),
                     status: outcome.status.describe(),
                     deleted,
                 })
