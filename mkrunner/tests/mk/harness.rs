@@ -1,6 +1,6 @@
 //! A small builder for running our `mk` in a fresh directory and checking what it did.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 pub fn ours() -> PathBuf {
@@ -19,7 +19,6 @@ pub struct Run {
     pub stdout: String,
     pub stderr: String,
     pub status: Option<i32>,
-    pub directory: PathBuf,
 }
 
 impl Test {
@@ -44,10 +43,6 @@ impl Test {
         self
     }
 
-    pub fn path(&self) -> &Path {
-        self.directory.path()
-    }
-
     pub fn run(&self) -> Run {
         let output = Command::new(ours())
             .args(&self.args)
@@ -64,7 +59,6 @@ impl Test {
             stdout: clean(&output.stdout),
             stderr: clean(&output.stderr),
             status: output.status.code(),
-            directory,
         }
     }
 }
