@@ -148,7 +148,7 @@ struct PendingJob {
     nodes: Vec<NodeId>,
     job: Job,
     /// `$target`, `$stem`…: added to the exported variables when the recipe starts.
-    internal: Vec<(&'static str, String)>,
+    internal: Vec<(&'static str, Vec<String>)>,
 }
 
 struct Running {
@@ -165,7 +165,7 @@ struct Build<'a, 'm> {
     output: &'a mut dyn Write,
     spawn: &'a dyn Fn(usize, Command),
     receiver: &'a mpsc::Receiver<(usize, Result<Outcome, RunnerError>)>,
-    base_environment: Vec<(String, String)>,
+    base_environment: Vec<(String, Vec<String>)>,
     queue: VecDeque<PendingJob>,
     slots: Vec<Option<Running>>,
     running: usize,
@@ -196,7 +196,7 @@ impl<'a, 'm> Build<'a, 'm> {
         let base_environment = variables
             .iter()
             .filter(|(name, _)| variables.is_exported(name))
-            .map(|(name, value)| (name.clone(), value.join(" ")))
+            .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
         Build {
             mkfile,
@@ -696,15 +696,15 @@ impl<'a, 'm> Build<'a, 'm> {
         } else {
             arc.stem.clone()
         };
-        let mut internal: Vec<(&str, String)> = vec![
-            ("target", targets.join(" ")),
-            ("stem", stem.clone()),
-            ("prereq", prereqs.join(" ")),
-            ("pid", std::process::id().to_string()),
-            ("nproc", String::new()),
-            ("newprereq", new_prereqs.join(" ")),
-            ("alltarget", all_targets.join(" ")),
-            ("newmember", archive_members(&new_prereqs).join(" ")),
+        let mut internal: Vec<(&str, Vec<String>)> = vec![
+            ("target", targets.clone()),
+            ("stem", vec![stem.clone()]),
+            ("prereq", prereqs.clone()),
+            ("pid", vec![std::process::id().to_string()]),
+            ("nproc", vec![String::new()]),
+            ("newprereq", new_prereqs.clone()),
+            ("alltarget", all_targets.clone()),
+            ("newmember", archive_members(&new_prereqs)),
         ];
         for (group, name) in STEMS.iter().enumerate() {
             let value = if rule.attributes.regex {
@@ -716,7 +716,7 @@ impl<'a, 'm> Build<'a, 'm> {
             } else {
                 String::new()
             };
-            internal.push((name, value));
+            internal.push((name, vec![value]));
         }
         let job = Job {
             targets,
@@ -741,11 +741,11 @@ impl<'a, 'm> Build<'a, 'm> {
         Ok(true)
     }
 
-    fn echo(&self, recipe: &str, internal: &[(&'static str, String)]) -> String {
+    fn echo(&self, recipe: &str, internal: &[(&'static str, Vec<String>)]) -> String {
         let variables = &self.mkfile.variables;
         let lookup = |name: &str| -> Option<String> {
             if let Some((_, value)) = internal.iter().find(|(key, _)| *key == name) {
-                return Some(value.clone());
+                return Some(value.join(" "));
             }
             // Only variables mk set and exports are expanded; the rest is the shell's.
             if !variables.is_assigned(name) || !variables.is_exported(name) {
@@ -763,7 +763,7 @@ impl<'a, 'm> Build<'a, 'm> {
         };
         let slot = self.slots.iter().position(Option::is_none).unwrap_or(0);
         if let Some(entry) = pending.internal.iter_mut().find(|(k, _)| *k == "nproc") {
-            entry.1 = slot.to_string();
+            entry.1 = vec![slot.to_string()];
         }
         let echo = self.echo(&pending.job.recipe, &pending.internal);
         pending.job.echo = echo.clone();
@@ -792,12 +792,18 @@ impl<'a, 'm> Build<'a, 'm> {
         if !rule.attributes.continue_on_error {
             argv.push("-e".to_string());
         }
-        let mut environment = self.base_environment.clone();
+        // rc takes lists in the environment separated by \x01; sh gets blanks.
+        let separator = if is_rc(&rule.shell) { "\x01" } else { " " };
+        let mut environment: Vec<(String, String)> = self
+            .base_environment
+            .iter()
+            .map(|(name, words)| (name.clone(), words.join(separator)))
+            .collect();
         environment.extend(
             pending
                 .internal
                 .into_iter()
-                .map(|(name, value)| (name.to_string(), value)),
+                .map(|(name, words)| (name.to_string(), words.join(separator))),
         );
         let command = Command {
             argv,
@@ -927,6 +933,13 @@ fn front(recipe: &str) -> String {
         fields
     };
     fields.join(" ").trim().to_string()
+}
+
+/// Whether a shell command is Plan 9's rc (lists are exported differently).
+fn is_rc(shell: &[String]) -> bool {
+    shell
+        .first()
+        .is_some_and(|program| program == "rc" || program.ends_with("/rc"))
 }
 
 fn atoi(text: &str) -> i64 {
