@@ -1,0 +1,306 @@
+//! `ci-exec image`: build, list, locate and prune guest images (`ci-exec-guest-image`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ci_exec_guest_image::{
+    BuildOptions, CloudOptions, DEFAULT_IMAGE, ImageCache, Manifest, Reporter, Variant, binaries,
+    catalog,
+};
+
+use crate::exit::{CliError, SUCCESS};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImageCommand {
+    /// Build the default Debian image (or the cloud-init variant), or download and prepare a
+    /// catalog cloud image; does nothing when the cached image is current
+    Build {
+        /// `debian-bookworm`, `debian-bookworm-cloud-init`, or a catalog name (`ubuntu-24.04`,
+        /// `alpine-3.20`)
+        #[arg(default_value = DEFAULT_IMAGE)]
+        name: String,
+        /// Our static `mk` (default: found beside this executable or in cargo's musl output)
+        #[arg(long, value_name = "PATH", env = "CI_EXEC_MK")]
+        mk: Option<PathBuf>,
+        /// Our static guest init, `ci-exec-init` (found like `--mk`)
+        #[arg(long, value_name = "PATH", env = "CI_EXEC_INIT")]
+        init: Option<PathBuf>,
+        /// Debian mirror URL or sources file (default: this host's Debian sources)
+        #[arg(long, value_name = "URL|FILE")]
+        mirror: Option<String>,
+        /// Extra guest packages
+        #[arg(long = "package", value_name = "NAME")]
+        packages: Vec<String>,
+        /// Rebuild even if the cached image is current
+        #[arg(long)]
+        force: bool,
+        /// Image cache directory (default: `$XDG_CACHE_HOME/ci-exec/images`)
+        #[arg(long, value_name = "DIR", env = "CI_EXEC_IMAGE_CACHE")]
+        cache: Option<PathBuf>,
+        /// Print the manifest as JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// List cached images with their digests
+    List {
+        #[arg(long, value_name = "DIR", env = "CI_EXEC_IMAGE_CACHE")]
+        cache: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the paths of one image's files (disk, kernel, initrd)
+    Path {
+        #[arg(default_value = DEFAULT_IMAGE)]
+        name: String,
+        #[arg(long, value_name = "DIR", env = "CI_EXEC_IMAGE_CACHE")]
+        cache: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove superseded builds and interrupted downloads (everything with `--all`)
+    Prune {
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_name = "DIR", env = "CI_EXEC_IMAGE_CACHE")]
+        cache: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
+    match command {
+        ImageCommand::Build {
+            name,
+            mk,
+            init,
+            mirror,
+            packages,
+            force,
+            cache,
+            json,
+        } => {
+            let cache = open(cache)?;
+            let reporter = TerminalReporter::new();
+            let mk = binary(mk, "mk")?;
+            let manifest = if catalog::lookup(&name).is_ok() {
+                let mut options = CloudOptions::new(mk);
+                options.force = force;
+                cache.fetch_cloud(&name, &options, &reporter)
+            } else {
+                let mut options = BuildOptions::new(mk, binary(init, "ci-exec-init")?);
+                options.mirror = mirror;
+                options.extra_packages = packages;
+                options.force = force;
+                if name == format!("{}-cloud-init", options.image_name()) {
+                    options.variant = Variant::CloudInit;
+                } else if name != options.image_name() {
+                    let known: Vec<&str> =
+                        catalog::CATALOG.iter().map(|entry| entry.name).collect();
+                    return Err(CliError::usage(format!("unknown image `{name}`"))
+                        .hint(format!(
+                            "known images: {DEFAULT_IMAGE}, {DEFAULT_IMAGE}-cloud-init, {}",
+                            known.join(", ")
+                        ))
+                        .into());
+                }
+                cache.build_default(&options, &reporter)
+            }
+            .map_err(|error| CliError::infrastructure(chain(&error)))?;
+            reporter.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&manifest)?);
+            } else {
+                eprintln!(
+                    "image `{}` ready: digest {} ({:.0} MB) in {:.1} s",
+                    manifest.name,
+                    short(&manifest.digest),
+                    manifest.disk_bytes as f64 / 1e6,
+                    reporter.started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        ImageCommand::List { cache, json } => {
+            let cache = open(cache)?;
+            let images = cache
+                .list()
+                .map_err(|error| CliError::infrastructure(chain(&error)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else if images.is_empty() {
+                eprintln!(
+                    "no images in `{}` (build one with `ci-exec image build`)",
+                    cache.root().display()
+                );
+            } else {
+                println!(
+                    "{:<28}  {:<16}  {:>8}  {:<20}  SOURCE",
+                    "NAME", "DIGEST", "SIZE", "BUILT"
+                );
+                for image in &images {
+                    println!(
+                        "{:<28}  {:<16}  {:>6.0}MB  {:<20}  {}",
+                        image.name,
+                        short(&image.digest),
+                        image.disk_bytes as f64 / 1e6,
+                        image.built_at,
+                        image.source
+                    );
+                }
+            }
+        }
+        ImageCommand::Path { name, cache, json } => {
+            let cache = open(cache)?;
+            let manifest = found(&cache, &name)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "name": manifest.name,
+                        "digest": manifest.digest,
+                        "disk": manifest.disk,
+                        "kernel": manifest.kernel,
+                        "vmlinux": manifest.vmlinux,
+                        "initrd": manifest.initrd,
+                        "kernel_cmdline": manifest.kernel_cmdline,
+                    }))?
+                );
+            } else {
+                println!("disk     {}", manifest.disk.display());
+                if !manifest.vmlinux.as_os_str().is_empty() {
+                    println!("vmlinux  {}", manifest.vmlinux.display());
+                    println!("kernel   {}", manifest.kernel.display());
+                    println!("initrd   {}", manifest.initrd.display());
+                    println!("cmdline  {}", manifest.kernel_cmdline);
+                }
+            }
+        }
+        ImageCommand::Prune { all, cache, json } => {
+            let cache = open(cache)?;
+            let report = cache
+                .prune(all)
+                .map_err(|error| CliError::infrastructure(chain(&error)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for path in &report.removed {
+                    eprintln!("removed {}", path.display());
+                }
+                eprintln!("freed {:.0} MB", report.freed_bytes as f64 / 1e6);
+            }
+        }
+    }
+    Ok(SUCCESS)
+}
+
+fn open(cache: Option<PathBuf>) -> Result<ImageCache, CliError> {
+    ImageCache::open(cache).map_err(|error| CliError::infrastructure(chain(&error)))
+}
+
+fn found(cache: &ImageCache, name: &str) -> Result<Manifest, CliError> {
+    cache
+        .get(name)
+        .map_err(|error| CliError::infrastructure(chain(&error)))?
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "image `{name}` is not in the cache `{}`",
+                cache.root().display()
+            ))
+            .hint(format!("build it with `ci-exec image build {name}`"))
+        })
+}
+
+fn binary(given: Option<PathBuf>, name: &str) -> Result<PathBuf, CliError> {
+    given.or_else(|| binaries::locate(name)).ok_or_else(|| {
+        CliError::usage(format!("cannot find the static guest binary `{name}`")).hint(format!(
+            "build it with `{}`, or pass its path",
+            binaries::BUILD_HINT
+        ))
+    })
+}
+
+/// The error and its causes on one line each (the library's messages never repeat a source).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\ncaused by: {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+fn short(digest: &str) -> &str {
+    digest.get(..16).unwrap_or(digest)
+}
+
+/// Steps as `==> …` lines on stderr; downloads as a progress bar when stderr is a terminal.
+struct TerminalReporter {
+    started: Instant,
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+    interactive: bool,
+}
+
+impl TerminalReporter {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            bar: Mutex::new(None),
+            interactive: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn finish(&self) {
+        self.transfer_finished();
+    }
+}
+
+impl Reporter for TerminalReporter {
+    fn step(&self, name: &str) {
+        eprintln!(
+            "==> [{:>5.1}s] {name}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    fn transfer_started(&self, what: &str, total: Option<u64>) {
+        if !self.interactive {
+            return;
+        }
+        let bar = match total {
+            Some(total) => indicatif::ProgressBar::new(total),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_message(what.rsplit('/').next().unwrap_or(what).to_owned());
+        if let Ok(mut slot) = self.bar.lock() {
+            *slot = Some(bar);
+        }
+    }
+
+    fn transfer_progress(&self, done: u64) {
+        if let Ok(slot) = self.bar.lock()
+            && let Some(bar) = slot.as_ref()
+        {
+            bar.set_position(done);
+        }
+    }
+
+    fn transfer_finished(&self) {
+        if let Ok(mut slot) = self.bar.lock()
+            && let Some(bar) = slot.take()
+        {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn log(&self, line: &str) {
+        tracing::debug!(target: "ci_exec::image", "{line}");
+    }
+}
