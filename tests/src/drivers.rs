@@ -27,3 +27,64 @@ pub async fn native() -> Option<Box<dyn Driver>> {
         .unwrap_or_else(|error| panic!("native driver: {error}"));
     Some(Box::new(driver))
 }
+
+/// The image the docker and podman conformance runs use: `.ci/setup-docker.sh` imports it.
+pub const CONTAINER_TEST_IMAGE: &str = "localhost/ci-exec/test:latest";
+
+/// The docker driver in a fresh namespace, on `DOCKER_HOST` or the socket
+/// `.ci/setup-docker.sh` starts (`/run/ci-exec/docker.sock`), else the system socket.
+pub async fn docker() -> Option<Box<dyn Driver>> {
+    container_engine(
+        "docker",
+        "DOCKER_HOST",
+        &["/run/ci-exec/docker.sock", "/var/run/docker.sock"],
+    )
+    .await
+}
+
+/// The podman driver in a fresh namespace, on `CONTAINER_HOST` or the rootful podman socket.
+pub async fn podman() -> Option<Box<dyn Driver>> {
+    container_engine("podman", "CONTAINER_HOST", &["/run/podman/podman.sock"]).await
+}
+
+async fn container_engine(name: &str, host_env: &str, sockets: &[&str]) -> Option<Box<dyn Driver>> {
+    const FIX: &str = "run `bash .ci/setup-docker.sh` as root (installs docker.io and podman, \
+                       starts dockerd and the podman service, imports the test image)";
+    let host = match std::env::var(host_env).ok().filter(|host| !host.is_empty()) {
+        Some(host) => host,
+        None => match sockets
+            .iter()
+            .find(|socket| std::path::Path::new(socket).exists())
+        {
+            Some(socket) => format!("unix://{socket}"),
+            None => {
+                return crate::missing_prerequisite(
+                    name,
+                    &format!(
+                        "no `{name}` daemon socket (`{host_env}` unset, none of {sockets:?}); {FIX}"
+                    ),
+                );
+            }
+        },
+    };
+    let dsn = format!("{name}://{}", unique_namespace(name));
+    let config = DriverConfig::parse_with_env(&dsn, &|variable| {
+        (variable == host_env).then(|| host.clone())
+    })
+    .unwrap_or_else(|error| panic!("{name} DSN `{dsn}`: {error}"));
+    let config = ci_exec_docker::DockerConfig::from_driver_config(&config)
+        .unwrap_or_else(|error| panic!("{name} config: {error}"))
+        .image(CONTAINER_TEST_IMAGE);
+    let driver = match ci_exec_docker::DockerDriver::connect(config).await {
+        Ok(driver) => driver,
+        Err(error) => return crate::missing_prerequisite(name, &format!("{error}; {FIX}")),
+    };
+    match driver.image_present(CONTAINER_TEST_IMAGE).await {
+        Ok(true) => Some(Box::new(driver)),
+        Ok(false) => crate::missing_prerequisite(
+            name,
+            &format!("test image `{CONTAINER_TEST_IMAGE}` is missing; {FIX}"),
+        ),
+        Err(error) => panic!("{name} driver: {error}"),
+    }
+}

@@ -6,7 +6,9 @@ use bollard::query_parameters::LogsOptionsBuilder;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSink};
+use std::time::Duration;
+
+use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSink, wait_for_exit};
 
 use crate::driver::{Inner, status_code};
 
@@ -35,18 +37,23 @@ impl DockerContainer {
         &self.name
     }
 
+    /// Writes the container's output from the beginning, leaving out the first `skip` bytes
+    /// of stdout and of stderr (already written by an earlier pass). Returns how many bytes of
+    /// each stream the engine sent, skipped ones included.
     async fn write_logs(
         &self,
         follow: bool,
+        skip: [u64; 2],
         stdout: LogSink<'_>,
         stderr: LogSink<'_>,
-    ) -> Result<(), DriverError> {
+    ) -> Result<[u64; 2], DriverError> {
         let docker = self.inner.docker().await?;
         let options = LogsOptionsBuilder::new()
             .stdout(true)
             .stderr(true)
             .follow(follow)
             .build();
+        let mut seen = [0u64; 2];
         let mut logs = docker.logs(&self.name, Some(options));
         while let Some(chunk) = logs.next().await {
             let chunk = chunk.map_err(|source| {
@@ -59,12 +66,24 @@ impl DockerContainer {
                     )
                 }
             })?;
-            let written = match chunk {
-                LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                    write_chunk(stdout, &message, follow).await
-                }
-                LogOutput::StdErr { message } => write_chunk(stderr, &message, follow).await,
-                LogOutput::StdIn { .. } => Ok(()),
+            let (stream, message) = match chunk {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => (0, message),
+                LogOutput::StdErr { message } => (1, message),
+                LogOutput::StdIn { .. } => continue,
+            };
+            let start = seen[stream];
+            seen[stream] += message.len() as u64;
+            let fresh = skip[stream].saturating_sub(start).min(message.len() as u64);
+            let Some(bytes) = message.get(usize::try_from(fresh).unwrap_or(usize::MAX)..) else {
+                continue;
+            };
+            if bytes.is_empty() {
+                continue;
+            }
+            let written = if stream == 0 {
+                write_chunk(stdout, bytes, follow).await
+            } else {
+                write_chunk(stderr, bytes, follow).await
             };
             written.map_err(|source| self.inner.backend("write a task's output", source))?;
         }
@@ -72,7 +91,8 @@ impl DockerContainer {
             Ok(()) => stderr.flush().await,
             Err(error) => Err(error),
         };
-        flushed.map_err(|source| self.inner.backend("write a task's output", source))
+        flushed.map_err(|source| self.inner.backend("write a task's output", source))?;
+        Ok(seen)
     }
 
     fn gone(&self) -> DriverError {
@@ -122,7 +142,8 @@ impl Container for DockerContainer {
     }
 
     async fn logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
-        self.write_logs(false, stdout, stderr).await
+        self.write_logs(false, [0, 0], stdout, stderr).await?;
+        Ok(())
     }
 
     async fn cleanup(&self) -> Result<(), DriverError> {
@@ -137,6 +158,13 @@ impl Container for DockerContainer {
 #[async_trait]
 impl FollowLogs for DockerContainer {
     async fn follow(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
-        self.write_logs(true, stdout, stderr).await
+        let followed = self.write_logs(true, [0, 0], stdout, stderr).await?;
+        // Podman 4 may end a follow when the container exits, before the last of its output
+        // was sent: once the task is done, a plain read sends whatever the follow missed.
+        if self.inner.connection().await?.is_podman {
+            wait_for_exit(self, Duration::from_millis(50), None).await?;
+            self.write_logs(false, followed, stdout, stderr).await?;
+        }
+        Ok(())
     }
 }

@@ -98,6 +98,18 @@ impl DockerDriver {
         Ok(self.inner.connection().await?.is_podman)
     }
 
+    /// Whether `image` is on the daemon already (nothing is pulled).
+    pub async fn image_present(&self, image: &str) -> Result<bool, DriverError> {
+        let docker = self.inner.docker().await?;
+        match docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(error) if status_code(&error) == Some(404) => Ok(false),
+            Err(source) => Err(self
+                .inner
+                .backend(format!("inspect image `{image}`"), source)),
+        }
+    }
+
     /// The image of tasks that name none.
     pub fn default_image(&self) -> &str {
         &self.inner.config.image
@@ -273,7 +285,13 @@ impl Inner {
             // file logger and rejects `local`.
             log_config: (!self.connection().await?.is_podman).then(|| HostConfigLogConfig {
                 typ: Some("local".to_owned()),
-                config: None,
+                // Docker 20.10 reads back only the live file, not rotated ones: one file, big
+                // enough for a CI job's whole output, uncompressed.
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), "2g".to_owned()),
+                    ("max-file".to_owned(), "1".to_owned()),
+                    ("compress".to_owned(), "false".to_owned()),
+                ])),
             }),
             ulimits: self
                 .needs_ulimits

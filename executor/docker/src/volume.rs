@@ -63,14 +63,14 @@ impl VolumeFiles for DockerDriver {
             volume: volume.to_owned(),
             reason,
         };
-        let relative = Path::new(path.trim_start_matches('/'));
+        let relative = Path::new(path);
         if relative.as_os_str().is_empty()
             || !relative
                 .components()
                 .all(|component| matches!(component, Component::Normal(_) | Component::CurDir))
         {
             return Err(invalid(format!(
-                "path `{path}` must name a file inside the volume, without `..`"
+                "path `{path}` must be relative to the volume's root, without `..`"
             )));
         }
         let backend_name = resource_name(inner.namespace(), volume);

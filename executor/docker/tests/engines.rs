@@ -24,10 +24,7 @@ fn engine_host(engine: Engine) -> Option<String> {
             "DOCKER_HOST",
             &["/run/ci-exec/docker.sock", "/var/run/docker.sock"],
         ),
-        Engine::Podman => (
-            "CONTAINER_HOST",
-            &["/run/podman/podman.sock"],
-        ),
+        Engine::Podman => ("CONTAINER_HOST", &["/run/podman/podman.sock"]),
     };
     if let Some(host) = std::env::var(env).ok().filter(|host| !host.is_empty()) {
         return Some(host);

@@ -424,4 +424,6 @@ async fn cleanup_twice_is_fine(subject: Subject) {
 
 conformance! {
     native => ci_exec_tests::drivers::native, image = "";
+    docker => ci_exec_tests::drivers::docker, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE;
+    podman => ci_exec_tests::drivers::podman, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE;
 }
