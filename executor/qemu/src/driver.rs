@@ -416,7 +416,7 @@ impl TaskHandle {
         }
         let script = match &self.podman_name {
             Some(name) => format!(
-                "/usr/bin/podman rm --force --time=0 {name} >/dev/null 2>&1; kill -KILL -- -$(cat {dir}/pid) 2>/dev/null; true",
+                "/usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; kill -KILL -- -$(cat {dir}/pid) 2>/dev/null; true",
                 dir = guest::guest_task_dir(&self.id)
             ),
             None => format!(
@@ -690,7 +690,7 @@ impl Sandbox for QemuSandbox {
         {
             self.machine
                 .sh(
-                    &format!("/usr/bin/podman rm --force --time=0 {name} >/dev/null 2>&1; true"),
+                    &format!("/usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; true"),
                     AGENT_TIMEOUT,
                 )
                 .await

@@ -87,6 +87,11 @@ pub fn wrapper_env() -> Vec<String> {
     vec![format!("PATH={GUEST_PATH}"), "HOME=/root".to_owned()]
 }
 
+/// Tasks run offline (`--network=none`), yet podman 4.3 still looks for its default network
+/// backend's binary (`netavark`) and fails without it; the CNI backend needs no binary for
+/// `none`.
+const PODMAN_NETWORK_BACKEND: &str = "--network-backend=cni";
+
 /// How a script should run its command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runner<'a> {
@@ -123,6 +128,7 @@ pub fn task_script(
         Runner::PodmanRun { image, name } | Runner::PodmanStart { image, name } => {
             let mut argv: Vec<String> = [
                 "/usr/bin/podman",
+                PODMAN_NETWORK_BACKEND,
                 "run",
                 "--rm",
                 "--network=none",
@@ -158,7 +164,11 @@ pub fn task_script(
             push_argv(&mut script, &argv);
         }
         Runner::PodmanExec { name } => {
-            let mut argv: Vec<String> = vec!["/usr/bin/podman".to_owned(), "exec".to_owned()];
+            let mut argv: Vec<String> = vec![
+                "/usr/bin/podman".to_owned(),
+                PODMAN_NETWORK_BACKEND.to_owned(),
+                "exec".to_owned(),
+            ];
             podman_options(&mut argv, task, env, has_stdin);
             argv.push(name.to_owned());
             argv.extend(task.command.iter().cloned());
@@ -329,7 +339,7 @@ mod tests {
         );
         assert!(
             script.contains(
-                "/usr/bin/podman run --rm --network=none --pull=never --log-driver=none --name=ns-t3 --interactive --user=nobody --workdir=/data --env=K=v --volume=/mnt/ci/volumes/data:/data localhost/ci-exec/base:latest sh -c cat"
+                "/usr/bin/podman --network-backend=cni run --rm --network=none --pull=never --log-driver=none --name=ns-t3 --interactive --user=nobody --workdir=/data --env=K=v --volume=/mnt/ci/volumes/data:/data localhost/ci-exec/base:latest sh -c cat"
             ),
             "{script}"
         );

@@ -284,6 +284,15 @@ impl Machine {
                     })?;
                 match status["status"].as_str() {
                     Some("running") => break,
+                    // The state was saved from a stopped VM: restoring it leaves it paused.
+                    Some("paused") => {
+                        qmp.execute("cont", Value::Null, MONITOR_TIMEOUT)
+                            .await
+                            .map_err(|source| QemuError::Monitor {
+                                stage: "restore".to_owned(),
+                                source,
+                            })?;
+                    }
                     Some("inmigrate") | Some("prelaunch") => {}
                     Some(other) => {
                         return Err(QemuError::WarmSave {
