@@ -136,150 +136,159 @@ fn available(driver: &str) -> bool {
 }
 
 fn qemu_missing() -> Option<String> {
-    let probe = Command::new(BINARY)
-        .args(["doctor", "--json"])
+    let list = Command::new(BINARY)
+        .args(["image", "list", "--json"])
         .output()
         .ok()?;
-    let report: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap_or_default();
-    let ready = report
-        .pointer("/image/present")
-        .and_then(serde_json::Value::as_bool)
-        == Some(true);
-    (!ready).then(|| "no guest image: run `ci-exec image build`".to_owned())
+    let images: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+    let built = images.as_array().is_some_and(|images| {
+        images
+            .iter()
+            .any(|image| image["name"] == "debian-bookworm")
+    });
+    (!built).then(|| "no guest image: run `ci-exec image build`".to_owned())
 }
 
-/// One test per driver for each job case.
+/// One test per listed driver for a job case. Every case runs on native; the qemu list is
+/// kept to the cases that exercise the guest (each qemu run boots a VM, and CI time is shared).
 macro_rules! job_test {
-    ($name:ident, |$driver:ident| $body:block) => {
+    ($name:ident, [$($driver:ident),+], |$arg:ident| $body:block) => {
         mod $name {
             use super::*;
 
-            fn case($driver: &str) $body
+            fn case($arg: &str) $body
 
-            #[test]
-            fn native() {
-                if available("native") {
-                    case("native");
+            $(
+                #[test]
+                fn $driver() {
+                    if available(stringify!($driver)) {
+                        case(stringify!($driver));
+                    }
                 }
-            }
-
-            #[test]
-            #[ignore = "joins when the qemu driver lands in the CLI"]
-            fn qemu() {
-                if available("qemu") {
-                    case("qemu");
-                }
-            }
+            )+
         }
     };
 }
 
-job_test!(hello_runs_then_replays_byte_exact, |driver| {
-    let repo = Repo::example("hello");
-    let first = repo.test(driver, &[], &[]);
-    assert_exit(&first, 0);
-    assert!(
-        text(&first.stdout).contains("hello from mk test"),
-        "{}",
-        text(&first.stdout)
-    );
-    assert!(
-        text(&first.stderr).contains("==> mk test"),
-        "{}",
-        text(&first.stderr)
-    );
+job_test!(
+    hello_runs_then_replays_byte_exact,
+    [native, qemu],
+    |driver| {
+        let repo = Repo::example("hello");
+        let first = repo.test(driver, &[], &[]);
+        assert_exit(&first, 0);
+        assert!(
+            text(&first.stdout).contains("hello from mk test"),
+            "{}",
+            text(&first.stdout)
+        );
+        assert!(
+            text(&first.stderr).contains("==> mk test"),
+            "{}",
+            text(&first.stderr)
+        );
 
-    let second = repo.test(driver, &[], &[]);
-    assert_exit(&second, 0);
-    assert_eq!(second.stdout, first.stdout, "replayed stdout is byte-exact");
-    assert!(
-        text(&second.stderr).contains("==> replaying result"),
-        "{}",
-        text(&second.stderr)
-    );
-    assert!(!text(&second.stderr).contains("==> mk test"), "nothing ran");
+        let second = repo.test(driver, &[], &[]);
+        assert_exit(&second, 0);
+        assert_eq!(second.stdout, first.stdout, "replayed stdout is byte-exact");
+        assert!(
+            text(&second.stderr).contains("==> replaying result"),
+            "{}",
+            text(&second.stderr)
+        );
+        assert!(!text(&second.stderr).contains("==> mk test"), "nothing ran");
 
-    let forced = repo.test(driver, &["--no-replay"], &[]);
-    assert_exit(&forced, 0);
-    assert!(
-        text(&forced.stderr).contains("==> mk test"),
-        "--no-replay runs"
-    );
-});
+        let forced = repo.test(driver, &["--no-replay"], &[]);
+        assert_exit(&forced, 0);
+        assert!(
+            text(&forced.stderr).contains("==> mk test"),
+            "--no-replay runs"
+        );
+    }
+);
 
-job_test!(artifacts_are_collected_and_the_cache_survives, |driver| {
-    let repo = Repo::example("artifacts-cache");
-    let artifacts = repo.path().join("collected");
-    let report = repo.path().join("report.json");
-    let args = ["--artifacts", "collected", "--report", "report.json"];
-    let first = repo.test(driver, &args, &[]);
-    assert_exit(&first, 0);
-    assert!(
-        text(&first.stdout).contains("cache empty"),
-        "{}",
-        text(&first.stdout)
-    );
-    assert_eq!(
-        std::fs::read(artifacts.join("result.txt")).expect("artifact"),
-        b"built\n"
-    );
-    assert_eq!(
-        std::fs::read(artifacts.join("data.bin")).expect("artifact"),
-        b"\0\x01\x02binary\xff"
-    );
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
-    assert_eq!(json["replayed"], false);
-    assert_eq!(json["exit_code"], 0);
-    assert_eq!(
-        json["artifacts"].as_array().map(Vec::len),
-        Some(2),
-        "{json}"
-    );
+job_test!(
+    artifacts_are_collected_and_the_cache_survives,
+    [native, qemu],
+    |driver| {
+        let repo = Repo::example("artifacts-cache");
+        let artifacts = repo.path().join("collected");
+        let report = repo.path().join("report.json");
+        let args = ["--artifacts", "collected", "--report", "report.json"];
+        let first = repo.test(driver, &args, &[]);
+        assert_exit(&first, 0);
+        assert!(
+            text(&first.stdout).contains("cache empty"),
+            "{}",
+            text(&first.stdout)
+        );
+        assert_eq!(
+            std::fs::read(artifacts.join("result.txt")).expect("artifact"),
+            b"built\n"
+        );
+        assert_eq!(
+            std::fs::read(artifacts.join("data.bin")).expect("artifact"),
+            b"\0\x01\x02binary\xff"
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+        assert_eq!(json["replayed"], false);
+        assert_eq!(json["exit_code"], 0);
+        assert_eq!(
+            json["artifacts"].as_array().map(Vec::len),
+            Some(2),
+            "{json}"
+        );
 
-    let second = repo.test(driver, &["--no-replay"], &[]);
-    assert_exit(&second, 0);
-    assert!(
-        text(&second.stdout).contains("cache restored: run 1"),
-        "{}",
-        text(&second.stdout)
-    );
-    let fresh = repo.test(driver, &["--no-replay", "--fresh"], &[]);
-    assert!(
-        text(&fresh.stdout).contains("cache empty"),
-        "--fresh ignores the cache"
-    );
+        let second = repo.test(driver, &["--no-replay"], &[]);
+        assert_exit(&second, 0);
+        assert!(
+            text(&second.stdout).contains("cache restored: run 1"),
+            "{}",
+            text(&second.stdout)
+        );
+        let fresh = repo.test(driver, &["--no-replay", "--fresh"], &[]);
+        assert!(
+            text(&fresh.stdout).contains("cache empty"),
+            "--fresh ignores the cache"
+        );
 
-    // A replay restores the artifacts too.
-    std::fs::remove_dir_all(&artifacts).expect("rm");
-    let replay = repo.test(driver, &args, &[]);
-    assert_exit(&replay, 0);
-    assert!(artifacts.join("data.bin").is_file());
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
-    assert_eq!(json["replayed"], true);
-});
+        // A replay restores the artifacts too.
+        std::fs::remove_dir_all(&artifacts).expect("rm");
+        let replay = repo.test(driver, &args, &[]);
+        assert_exit(&replay, 0);
+        assert!(artifacts.join("data.bin").is_file());
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+        assert_eq!(json["replayed"], true);
+    }
+);
 
-job_test!(a_failing_test_exits_1_and_is_never_replayed, |driver| {
-    let repo = Repo::example("failing");
-    let first = repo.test(driver, &[], &[]);
-    assert_exit(&first, 1);
-    assert!(
-        text(&first.stderr).contains("expected 2, got 3"),
-        "{}",
-        text(&first.stderr)
-    );
-    let second = repo.test(driver, &[], &[]);
-    assert_exit(&second, 1);
-    assert!(
-        !text(&second.stderr).contains("replaying"),
-        "{}",
-        text(&second.stderr)
-    );
-});
+job_test!(
+    a_failing_test_exits_1_and_is_never_replayed,
+    [native, qemu],
+    |driver| {
+        let repo = Repo::example("failing");
+        let first = repo.test(driver, &[], &[]);
+        assert_exit(&first, 1);
+        assert!(
+            text(&first.stderr).contains("expected 2, got 3"),
+            "{}",
+            text(&first.stderr)
+        );
+        let second = repo.test(driver, &[], &[]);
+        assert_exit(&second, 1);
+        assert!(
+            !text(&second.stderr).contains("replaying"),
+            "{}",
+            text(&second.stderr)
+        );
+    }
+);
 
 job_test!(
     env_files_and_inputs_reach_the_test_but_the_host_env_does_not,
+    [native, qemu],
     |driver| {
         let repo = Repo::example("env-files");
         let host = [("HOST_ONLY", "leaked"), ("INPUT", "one")];
@@ -308,51 +317,59 @@ job_test!(
     }
 );
 
-job_test!(secrets_are_masked_live_and_in_the_record, |driver| {
-    let repo = Repo::example("secrets");
-    let secret = [("API_TOKEN", "s3cr3t-value")];
-    let first = repo.test(driver, &["--secret", "API_TOKEN"], &secret);
-    assert_exit(&first, 0);
-    let stdout = text(&first.stdout);
-    assert!(stdout.contains("token is ***"), "{stdout}");
-    assert!(!stdout.contains("s3cr3t"), "{stdout}");
-    // Not hashed: another value replays the same result, still masked.
-    let other = repo.test(
-        driver,
-        &["--secret", "API_TOKEN"],
-        &[("API_TOKEN", "another")],
-    );
-    assert!(
-        text(&other.stderr).contains("replaying"),
-        "{}",
-        text(&other.stderr)
-    );
-    assert!(!text(&other.stdout).contains("s3cr3t"));
-    let store = walk(repo.store.path());
-    for file in store {
-        let bytes = std::fs::read(&file).expect("read");
-        assert!(
-            !text(&bytes).contains("s3cr3t"),
-            "secret stored in {}",
-            file.display()
+job_test!(
+    secrets_are_masked_live_and_in_the_record,
+    [native],
+    |driver| {
+        let repo = Repo::example("secrets");
+        let secret = [("API_TOKEN", "s3cr3t-value")];
+        let first = repo.test(driver, &["--secret", "API_TOKEN"], &secret);
+        assert_exit(&first, 0);
+        let stdout = text(&first.stdout);
+        assert!(stdout.contains("token is ***"), "{stdout}");
+        assert!(!stdout.contains("s3cr3t"), "{stdout}");
+        // Not hashed: another value replays the same result, still masked.
+        let other = repo.test(
+            driver,
+            &["--secret", "API_TOKEN"],
+            &[("API_TOKEN", "another")],
         );
+        assert!(
+            text(&other.stderr).contains("replaying"),
+            "{}",
+            text(&other.stderr)
+        );
+        assert!(!text(&other.stdout).contains("s3cr3t"));
+        let store = walk(repo.store.path());
+        for file in store {
+            let bytes = std::fs::read(&file).expect("read");
+            assert!(
+                !text(&bytes).contains("s3cr3t"),
+                "secret stored in {}",
+                file.display()
+            );
+        }
+        let missing = repo.test(driver, &["--secret", "API_TOKEN"], &[]);
+        assert_exit(&missing, 2);
+        assert!(text(&missing.stderr).contains("`API_TOKEN` is declared as a secret"));
     }
-    let missing = repo.test(driver, &["--secret", "API_TOKEN"], &[]);
-    assert_exit(&missing, 2);
-    assert!(text(&missing.stderr).contains("`API_TOKEN` is declared as a secret"));
-});
+);
 
-job_test!(only_the_committed_tree_reaches_the_job, |driver| {
-    let repo = Repo::example("hello");
-    repo.write("mkfile", "test:V:\n\techo dirty work tree\n");
-    repo.write("untracked", "x");
-    let output = repo.test(driver, &[], &[]);
-    assert_exit(&output, 0);
-    assert!(text(&output.stdout).contains("hello from mk test"));
-    assert!(!text(&output.stdout).contains("dirty"));
-});
+job_test!(
+    only_the_committed_tree_reaches_the_job,
+    [native],
+    |driver| {
+        let repo = Repo::example("hello");
+        repo.write("mkfile", "test:V:\n\techo dirty work tree\n");
+        repo.write("untracked", "x");
+        let output = repo.test(driver, &[], &[]);
+        assert_exit(&output, 0);
+        assert!(text(&output.stdout).contains("hello from mk test"));
+        assert!(!text(&output.stdout).contains("dirty"));
+    }
+);
 
-job_test!(binary_output_replays_byte_exact, |driver| {
+job_test!(binary_output_replays_byte_exact, [native], |driver| {
     let repo = Repo::empty();
     repo.git(&["init", "-q"]);
     repo.write(
@@ -382,16 +399,20 @@ job_test!(binary_output_replays_byte_exact, |driver| {
     assert_eq!(job_stderr, "err\u{1}");
 });
 
-job_test!(two_jobs_at_once_in_one_repository_both_work, |driver| {
-    let repo = Repo::example("hello");
-    let (a, b) = std::thread::scope(|scope| {
-        let a = scope.spawn(|| repo.test(driver, &["--no-replay"], &[]));
-        let b = scope.spawn(|| repo.test(driver, &["--no-replay"], &[]));
-        (a.join().expect("a"), b.join().expect("b"))
-    });
-    assert_exit(&a, 0);
-    assert_exit(&b, 0);
-});
+job_test!(
+    two_jobs_at_once_in_one_repository_both_work,
+    [native],
+    |driver| {
+        let repo = Repo::example("hello");
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| repo.test(driver, &["--no-replay"], &[]));
+            let b = scope.spawn(|| repo.test(driver, &["--no-replay"], &[]));
+            (a.join().expect("a"), b.join().expect("b"))
+        });
+        assert_exit(&a, 0);
+        assert_exit(&b, 0);
+    }
+);
 
 /// The 12-character key prefix a replay names on stderr.
 fn key_of(output: &Output) -> String {
