@@ -196,8 +196,10 @@ impl<'a> Expander<'a> {
                             }
                             Some(mut value) => {
                                 empty = false;
-                                if !current.is_empty() {
-                                    value[0].insert_str(0, &current);
+                                if !current.is_empty()
+                                    && let Some(first) = value.first_mut()
+                                {
+                                    first.insert_str(0, &current);
                                     current.clear();
                                 }
                                 let mut value = value.into_iter();
