@@ -33,6 +33,7 @@
 pub mod binaries;
 mod cache;
 pub mod catalog;
+mod clock;
 mod cloud;
 mod debian;
 mod disk;
@@ -45,6 +46,7 @@ mod manifest;
 mod reporter;
 
 pub use cache::{ImageCache, PruneReport, default_directory};
+pub use clock::tcg_kernel_arguments;
 pub use cloud::{CloudOptions, preparation_seed};
 pub use debian::{BASE_CONTAINER_IMAGE, BuildOptions, PACKAGES, Variant};
 pub use disk::create_overlay;
