@@ -88,3 +88,30 @@ async fn container_engine(name: &str, host_env: &str, sockets: &[&str]) -> Optio
         Err(error) => panic!("{name} driver: {error}"),
     }
 }
+
+/// The container image the default guest image preloads (tasks of `qemu_podman` run in it).
+pub const QEMU_GUEST_CONTAINER_IMAGE: &str = "localhost/ci-exec/base:latest";
+
+/// The qemu driver in a fresh namespace: a real VM (TCG is enough) booted from the default
+/// guest image. Its prerequisites are QEMU, `qemu-img` and that image.
+pub async fn qemu() -> Option<Box<dyn Driver>> {
+    let dsn = format!("qemu://{}", unique_namespace("qemu"));
+    let config = DriverConfig::parse_with_env(&dsn, &|variable| std::env::var(variable).ok())
+        .unwrap_or_else(|error| panic!("qemu DSN `{dsn}`: {error}"));
+    let config = ci_exec_qemu::QemuConfig::from_driver_config(&config)
+        .unwrap_or_else(|error| panic!("qemu config: {error}"));
+    for program in [config.qemu_binary.as_str(), "qemu-img"] {
+        if ci_exec_qemu::accel::find_on_path(program).is_none() {
+            return crate::missing_prerequisite(
+                "qemu",
+                &format!(
+                    "`{program}` is not installed: apt-get install qemu-system-x86 qemu-utils"
+                ),
+            );
+        }
+    }
+    if let Err(error) = ci_exec_qemu::resolve_image(&config.image) {
+        return crate::missing_prerequisite("qemu", &error.to_string());
+    }
+    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+}

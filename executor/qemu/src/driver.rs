@@ -346,7 +346,7 @@ impl Driver for QemuDriver {
 impl VolumeFiles for QemuDriver {
     async fn read_file(&self, volume: &str, path: &str) -> Result<Vec<u8>, DriverError> {
         let root = self.volume_path(volume)?;
-        let relative = Path::new(path.trim_start_matches('/'));
+        let relative = Path::new(path);
         if relative
             .components()
             .any(|part| !matches!(part, std::path::Component::Normal(_)))
@@ -414,15 +414,18 @@ impl TaskHandle {
         if self.status().await?.is_done() {
             return Ok(());
         }
+        // The wrapper is the leader of its own session and process group (`setsid`), with the
+        // pid the agent gave us. Kill it first (it may not have called setsid yet), then its
+        // group (the command it started).
+        let kill = format!(
+            "kill -KILL {pid} 2>/dev/null; kill -KILL -- -{pid} 2>/dev/null; true",
+            pid = self.pid
+        );
         let script = match &self.podman_name {
             Some(name) => format!(
-                "/usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; kill -KILL -- -$(cat {dir}/pid) 2>/dev/null; true",
-                dir = guest::guest_task_dir(&self.id)
+                "/usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; {kill}"
             ),
-            None => format!(
-                "kill -KILL -- -$(cat {}/pid) 2>/dev/null; true",
-                guest::guest_task_dir(&self.id)
-            ),
+            None => kill,
         };
         self.machine
             .sh(&script, AGENT_TIMEOUT)

@@ -426,4 +426,6 @@ conformance! {
     native => ci_exec_tests::drivers::native, image = "";
     docker => ci_exec_tests::drivers::docker, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE;
     podman => ci_exec_tests::drivers::podman, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE;
+    qemu => ci_exec_tests::drivers::qemu, image = "";
+    qemu_podman => ci_exec_tests::drivers::qemu, image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE;
 }
