@@ -557,3 +557,116 @@ pub fn compile_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     }
     regex::Regex::new(&translated)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::HostRunner;
+
+    /// Each rule as `target:attributes:prereqs` (attributes as mk letters) and the recipe.
+    fn summary(text: &str) -> Result<Vec<String>, String> {
+        let runner = HostRunner;
+        let mut parser = Parser::new(&runner, PathBuf::from("."));
+        parser
+            .parse_text("mkfile", text, false)
+            .map_err(|error| error.to_string())?;
+        Ok(parser
+            .rules
+            .rules
+            .iter()
+            .map(|rule| {
+                let a = &rule.attributes;
+                let letters: String = [
+                    (a.is_virtual, 'V'),
+                    (a.quiet, 'Q'),
+                    (a.continue_on_error, 'E'),
+                    (a.no_recipe_ok, 'N'),
+                    (a.regex, 'R'),
+                    (a.delete_on_error, 'D'),
+                    (a.update, 'U'),
+                    (a.not_virtual, 'n'),
+                    (a.program.is_some(), 'P'),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, letter)| *letter)
+                .collect();
+                let meta = if rule.is_meta { "meta " } else { "" };
+                format!(
+                    "{meta}{}:{letters}:{}|{}",
+                    rule.target,
+                    rule.prereqs.join(","),
+                    rule.recipe
+                )
+            })
+            .collect())
+    }
+
+    #[test]
+    fn rules_table() {
+        let cases: &[(&str, &[&str])] = &[
+            ("a: b c\n\techo\n", &["a::b,c|echo\n"]),
+            ("a b: c\n", &["a::c|", "b::c|"]),
+            ("a:VQ: b\n\tx\n", &["a:VQ:b|x\n"]),
+            ("a::b\n", &["a::b|"]),
+            ("%.o: %.c\n\tcc\n", &["meta %.o::%.c|cc\n"]),
+            ("&.x:\n", &["meta &.x::|"]),
+            ("'(.*)\\.o':R: '\\1.c'\n", &["meta (.*)\\.o:R:\\1.c|"]),
+            ("a:Pcmp -s: b\n", &["a:P:b|"]),
+            ("X=p q\n$X: r\n", &["p::r|", "q::r|"]),
+            ("a:DUEnN:\n", &["a:ENDUn:|"]),
+            (
+                "a: b\n\tone\n#c\n\ttwo\n\nc: d\n",
+                &["a::b|one\n#c\ntwo\n", "c::d|"],
+            ),
+            ("a: x\n\tfirst\na: x\n\tsecond\n", &["a::x|second\n"]),
+        ];
+        for (text, expected) in cases {
+            let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+            assert_eq!(summary(text), Ok(expected), "input {text:?}");
+        }
+    }
+
+    #[test]
+    fn errors_table() {
+        let cases: &[(&str, &str)] = &[
+            ("just words\n", "expected one of `:`, `=` or `<`"),
+            ("a:X:\n", "unknown attribute `X`"),
+            ("a:V\n", "missing trailing `:` after the attributes"),
+            (
+                "A B=1\n",
+                "more than one variable on the left side of an assignment",
+            ),
+            (": a\n", "no target or variable on the left side of `:`"),
+            ("=a\n", "no target or variable on the left side of `=`"),
+            ("C=a=b\n", "unknown attribute `a`"),
+            ("<\n", "missing include file name after `<`"),
+            ("<|\n", "missing include program after `<|`"),
+            ("X='a\n", "missing closing quote `'`"),
+            ("X=${Y:a\n", "missing `}` in variable substitution"),
+            ("'(':R:\n", "bad regular expression `(`"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(summary(text), Err(expected.to_string()), "input {text:?}");
+        }
+    }
+
+    #[test]
+    fn assignments() {
+        let runner = HostRunner;
+        let mut parser = Parser::new(&runner, PathBuf::from("."));
+        parser
+            .parse_text("args", "O=cmd\n", true)
+            .expect("command line parses");
+        parser
+            .parse_text("mkfile", "A=1 2\nO=file\nH=U=x\nB=$A-z\n", false)
+            .expect("mkfile parses");
+        let get = |name: &str| parser.variables.get(name).cloned();
+        assert_eq!(get("A"), Some(vec!["1".to_string(), "2".to_string()]));
+        assert_eq!(get("O"), Some(vec!["cmd".to_string()]));
+        assert_eq!(get("B"), Some(vec!["1".to_string(), "2-z".to_string()]));
+        assert!(!parser.variables.is_exported("H"));
+        assert!(parser.variables.is_assigned("A"));
+        assert_eq!(get("MKSHELL"), Some(vec!["sh".to_string()]));
+    }
+}
