@@ -321,16 +321,16 @@ impl<'a, 'm> Build<'a, 'm> {
         }
         if flags & MADE != 0
             && flags & PRETENDING != 0
-            && let Some((p, arc)) = parent
-            && self.out_of_date(p, arc, false)?
+            && let Some((parent_node, parent_arc)) = parent
+            && self.out_of_date(parent_node, parent_arc, false)?
         {
             if self.options.explain {
                 let text = format!(
                     "unpretending {}({}) because {} is out of date({})\n",
                     self.graph.nodes[node].name,
                     self.graph.nodes[node].time,
-                    self.graph.nodes[p].name,
-                    self.graph.nodes[p].time
+                    self.graph.nodes[parent_node].name,
+                    self.graph.nodes[parent_node].time
                 );
                 self.print(&text);
             }
@@ -376,10 +376,11 @@ impl<'a, 'm> Build<'a, 'm> {
                         out_of_date = true;
                         let replace = match reason {
                             None => true,
-                            Some(r) => match self.graph.nodes[node].arcs[r].node {
+                            Some(reason) => match self.graph.nodes[node].arcs[reason].node {
                                 None => true,
-                                Some(rn) => {
-                                    self.graph.nodes[rn].time < self.graph.nodes[child].time
+                                Some(reason_node) => {
+                                    self.graph.nodes[reason_node].time
+                                        < self.graph.nodes[child].time
                                 }
                             },
                         };
@@ -411,10 +412,10 @@ impl<'a, 'm> Build<'a, 'm> {
         if !self.make_intermediates()
             && n.time == 0
             && n.flags & (PRETENDING | CAN_PRETEND) != 0
-            && let Some((p, _)) = parent
-            && let Some(r) = reason
-            && self.graph.nodes[node].arcs[r].node.is_some()
-            && !self.out_of_date_arc(p, node, r)?
+            && let Some((parent_node, _)) = parent
+            && let Some(reason) = reason
+            && self.graph.nodes[node].arcs[reason].node.is_some()
+            && !self.out_of_date_arc(parent_node, node, reason)?
         {
             let n = &mut self.graph.nodes[node];
             n.flags &= !CAN_PRETEND;
@@ -437,9 +438,9 @@ impl<'a, 'm> Build<'a, 'm> {
             {
                 if self.options.explain {
                     let because = reason
-                        .and_then(|r| self.graph.nodes[node].arcs[r].node)
-                        .map_or("rule with no prerequisites".to_string(), |r| {
-                            self.graph.nodes[r].name.clone()
+                        .and_then(|reason| self.graph.nodes[node].arcs[reason].node)
+                        .map_or("rule with no prerequisites".to_string(), |reason| {
+                            self.graph.nodes[reason].name.clone()
                         });
                     let text = format!(
                         "unpretending {} because of {} because of {}\n",
@@ -470,13 +471,13 @@ impl<'a, 'm> Build<'a, 'm> {
 
     /// `outofdate(p, ra)` where `ra` is an arc of `node` (not of `p`): mk passes the arc
     /// of the child, so the comparison is between `p` and the arc's prerequisite.
-    fn out_of_date_arc(&mut self, p: NodeId, node: NodeId, arc: usize) -> Result<bool, Error> {
+    fn out_of_date_arc(&mut self, parent: NodeId, node: NodeId, arc: usize) -> Result<bool, Error> {
         let arc = &self.graph.nodes[node].arcs[arc];
         let Some(child) = arc.node else {
             return Ok(false);
         };
         let rule = arc.rule;
-        self.compare(p, child, rule, false)
+        self.compare(parent, child, rule, false)
     }
 
     fn compare(
