@@ -76,7 +76,7 @@ impl ParseOptions {
         ParseOptions {
             sources: vec![Source::File(path.to_path_buf())],
             directory,
-            environment: std::env::vars().collect(),
+            environment: crate::process_environment(),
             assignments: Vec::new(),
             mkflags: String::new(),
             mkargs: String::new(),
@@ -117,7 +117,7 @@ impl Mkfile {
                 text: text.to_string(),
             }],
             directory: PathBuf::from("."),
-            environment: std::env::vars().collect(),
+            environment: crate::process_environment(),
             assignments: assignments(variables),
             mkflags: String::new(),
             mkargs: String::new(),
@@ -222,6 +222,19 @@ impl Mkfile {
     pub fn directory(&self) -> &Path {
         &self.directory
     }
+}
+
+/// This process's environment; names and values that are not UTF-8 are converted lossily
+/// rather than making mk panic.
+pub fn process_environment() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                value.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
 }
 
 fn assignments(variables: &[(String, String)]) -> Vec<String> {

@@ -504,7 +504,7 @@ impl<'a, 'm> Build<'a, 'm> {
                 .run(&Command {
                     argv,
                     stdin: None,
-                    environment: std::env::vars().collect(),
+                    environment: crate::process_environment(),
                     directory: self.mkfile.directory.clone(),
                     capture_stdout: false,
                     targets: Vec::new(),

@@ -19,7 +19,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> ExitCode {
-    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let arguments: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|argument| argument.to_string_lossy().into_owned())
+        .collect();
     let mut options = BuildOptions::default();
     let mut files: Vec<String> = Vec::new();
     let mut flags: Vec<String> = Vec::new();
@@ -93,7 +96,7 @@ fn run() -> ExitCode {
     let parse_options = ParseOptions {
         sources,
         directory: PathBuf::from("."),
-        environment: std::env::vars().collect(),
+        environment: mkrunner::process_environment(),
         assignments,
         mkflags,
         mkargs: targets.join(" "),

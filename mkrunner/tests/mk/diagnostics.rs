@@ -160,3 +160,17 @@ fn unknown_flag_prints_usage() {
     );
     assert_eq!(run.status, Some(1));
 }
+
+#[test]
+fn non_utf8_environment_and_arguments_do_not_panic() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let test = Test::new().mkfile("all:V:\n\techo ok\n");
+    let output = std::process::Command::new(crate::harness::ours())
+        .arg(std::ffi::OsStr::from_bytes(b"all"))
+        .env("BAD", std::ffi::OsStr::from_bytes(b"\xff"))
+        .current_dir(test.directory())
+        .output()
+        .expect("run mk");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "echo ok\nok\n");
+    assert_eq!(output.status.code(), Some(0));
+}

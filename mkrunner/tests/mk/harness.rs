@@ -43,6 +43,10 @@ impl Test {
         self
     }
 
+    pub fn directory(&self) -> &std::path::Path {
+        self.directory.path()
+    }
+
     pub fn run(&self) -> Run {
         let output = Command::new(ours())
             .args(&self.args)
