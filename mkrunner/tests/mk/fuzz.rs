@@ -96,3 +96,42 @@ proptest! {
         let _ = parse(&String::from_utf8_lossy(&bytes));
     }
 }
+
+fn rules_like() -> impl Strategy<Value = String> {
+    let line = (
+        prop::sample::select(vec![
+            "a",
+            "b",
+            "c",
+            "a b",
+            "%.o",
+            "x%",
+            "&",
+            "'(.*)\\.o'",
+            "all",
+        ]),
+        prop::sample::select(vec![":", ":V:", ":Q:", ":R:", ":N:", ":VE:", ":D:", ":n:"]),
+        prop::sample::select(vec![
+            "", " a", " b c", " %.c", " a.o", " \\1.c", " all", " x.o",
+        ]),
+        prop::sample::select(vec!["\n", "\n\techo $target\n", "\n\techo $stem\n"]),
+    )
+        .prop_map(|(head, attributes, prereqs, recipe)| {
+            format!("{head}{attributes}{prereqs}{recipe}")
+        });
+    prop::collection::vec(line, 0..8).prop_map(|lines| lines.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Planning (graph, ambiguity, cycles, the out-of-date walk) never panics either.
+    #[test]
+    fn planning_never_panics(text in rules_like()) {
+        if let Ok(mkfile) = parse(&text) {
+            let options = mkrunner::BuildOptions::default();
+            let _ = mkfile.plan(&["all"], &options, &Refuse);
+            let _ = mkfile.plan(&["a.o", "b"], &options, &Refuse);
+        }
+    }
+}
