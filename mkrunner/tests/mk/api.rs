@@ -167,3 +167,23 @@ fn parse_errors_render_with_a_caret() {
         "mk: error: unknown attribute `Z`\n --> ci.mk:2:5\n  |\n2 | bad:Z:\n  |     ^\n"
     );
 }
+
+#[test]
+fn includes_and_recipes_resolve_against_the_mkfile_directory() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(directory.path().join("vars.mk"), "WHO=include\n").expect("write");
+    std::fs::write(
+        directory.path().join("mkfile"),
+        "<vars.mk\nout:\n\techo $WHO > out\n",
+    )
+    .expect("write the mkfile");
+    let mkfile = Mkfile::parse_file(&directory.path().join("mkfile"), &[]).expect("parses");
+    assert!(mkfile.warnings().is_empty(), "{:?}", mkfile.warnings());
+    assert_eq!(mkfile.variable("WHO"), Some(vec!["include".to_string()]));
+    let mut output = Vec::new();
+    mkfile
+        .build(&[], &BuildOptions::default(), &HostRunner, &mut output)
+        .expect("builds");
+    let made = std::fs::read_to_string(directory.path().join("out")).expect("made in place");
+    assert_eq!(made, "include\n");
+}
