@@ -91,12 +91,20 @@ impl QemuDriver {
             overlay: self.run.overlay(),
             incoming: None,
         };
+        let started = std::time::Instant::now();
         let machine = if self.config.warm {
             self.start_warm(&spec).await?
         } else {
             Machine::start(&spec, self.config.boot_timeout).await?
         };
+        let agent_ready = started.elapsed();
         machine.prepare_guest().await?;
+        tracing::debug!(
+            ?agent_ready,
+            share_mounted = ?started.elapsed(),
+            warm = self.config.warm,
+            "VM ready"
+        );
         let machine = Arc::new(machine);
         *slot = Some(machine.clone());
         Ok(machine)
