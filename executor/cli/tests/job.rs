@@ -287,6 +287,28 @@ job_test!(
 );
 
 job_test!(
+    a_damaged_result_is_discarded_and_the_job_runs,
+    [native],
+    |driver| {
+        let repo = Repo::example("hello");
+        assert_exit(&repo.test(driver, &[], &[]), 0);
+        // Corrupt every blob the result names: replay must refuse it.
+        for blob in walk(&repo.store.path().join("blobs")) {
+            std::fs::write(&blob, b"tampered").expect("write");
+        }
+        let output = repo.test(driver, &[], &[]);
+        assert_exit(&output, 0);
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("warning: blob"), "{stderr}");
+        assert!(
+            stderr.contains("==> mk test"),
+            "the job ran for real: {stderr}"
+        );
+        assert!(text(&output.stdout).contains("hello from mk test"));
+    }
+);
+
+job_test!(
     env_files_and_inputs_reach_the_test_but_the_host_env_does_not,
     [native, qemu],
     |driver| {

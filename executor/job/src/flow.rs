@@ -244,6 +244,7 @@ impl PreparedJob {
             exit_code,
             created_unix: unix_now(),
             driver: driver.name().to_owned(),
+            environment_digest: driver.environment_digest(),
             image,
             host: host_name(),
             ci_exec_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -53,6 +53,10 @@ pub struct ResultRecord {
     pub exit_code: i32,
     pub created_unix: u64,
     pub driver: String,
+    /// The driver's base environment (the guest image digest), when it has one.
+    #[serde(default)]
+    pub environment_digest: Option<String>,
+    /// The test's container image (`CONTAINERIMAGE`), when the test ran in one.
     pub image: Option<String>,
     pub host: String,
     pub ci_exec_version: String,
@@ -137,7 +141,10 @@ impl ResultStore {
     pub fn put_blob(&self, data: &[u8]) -> Result<BlobRef, JobError> {
         let sha256 = hex::encode(Sha256::digest(data));
         let path = self.blob_path(&sha256);
-        if !path.exists() {
+        // An existing blob is trusted only when it still holds what its name says: a damaged
+        // one (the reason a replay was refused) is replaced.
+        let intact = fs::read(&path).is_ok_and(|existing| existing == data);
+        if !intact {
             self.write_atomic(&path, data)?;
         }
         Ok(BlobRef {
@@ -361,6 +368,7 @@ mod tests {
             exit_code,
             created_unix: unix_now(),
             driver: "native".into(),
+            environment_digest: None,
             image: None,
             host: "h".into(),
             ci_exec_version: "0".into(),
@@ -397,6 +405,9 @@ mod tests {
         assert_eq!(damage.problem, "corrupted");
         store.discard("abc").expect("discard");
         assert!(store.get("abc").expect("get").is_none());
+        // Recording the same content again repairs the damaged blob.
+        store.put_blob(b"artifact").expect("blob");
+        store.verify(&got).expect("repaired");
     }
 
     #[test]

@@ -119,6 +119,9 @@ fn print_record(record: &ResultRecord) {
         record.ci_exec_version
     );
     println!("driver:    {}", record.driver);
+    if let Some(digest) = &record.environment_digest {
+        println!("guest:     image digest {digest}");
+    }
     if let Some(image) = &record.image {
         println!("image:     {image}");
     }
