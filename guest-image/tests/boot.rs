@@ -322,7 +322,7 @@ fn cloud_init_applies_our_nocloud_seed() {
         ],
     );
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(600);
+    let deadline = started + Duration::from_secs(900);
     let expected = "CI_EXEC_RUNCMD written by write_files mode=600 host=seeded";
     loop {
         let console = vm.console();
@@ -335,7 +335,7 @@ fn cloud_init_applies_our_nocloud_seed() {
         }
         assert!(
             Instant::now() < deadline,
-            "no `{expected}` on the console within 600 s:\n{console}"
+            "no `{expected}` on the console within 900 s:\n{console}"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
