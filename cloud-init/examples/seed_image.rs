@@ -15,7 +15,9 @@ fn main() {
                 User::default_user(),
                 User::Named(NamedUser {
                     name: "ci".into(),
-                    ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBench ci@bench".into()],
+                    ssh_authorized_keys: vec![
+                        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBench ci@bench".into(),
+                    ],
                     ..NamedUser::default()
                 }),
             ],
