@@ -13,6 +13,13 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
         "qemu" => Box::new(ci_exec_qemu::QemuDriver::new(
             ci_exec_qemu::QemuConfig::from_driver_config(config)?,
         )),
+        #[cfg(feature = "docker")]
+        "docker" | "podman" => Box::new(
+            ci_exec_docker::DockerDriver::connect(
+                ci_exec_docker::DockerConfig::from_driver_config(config)?,
+            )
+            .await?,
+        ),
         name => return Err(not_built(name).into()),
     };
     tracing::debug!(driver = %config.driver, namespace = %config.namespace, "driver ready");
