@@ -14,7 +14,7 @@ use crate::plan::{ARTIFACTS_DIR, CACHE_DIR, ENV_DIR, JobPlan};
 use crate::store::{Artifact, ResultRecord, ResultStore, StepTiming, unix_now};
 use crate::{JobError, KeyInputs, Snapshot};
 
-/// The test image when the mkfile names none.
+/// The test image on the qemu driver when the mkfile names none (preloaded in the guest image).
 pub const DEFAULT_CONTAINER_IMAGE: &str = "localhost/ci-exec/base:latest";
 /// Where the committed tree is unpacked, in the base OS and in the test container.
 pub const SOURCE_PATH: &str = "/src";
@@ -45,6 +45,9 @@ pub struct JobOptions {
     pub artifacts_dir: Option<PathBuf>,
     /// Prepended to `PATH` in base-OS steps (where our `mk` lives on the native driver).
     pub tools_path: Option<String>,
+    /// Our static `mk`, uploaded into the job for drivers whose base OS has none (docker,
+    /// podman: their base container is a stock image). VM images carry their own.
+    pub mk_upload: Option<PathBuf>,
 }
 
 /// What `--report` writes.
@@ -236,6 +239,8 @@ impl PreparedJob {
             Ok(done) => done,
             Err(error) => return Err(error),
         };
+        // The driver's own default image has no name worth recording.
+        let image = image.filter(|image| !image.is_empty());
         let stdout = store.put_blob(&run.stdout.recorded())?;
         let stderr = store.put_blob(&run.stderr.recorded())?;
         let record = ResultRecord {
@@ -285,6 +290,14 @@ impl PreparedJob {
         .await
         .and_then(|code| expect_success("unpack source", code))?;
 
+        if let Some(mk) = &self.options.mk_upload {
+            let archive = single_file_archive("mk", mk)?;
+            let script = format!("mkdir -p {TOOLS_PATH} && tar -x -f - -C {TOOLS_PATH}");
+            run.base("upload mk", &["sh", "-c", &script], &env, Some(archive))
+                .await
+                .and_then(|code| expect_success("upload mk", code))?;
+        }
+
         if !self.options.fresh
             && let Some(cache) = store.get_cache(&self.repository_id)
         {
@@ -321,7 +334,15 @@ impl PreparedJob {
             .get("CONTAINERIMAGE")
             .filter(|image| !image.is_empty())
             .cloned()
-            .unwrap_or_else(|| DEFAULT_CONTAINER_IMAGE.to_owned());
+            .unwrap_or_else(|| {
+                // The guest image preloads our base image; container drivers default to their
+                // own base image (an empty image), which the base-OS steps used too.
+                if run.driver.name() == "qemu" {
+                    DEFAULT_CONTAINER_IMAGE.to_owned()
+                } else {
+                    String::new()
+                }
+            });
 
         // The native driver has no container runtime of its own: the test runs on the host.
         let in_container = run.driver.name() != "native";
@@ -334,11 +355,14 @@ impl PreparedJob {
         let mut task_env = env.clone();
         task_env.extend(test_env);
         let code = if in_container {
-            let install =
-                format!("mkdir -p {TOOLS_PATH} && cp \"$(command -v mk)\" {TOOLS_PATH}/mk");
-            run.base("install mk", &["sh", "-c", &install], &env, None)
-                .await
-                .and_then(|code| expect_success("install mk", code))?;
+            if self.options.mk_upload.is_none() {
+                // The guest OS has our static mk: share it with the test container.
+                let install =
+                    format!("mkdir -p {TOOLS_PATH} && cp \"$(command -v mk)\" {TOOLS_PATH}/mk");
+                run.base("install mk", &["sh", "-c", &install], &env, None)
+                    .await
+                    .and_then(|code| expect_success("install mk", code))?;
+            }
             task_env.insert("PATH".into(), format!("{TOOLS_PATH}:{DEFAULT_PATH}"));
             let task = Task::new(run.next_id("test"), ["mk", "test"])
                 .image(&image)
@@ -416,9 +440,10 @@ impl PreparedJob {
     /// nothing else from this host.
     fn base_env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
-        let path = match &self.options.tools_path {
-            Some(tools) => format!("{tools}:{DEFAULT_PATH}"),
-            None => DEFAULT_PATH.to_owned(),
+        let path = match (&self.options.tools_path, &self.options.mk_upload) {
+            (Some(tools), _) => format!("{tools}:{DEFAULT_PATH}"),
+            (None, Some(_)) => format!("{TOOLS_PATH}:{DEFAULT_PATH}"),
+            (None, None) => DEFAULT_PATH.to_owned(),
         };
         env.insert("PATH".to_owned(), path);
         for (name, value) in &self.inputs {
@@ -638,6 +663,27 @@ fn expect_success(step: &str, code: i32) -> Result<i32, JobError> {
             },
         })
     }
+}
+
+/// A tar stream holding `path` as executable `name`.
+fn single_file_archive(name: &str, path: &Path) -> Result<Vec<u8>, JobError> {
+    let content = std::fs::read(path).map_err(|source| JobError::Io {
+        action: "read",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o755);
+    header.set_entry_type(tar::EntryType::Regular);
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_data(&mut header, name, content.as_slice())
+        .and_then(|()| builder.into_inner())
+        .map_err(|source| JobError::Archive {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// (path, content, mode) of every regular file in a tar stream.

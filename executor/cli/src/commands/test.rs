@@ -60,7 +60,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         );
     }
     let config = DriverConfig::parse(&args.driver)?;
-    let options = JobOptions {
+    let mut options = JobOptions {
         path: args.path.clone(),
         inputs,
         secrets: args.secrets.clone(),
@@ -72,7 +72,23 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
             .then(mk_beside_us)
             .flatten()
             .map(|dir| dir.display().to_string()),
+        mk_upload: None,
     };
+    // Stock base images (docker, podman, cloud drivers) have no mk: upload ours. Native uses
+    // the host's; VM images carry their own.
+    if !matches!(config.driver.as_str(), "native" | "qemu" | "vz") {
+        let mk = ci_exec_guest_image::binaries::locate("mk").ok_or_else(|| {
+            CliError::usage(format!(
+                "the `{}` driver needs our static `mk` to upload",
+                config.driver
+            ))
+            .hint(format!(
+                "build it with `{}`",
+                ci_exec_guest_image::binaries::BUILD_HINT
+            ))
+        })?;
+        options.mk_upload = Some(mk);
+    }
     let job = match PreparedJob::prepare(options) {
         Ok(job) => job,
         Err(JobError::BadMkfile { diagnostic }) => {
