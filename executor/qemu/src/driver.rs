@@ -325,7 +325,7 @@ impl Driver for QemuDriver {
             machine,
             pid,
             podman_name: (!task.image.is_empty()).then_some(name),
-            exit: Mutex::new(None),
+            exit: Mutex::new(Polled::default()),
         });
         containers.insert(task.id.clone(), handle.clone());
         Ok(Box::new(QemuContainer { handle }))
@@ -390,19 +390,43 @@ struct TaskHandle {
     /// The wrapper's guest pid.
     pid: i64,
     podman_name: Option<String>,
-    exit: Mutex<Option<i32>>,
+    exit: Mutex<Polled>,
 }
+
+/// What polling a task has learnt.
+#[derive(Debug, Default)]
+struct Polled {
+    exit: Option<i32>,
+    /// When the guest agent was last asked about the wrapper.
+    agent_asked: Option<std::time::Instant>,
+}
+
+/// How often `status` may ask the guest agent whether a wrapper died without writing its
+/// exit code. Each question wakes the agent in the guest, which under TCG costs the task CPU;
+/// the exit file on the share answers the common case for free.
+const AGENT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 impl TaskHandle {
     async fn status(&self) -> Result<ContainerStatus, DriverError> {
-        let mut exit = self.exit.lock().await;
-        if let Some(code) = *exit {
+        let mut polled = self.exit.lock().await;
+        if let Some(code) = polled.exit {
             return Ok(ContainerStatus::Exited { code });
         }
         if let Some(code) = read_exit(&self.dir) {
-            *exit = Some(code);
+            polled.exit = Some(code);
             return Ok(ContainerStatus::Exited { code });
         }
+        if polled
+            .agent_asked
+            .is_some_and(|asked| asked.elapsed() < AGENT_POLL_INTERVAL)
+        {
+            // Between questions, a dead VM still shows at once.
+            self.machine
+                .check_alive("poll")
+                .map_err(|error| backend(format!("poll task `{}`", self.id), error))?;
+            return Ok(ContainerStatus::Running);
+        }
+        polled.agent_asked = Some(std::time::Instant::now());
         let status = self
             .machine
             .exec_status(self.pid)
@@ -412,7 +436,7 @@ impl TaskHandle {
             // The wrapper writes `exit` before it ends; read again, then fall back to how the
             // wrapper itself ended (killed before it could write).
             let code = read_exit(&self.dir).unwrap_or_else(|| status.shell_code());
-            *exit = Some(code);
+            polled.exit = Some(code);
             return Ok(ContainerStatus::Exited { code });
         }
         Ok(ContainerStatus::Running)
@@ -589,7 +613,7 @@ impl SandboxExec for QemuDriver {
                 machine: machine.clone(),
                 pid,
                 podman_name: None,
-                exit: Mutex::new(None),
+                exit: Mutex::new(Polled::default()),
             };
             let code = wait(&handle).await?;
             if code != 0 {
@@ -682,7 +706,7 @@ impl Sandbox for QemuSandbox {
             machine: self.machine.clone(),
             pid,
             podman_name: None,
-            exit: Mutex::new(None),
+            exit: Mutex::new(Polled::default()),
         };
         output::follow(&dir, &mut *stdout, &mut *stderr, || async {
             Ok(handle.status().await?.is_done())
