@@ -6,6 +6,8 @@
 #   - the test image `localhost/ci-exec/test:latest` in both: a Debian bookworm minbase rootfs
 #     made by mmdebstrap from the mirror apt already uses, then `docker import` / `podman import`
 #     (no registry is reachable in CI).
+#   - `localhost/ci-exec/base:latest`: the test image plus our static `mk`, the default image of
+#     image-less tasks (CI_EXEC_DOCKER_IMAGE), where the job flow runs its base-OS steps.
 # Exports DOCKER_HOST and CI_EXEC_DOCKER_IMAGE. It does not export CONTAINER_HOST: podman's own
 # CLI turns into a remote client when that is set, which would change other setup scripts.
 # Idempotent: quick when the daemons answer and the image is present.
@@ -24,6 +26,7 @@
     log_dir=/var/log/ci-exec
     cache_dir=/var/cache/ci-exec/docker
     image=localhost/ci-exec/test:latest
+    base_image=localhost/ci-exec/base:latest
     docker_socket=/run/ci-exec/docker.sock
     podman_socket=/run/podman/podman.sock
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -98,9 +101,24 @@
             $sudo podman $podman_flags import --quiet "${changes[@]}" "$rootfs" "$image" >/dev/null
         fi
     fi
-    echo "setup-docker: dockerd on $docker_socket, podman on $podman_socket, image $image ready" >&2
+
+    # The base image of image-less tasks (the job flow's base-OS steps run `mk` there): the
+    # test image plus our static mk. Built with each engine's CLI (seed 004: CLIs build
+    # images); the COPY layer is cached, so this is quick when mk did not change.
+    if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+        rustup target add x86_64-unknown-linux-musl
+    fi
+    cargo build --quiet --release --target x86_64-unknown-linux-musl -p mkrunner
+    context="$(mktemp -d)"
+    cp "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-musl/release/mk" "$context/mk"
+    printf 'FROM %s\nCOPY mk /usr/local/bin/mk\n' "$image" >"$context/Containerfile"
+    DOCKER_BUILDKIT=0 docker build --quiet -t "$base_image" -f "$context/Containerfile" "$context" >/dev/null
+    # shellcheck disable=SC2086
+    $sudo podman $podman_flags build --quiet --pull=never -t "$base_image" -f "$context/Containerfile" "$context" >/dev/null
+    rm -rf "$context"
+    echo "setup-docker: dockerd on $docker_socket, podman on $podman_socket, images $image and $base_image ready" >&2
 )
 ci_exec_docker_status=$?
 export DOCKER_HOST=unix:///run/ci-exec/docker.sock
-export CI_EXEC_DOCKER_IMAGE=localhost/ci-exec/test:latest
+export CI_EXEC_DOCKER_IMAGE=localhost/ci-exec/base:latest
 [ "$ci_exec_docker_status" = 0 ]
