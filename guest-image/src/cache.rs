@@ -289,6 +289,10 @@ impl ImageCache {
                 report.remove(&path)?;
                 continue;
             }
+            // Shared caches, not images: kept unless everything goes.
+            if name == "apt-archives" || name == "downloads" {
+                continue;
+            }
             let current = std::fs::read_link(path.join("current")).ok();
             let Ok(builds) = std::fs::read_dir(&path) else {
                 continue;

@@ -203,6 +203,12 @@ pub(crate) fn build(
     apt_cache: &Path,
     reporter: &dyn Reporter,
 ) -> Result<Manifest, Error> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NeedsRoot {
+            image: options.image_name(),
+        });
+    }
     let mmdebstrap = host::find(host::MMDEBSTRAP)?;
     let mkfs = host::find(host::MKFS_EXT4)?;
     host::find(host::QEMU_IMG)?;

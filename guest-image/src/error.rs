@@ -9,6 +9,11 @@ pub enum Error {
         hint: &'static str,
     },
 
+    #[error(
+        "building `{image}` needs root: the bootstrap hook writes the image as the namespace's root, which cannot write a normal user's cache in mmdebstrap's unshare mode (run `sudo ci-exec image build`)"
+    )]
+    NeedsRoot { image: String },
+
     #[error("cannot determine the cache directory: neither `XDG_CACHE_HOME` nor `HOME` is set")]
     NoCacheDirectory,
 

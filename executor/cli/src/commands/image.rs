@@ -111,7 +111,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
             .map_err(|error| CliError::infrastructure(chain(&error)))?;
             reporter.finish();
             if json {
-                println!("{}", serde_json::to_string_pretty(&manifest)?);
+                print_json(serde_json::to_string_pretty(&manifest)?)?;
             } else {
                 eprintln!(
                     "image `{}` ready: digest {} ({:.0} MB) in {:.1} s",
@@ -128,7 +128,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                 .list()
                 .map_err(|error| CliError::infrastructure(chain(&error)))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
+                print_json(serde_json::to_string_pretty(&images)?)?;
             } else if images.is_empty() {
                 eprintln!(
                     "no images in `{}` (build one with `ci-exec image build`)",
@@ -155,18 +155,15 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
             let cache = open(cache)?;
             let manifest = found(&cache, &name)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "name": manifest.name,
-                        "digest": manifest.digest,
-                        "disk": manifest.disk,
-                        "kernel": manifest.kernel,
-                        "vmlinux": manifest.vmlinux,
-                        "initrd": manifest.initrd,
-                        "kernel_cmdline": manifest.kernel_cmdline,
-                    }))?
-                );
+                print_json(serde_json::to_string_pretty(&serde_json::json!({
+                    "name": manifest.name,
+                    "digest": manifest.digest,
+                    "disk": manifest.disk,
+                    "kernel": manifest.kernel,
+                    "vmlinux": manifest.vmlinux,
+                    "initrd": manifest.initrd,
+                    "kernel_cmdline": manifest.kernel_cmdline,
+                }))?)?;
             } else {
                 println!("disk     {}", manifest.disk.display());
                 if !manifest.vmlinux.as_os_str().is_empty() {
@@ -183,7 +180,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                 .prune(all)
                 .map_err(|error| CliError::infrastructure(chain(&error)))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_json(serde_json::to_string_pretty(&report)?)?;
             } else {
                 for path in &report.removed {
                     eprintln!("removed {}", path.display());
@@ -193,6 +190,16 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(SUCCESS)
+}
+
+/// JSON on stdout; a closed pipe (`| head`) is not an error.
+fn print_json(mut text: String) -> anyhow::Result<()> {
+    use std::io::Write;
+    text.push('\n');
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => Ok(result?),
+    }
 }
 
 fn open(cache: Option<PathBuf>) -> Result<ImageCache, CliError> {
