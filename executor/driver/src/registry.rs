@@ -235,22 +235,38 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "docker",
         description: "containers on a Docker Engine (local socket, tcp:// or ssh://)",
-        params: &[param(
-            "host",
-            Text,
-            "Docker daemon address; the local socket when unset",
-        )
-        .env("DOCKER_HOST")],
+        params: &[
+            param(
+                "host",
+                Text,
+                "Docker daemon address; the local socket when unset",
+            )
+            .env("DOCKER_HOST"),
+            param(
+                "image",
+                Text,
+                "image of tasks that name none (the job's base OS steps)",
+            )
+            .default("docker.io/library/debian:bookworm-slim"),
+        ],
     },
     DriverSpec {
         name: "podman",
         description: "containers on podman's Docker-compatible API socket",
-        params: &[param(
-            "host",
-            Text,
-            "podman API address; the local podman socket when unset",
-        )
-        .env("CONTAINER_HOST")],
+        params: &[
+            param(
+                "host",
+                Text,
+                "podman API address; the local podman socket when unset",
+            )
+            .env("CONTAINER_HOST"),
+            param(
+                "image",
+                Text,
+                "image of tasks that name none (the job's base OS steps)",
+            )
+            .default("docker.io/library/debian:bookworm-slim"),
+        ],
     },
     DriverSpec {
         name: "native",
