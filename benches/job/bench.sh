@@ -11,9 +11,14 @@ drivers="native"
 if [ "${1:-}" = "--drivers" ]; then drivers=$2; fi
 command -v hyperfine >/dev/null || { echo "bench: hyperfine is missing: apt-get install hyperfine" >&2; exit 2; }
 
-# BENCH_CARGO_FLAGS, e.g. --no-default-features, selects what gets built.
-cargo build --release -q --manifest-path "$root/Cargo.toml" -p ci-exec -p mkrunner ${BENCH_CARGO_FLAGS:-} >&2
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+# CI_EXEC_BIN: a directory with release `ci-exec` and `mk` already built; otherwise they are
+# built here (BENCH_CARGO_FLAGS, e.g. --no-default-features, selects the features).
+if [ -n "${CI_EXEC_BIN:-}" ]; then
+  bin=$CI_EXEC_BIN
+else
+  cargo build --release -q --manifest-path "$root/Cargo.toml" -p ci-exec -p mkrunner ${BENCH_CARGO_FLAGS:-} >&2
+  bin="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export CI_EXEC_RESULTS="$work/store" NO_COLOR=1
