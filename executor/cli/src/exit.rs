@@ -146,17 +146,59 @@ pub fn color_enabled() -> bool {
         && std::io::stderr().is_terminal()
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+/// Logs to stderr, filtered by `RUST_LOG` (default: warnings and errors), as
+/// `warning: …` / `error: …` lines like the CLI's own messages (`info:`, `debug:` below).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let color = color_enabled();
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(color_enabled())
-        .with_target(false)
-        .without_time()
-        .init();
+        .with_ansi(color)
+        .event_format(LogLine { color });
+    // Without `RUST_LOG`, a plain level filter: parsing directives costs startup time.
+    if std::env::var_os("RUST_LOG").is_none() {
+        builder.with_max_level(tracing::Level::WARN).init();
+        return;
+    }
+    match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => builder.with_env_filter(filter).init(),
+        Err(error) => {
+            builder.with_max_level(tracing::Level::WARN).init();
+            tracing::warn!("ignoring `RUST_LOG`: {error}");
+        }
+    }
+}
+
+/// One log event as `level: message key=value …`.
+struct LogLine {
+    color: bool,
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        context: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let (label, ansi) = match *event.metadata().level() {
+            tracing::Level::ERROR => ("error:", "1;31"),
+            tracing::Level::WARN => ("warning:", "1;33"),
+            tracing::Level::INFO => ("info:", "1"),
+            tracing::Level::DEBUG => ("debug:", "2"),
+            tracing::Level::TRACE => ("trace:", "2"),
+        };
+        if self.color {
+            write!(writer, "\x1b[{ansi}m{label}\x1b[0m ")?;
+        } else {
+            write!(writer, "{label} ")?;
+        }
+        tracing_subscriber::fmt::FormatFields::format_fields(context, writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }
 
 #[cfg(test)]

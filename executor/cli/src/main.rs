@@ -19,7 +19,7 @@ fn main() {
     // clap exits 2 on a usage error and 0 for --help / --version.
     let cli = Cli::parse();
     exit::init_logging();
-    let code = match tokio::runtime::Runtime::new() {
+    let code = match commands::runtime(&cli.command) {
         Ok(runtime) => match runtime.block_on(commands::dispatch(cli.command)) {
             Ok(code) => code,
             Err(error) => exit::report(&error),

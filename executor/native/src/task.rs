@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSink, Stdin, Task};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::Inner;
@@ -21,6 +21,8 @@ const STDOUT: &str = "stdout";
 const STDERR: &str = "stderr";
 const EXIT: &str = "exit";
 pub(crate) const PID: &str = "pid";
+/// Bytes moved per read when copying output to a sink.
+const COPY_BUFFER: usize = 256 * 1024;
 /// The task's working directory (and where its mounts appear) inside its task directory.
 pub(crate) const WORK: &str = "work";
 
@@ -285,10 +287,11 @@ pub struct NativeContainer {
 }
 
 impl NativeContainer {
-    async fn open_output(&self, name: &str) -> Result<tokio::fs::File, DriverError> {
+    // Plain `std::fs`: reads of a local regular file do not block for long, and tokio's file
+    // handles would move every read to a blocking thread (per-task overhead, benches/native).
+    fn open_output(&self, name: &str) -> Result<std::fs::File, DriverError> {
         let path = self.state.dir.join(name);
-        tokio::fs::File::open(&path)
-            .await
+        std::fs::File::open(&path)
             .map_err(|source| NativeError::Read { path, source })
             .map_err(|error| {
                 error.into_driver(format!("read the output of task `{}`", self.state.id))
@@ -307,10 +310,11 @@ impl Container for NativeContainer {
     }
 
     async fn logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
-        let mut out = self.open_output(STDOUT).await?;
-        let mut err = self.open_output(STDERR).await?;
-        copy_available(&mut out, stdout).await?;
-        copy_available(&mut err, stderr).await?;
+        let mut out = self.open_output(STDOUT)?;
+        let mut err = self.open_output(STDERR)?;
+        let mut buffer = vec![0; COPY_BUFFER];
+        copy_available(&mut out, stdout, &mut buffer).await?;
+        copy_available(&mut err, stderr, &mut buffer).await?;
         flush(stdout, stderr).await
     }
 
@@ -327,15 +331,16 @@ impl Container for NativeContainer {
 #[async_trait]
 impl FollowLogs for NativeContainer {
     async fn follow(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
-        let mut out = self.open_output(STDOUT).await?;
-        let mut err = self.open_output(STDERR).await?;
+        let mut out = self.open_output(STDOUT)?;
+        let mut err = self.open_output(STDERR)?;
+        let mut buffer = vec![0; COPY_BUFFER];
         let mut idle = Duration::from_millis(1);
         loop {
             // Looked at before reading: once the task is seen done, one more read drains all
             // it wrote, since it wrote straight into these files.
             let done = self.state.status()?.is_done();
-            let copied =
-                copy_available(&mut out, stdout).await? + copy_available(&mut err, stderr).await?;
+            let copied = copy_available(&mut out, stdout, &mut buffer).await?
+                + copy_available(&mut err, stderr, &mut buffer).await?;
             if done {
                 break;
             }
@@ -354,15 +359,13 @@ impl FollowLogs for NativeContainer {
 
 /// Copies what `file` holds past its current position to `sink`; returns the byte count.
 async fn copy_available(
-    file: &mut tokio::fs::File,
+    file: &mut std::fs::File,
     sink: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
+    buffer: &mut [u8],
 ) -> Result<u64, DriverError> {
-    let mut buffer = vec![0; 256 * 1024];
     let mut total = 0;
     loop {
-        let read = file
-            .read(&mut buffer)
-            .await
+        let read = std::io::Read::read(file, buffer)
             .map_err(|source| NativeError::Read {
                 path: PathBuf::from("task output"),
                 source,

@@ -33,6 +33,18 @@ pub enum Command {
     Results(results::ResultsCommand),
 }
 
+/// The async runtime `command` runs on. `run` takes a single-threaded one: it only waits on
+/// one task, and starting worker threads is a measurable part of its per-task overhead
+/// (benches/native). Everything else gets the multi-threaded default.
+pub fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    match command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    }
+}
+
 pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Run(args) => run::run(args).await,

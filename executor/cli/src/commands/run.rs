@@ -1,11 +1,15 @@
 //! `ci-exec run`: one task through any driver, as `docker run` would run it.
 
+use std::io::Write as _;
+use std::os::fd::AsFd as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ci_exec_driver::{
     Container, Driver, DriverConfig, Stdin, Task, generate_namespace, wait_for_exit,
 };
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 
 use crate::drivers::new_driver;
 use crate::exit::{CliError, INFRASTRUCTURE, INTERRUPTED};
@@ -81,8 +85,8 @@ async fn run_task(driver: &dyn Driver, task: Task) -> anyhow::Result<u8> {
 }
 
 async fn stream_until_exit(container: &dyn Container) -> anyhow::Result<i32> {
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
+    let mut stdout = Direct::new(std::io::stdout().as_fd())?;
+    let mut stderr = Direct::new(std::io::stderr().as_fd())?;
     match container.as_follow() {
         Some(follow) => follow.follow(&mut stdout, &mut stderr).await?,
         None => {
@@ -93,6 +97,36 @@ async fn stream_until_exit(container: &dyn Container) -> anyhow::Result<i32> {
     stdout.flush().await?;
     stderr.flush().await?;
     Ok(wait_for_exit(container, Duration::from_millis(50), None).await?)
+}
+
+/// Our stdout or stderr, written directly (no buffering, no blocking-pool thread per write as
+/// `tokio::io::stdout` uses): the task's bytes go out as they arrive, and a run spawns no
+/// helper threads (per-task overhead, benches/native). A write blocks while a slow reader
+/// drains the pipe, which is the back-pressure a `run` wants.
+struct Direct(std::fs::File);
+
+impl Direct {
+    fn new(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Direct> {
+        Ok(Direct(std::fs::File::from(fd.try_clone_to_owned()?)))
+    }
+}
+
+impl AsyncWrite for Direct {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(self.get_mut().0.write(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
