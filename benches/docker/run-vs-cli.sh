@@ -5,7 +5,7 @@
 #
 #   bash benches/docker/run-vs-cli.sh            # after `bash .ci/setup-docker.sh`
 #
-# Needs hyperfine, a release `ci-exec` (built here), dockerd on $DOCKER_HOST and the podman
+# Needs hyperfine, a release `ci-exec` (built here, or CI_EXEC_BIN), dockerd on $DOCKER_HOST and the podman
 # service on /run/podman/podman.sock, and the test image. Writes hyperfine's markdown tables
 # to $OUT (default: benches/docker/last-run.md).
 set -euo pipefail
@@ -17,8 +17,13 @@ runs="${RUNS:-30}"
 out="${OUT:-benches/docker/last-run.md}"
 target="${CARGO_TARGET_DIR:-target}"
 
-cargo build --quiet --release -p ci-exec
-ci_exec="$target/release/ci-exec"
+# CI_EXEC_BIN: a release binary built already (a release build takes long on 2 cores).
+if [ -n "${CI_EXEC_BIN:-}" ]; then
+    ci_exec="$CI_EXEC_BIN"
+else
+    cargo build --quiet --release -p ci-exec
+    ci_exec="$target/release/ci-exec"
+fi
 docker_cli="$(command -v docker)"
 podman_flags="--runtime=runc --cgroup-manager=cgroupfs --events-backend=file"
 # Rootful podman without CAP_SYS_RESOURCE needs the same ulimits the driver adds.
