@@ -117,8 +117,13 @@ pub async fn create(
         let _ = std::fs::remove_dir_all(&building);
         return Err(error);
     }
+    let image = format!("{}\n{}\n", spec.image.name, spec.image.digest);
+    let _ = std::fs::write(building.join("image"), image);
     match std::fs::rename(&building, final_dir) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            prune_superseded(parent, &spec.image.name, &spec.image.digest);
+            Ok(())
+        }
         // Another process published the same state first: use theirs.
         Err(_) if is_ready(final_dir) => {
             let _ = std::fs::remove_dir_all(&building);
@@ -130,6 +135,49 @@ pub async fn create(
                 path: final_dir.to_owned(),
                 source,
             })
+        }
+    }
+}
+
+/// Removes the saved states of image `name` made from another digest: a rebuilt image makes
+/// them useless, and each holds the guest's memory (~100 MB).
+pub fn prune_superseded(warm_root: &Path, name: &str, digest: &str) {
+    let Ok(entries) = std::fs::read_dir(warm_root) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let Ok(image) = std::fs::read_to_string(path.join("image")) else {
+            continue;
+        };
+        let mut lines = image.lines();
+        if lines.next() == Some(name) && lines.next() != Some(digest) {
+            tracing::debug!(state = %path.display(), "removing a warm state of an older image");
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_states_of_the_same_image_with_another_digest_are_pruned() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for (directory, image) in [
+            ("old", "debian-bookworm\nd1\n"),
+            ("current", "debian-bookworm\nd2\n"),
+            ("other", "alpine\nd0\n"),
+        ] {
+            std::fs::create_dir_all(root.path().join(directory)).expect("mkdir");
+            std::fs::write(root.path().join(directory).join("image"), image).expect("write");
+        }
+        std::fs::create_dir_all(root.path().join("unknown")).expect("mkdir");
+        prune_superseded(root.path(), "debian-bookworm", "d2");
+        assert!(!root.path().join("old").exists());
+        for kept in ["current", "other", "unknown"] {
+            assert!(root.path().join(kept).exists(), "{kept}");
         }
     }
 }
