@@ -247,6 +247,7 @@ static DRIVERS: &[DriverSpec] = &[
                 Text,
                 "image of tasks that name none (the job's base OS steps)",
             )
+            .env("CI_EXEC_DOCKER_IMAGE")
             .default("docker.io/library/debian:bookworm-slim"),
         ],
     },
@@ -265,6 +266,7 @@ static DRIVERS: &[DriverSpec] = &[
                 Text,
                 "image of tasks that name none (the job's base OS steps)",
             )
+            .env("CI_EXEC_DOCKER_IMAGE")
             .default("docker.io/library/debian:bookworm-slim"),
         ],
     },
