@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Writes BENCHMARKS.md from each area's benches/RESULTS-<area>.md (each written by its own
+# benchmark script run; every table there names the command and date that produced it).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+{
+  cat <<'HEAD'
+# Benchmarks
+
+Every number below comes from a benchmark script in `benches/` (never from a timed test), run on
+the project's shared 2-core / 24 GiB development machine: QEMU runs under TCG there (its
+`/dev/kvm` is a paravirtual KVM that cannot run a stock guest). While these were taken, five
+engineers were building and testing at once (load average 10–18 on 2 cores), so absolute times
+are pessimistic; each comparison ran its baseline in the same invocation, so the **ratios** are
+the figures to read. Each section names the command that produced it; re-run them on a quiet
+machine with `mk bench` (the project's own mkfile).
+
+HEAD
+  for area in job native mk qemu image docker; do
+    file="$root/benches/RESULTS-$area.md"
+    [ -f "$file" ] || continue
+    echo
+    # Demote the area's headings one level under this page's title.
+    sed 's/^#/##/' "$file"
+  done
+} > "$root/BENCHMARKS.md"
+echo "wrote BENCHMARKS.md" >&2
