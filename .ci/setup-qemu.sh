@@ -1,6 +1,6 @@
 # Sourced by .ci/run. The qemu driver's tests boot real VMs (TCG is enough): they need
 # qemu-system-x86 and qemu-img (qemu-utils). The guest image itself is built by
-# .ci/setup-guest-image.sh. Idempotent: quick when everything is present.
+# .ci/setup-image.sh. Idempotent: quick when everything is present.
 ci_exec_qemu_packages=""
 command -v qemu-system-x86_64 >/dev/null 2>&1 || ci_exec_qemu_packages="$ci_exec_qemu_packages qemu-system-x86"
 command -v qemu-img >/dev/null 2>&1 || ci_exec_qemu_packages="$ci_exec_qemu_packages qemu-utils"
