@@ -35,7 +35,7 @@ printf 'test:V:\n\techo working\n\tsleep 10\n\techo done\n' > "$work/slow-src/mk
 repo slow "$work/slow-src"
 
 json="$work/hyperfine.json"
-echo "## ci-exec test ($(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r))"
+echo "# ci-exec test ($(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r))"
 echo
 echo "Command: \`benches/job/bench.sh --drivers \"$drivers\"\`"
 echo
