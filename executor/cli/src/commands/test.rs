@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use ci_exec_driver::{Driver, DriverConfig};
 use ci_exec_job::{JobError, JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
 
+use super::run::interrupted;
 use crate::drivers::new_driver;
 use crate::exit::{CliError, INTERRUPTED, SUCCESS, TEST_FAILED, USAGE};
 
@@ -249,20 +250,4 @@ fn on_default_path(program: &str) -> bool {
     ]
     .iter()
     .any(|dir| Path::new(dir).join(program).is_file())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }
