@@ -223,6 +223,15 @@ macro_rules! pool_params {
 const DIGITALOCEAN_POOL: [ParamSpec; 4] = pool_params!("DIGITALOCEAN", "droplets");
 const HETZNER_POOL: [ParamSpec; 4] = pool_params!("HETZNER", "servers");
 
+/// The base image of the container drivers (docker, podman): what tasks that name no image run in.
+const CONTAINER_BASE_IMAGE: ParamSpec = param(
+    "image",
+    Text,
+    "image of tasks that name none (the job's base OS steps)",
+)
+.env("CI_EXEC_DOCKER_IMAGE")
+.default("docker.io/library/debian:bookworm-slim");
+
 static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "k8s",
@@ -242,13 +251,7 @@ static DRIVERS: &[DriverSpec] = &[
                 "Docker daemon address; the local socket when unset",
             )
             .env("DOCKER_HOST"),
-            param(
-                "image",
-                Text,
-                "image of tasks that name none (the job's base OS steps)",
-            )
-            .env("CI_EXEC_DOCKER_IMAGE")
-            .default("docker.io/library/debian:bookworm-slim"),
+            CONTAINER_BASE_IMAGE,
         ],
     },
     DriverSpec {
@@ -261,13 +264,7 @@ static DRIVERS: &[DriverSpec] = &[
                 "podman API address; the local podman socket when unset",
             )
             .env("CONTAINER_HOST"),
-            param(
-                "image",
-                Text,
-                "image of tasks that name none (the job's base OS steps)",
-            )
-            .env("CI_EXEC_DOCKER_IMAGE")
-            .default("docker.io/library/debian:bookworm-slim"),
+            CONTAINER_BASE_IMAGE,
         ],
     },
     DriverSpec {
