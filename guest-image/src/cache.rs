@@ -33,6 +33,19 @@ pub struct PruneReport {
 }
 
 impl ImageCache {
+    /// An empty scratch directory for building image `name`, private to this process.
+    fn fresh_work_dir(&self, name: &str) -> Result<PathBuf, Error> {
+        let work = self
+            .root
+            .join(format!(".build-{name}-{}", std::process::id()));
+        remove_tree(&work)?;
+        std::fs::create_dir_all(&work).map_err(|source| Error::CreateDirectory {
+            path: work.clone(),
+            source,
+        })?;
+        Ok(work)
+    }
+
     /// Opens (creating it if needed) the cache at `dir`, or at the default
     /// `$XDG_CACHE_HOME/ci-exec/images` (`~/.cache/ci-exec/images`).
     pub fn open(dir: Option<PathBuf>) -> Result<Self, Error> {
@@ -123,14 +136,7 @@ impl ImageCache {
             ));
             return Ok(existing);
         }
-        let work = self
-            .root
-            .join(format!(".build-{name}-{}", std::process::id()));
-        remove_tree(&work)?;
-        std::fs::create_dir_all(&work).map_err(|source| Error::CreateDirectory {
-            path: work.clone(),
-            source,
-        })?;
+        let work = self.fresh_work_dir(&name)?;
         let result = debian::build(
             options,
             &inputs,
@@ -188,14 +194,7 @@ impl ImageCache {
         {
             return Ok(existing);
         }
-        let work = self
-            .root
-            .join(format!(".build-{name}-{}", std::process::id()));
-        remove_tree(&work)?;
-        std::fs::create_dir_all(&work).map_err(|source| Error::CreateDirectory {
-            path: work.clone(),
-            source,
-        })?;
+        let work = self.fresh_work_dir(name)?;
         let result = cloud::prepare(
             &image,
             &download,
