@@ -22,6 +22,7 @@ mod output;
 pub mod qga;
 pub mod qmp;
 pub mod run_dir;
+mod socket;
 mod warm;
 mod wire;
 

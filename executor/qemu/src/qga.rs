@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::error::ProtocolError;
+use crate::socket::read_some;
 use crate::wire::{JsonStream, SYNC_SENTINEL};
 
 /// One answer from the agent.
@@ -340,19 +341,8 @@ impl QgaClient {
                 }
                 tracing::debug!(?message, "qga: dropping a stale answer");
             }
-            let read =
-                self.socket
-                    .read(&mut buffer)
-                    .await
-                    .map_err(|source| ProtocolError::Read {
-                        peer: "qga",
-                        source,
-                    })?;
-            if read == 0 {
-                return Err(ProtocolError::Closed { peer: "qga" });
-            }
-            tracing::trace!(peer = "qga", received = %String::from_utf8_lossy(&buffer[..read]).trim());
-            self.codec.push(&buffer[..read]);
+            let received = read_some(&mut self.socket, &mut buffer, "qga").await?;
+            self.codec.push(received);
         }
     }
 }

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::error::ProtocolError;
+use crate::socket::read_some;
 use crate::wire::JsonStream;
 
 /// One message from QEMU's monitor.
@@ -233,19 +234,8 @@ impl QmpClient {
             if let Some(message) = self.codec.next_message()? {
                 return Ok(message);
             }
-            let read =
-                self.socket
-                    .read(&mut buffer)
-                    .await
-                    .map_err(|source| ProtocolError::Read {
-                        peer: "qmp",
-                        source,
-                    })?;
-            if read == 0 {
-                return Err(ProtocolError::Closed { peer: "qmp" });
-            }
-            tracing::trace!(peer = "qmp", received = %String::from_utf8_lossy(&buffer[..read]).trim_end());
-            self.codec.push(&buffer[..read]);
+            let received = read_some(&mut self.socket, &mut buffer, "qmp").await?;
+            self.codec.push(received);
         }
     }
 }
