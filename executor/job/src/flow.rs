@@ -234,11 +234,7 @@ impl PreparedJob {
             steps: Vec::new(),
             counter: 0,
         };
-        let outcome = self.steps(&mut run, store).await;
-        let (exit_code, artifacts, image) = match outcome {
-            Ok(done) => done,
-            Err(error) => return Err(error),
-        };
+        let (exit_code, artifacts, image) = self.steps(&mut run, store).await?;
         // The driver's own default image has no name worth recording.
         let image = image.filter(|image| !image.is_empty());
         let stdout = store.put_blob(&run.stdout.recorded())?;
