@@ -2,13 +2,15 @@
 # variant into the user cache
 # ($XDG_CACHE_HOME/ci-exec/images) so the VM tests have it; when the cached image is current
 # (same recipe, packages request, mk and init binaries) the build returns at once. Needs the
-# Debian mirror this machine's apt uses, and root (mmdebstrap, a bind mount, podman storage).
-# Idempotent: quick when everything is present.
+# Debian mirror this machine's apt uses. Builds here run as root; the user `ci-exec-builder`
+# (with subordinate id ranges) is made for the test that builds as a normal user through
+# mmdebstrap's unshare mode. Idempotent: quick when everything is present.
 (
     set -euo pipefail
     packages=""
     for tool in mmdebstrap:mmdebstrap qemu-img:qemu-utils qemu-system-x86_64:qemu-system-x86 \
-        mkfs.ext4:e2fsprogs xz:xz-utils podman:podman fsck.vfat:dosfstools blkid:util-linux; do
+        mkfs.ext4:e2fsprogs xz:xz-utils podman:podman fsck.vfat:dosfstools blkid:util-linux \
+        newuidmap:uidmap runuser:util-linux; do
         PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 || packages="$packages ${tool##*:}"
     done
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -16,6 +18,13 @@
         $sudo apt-get update -qq
         # shellcheck disable=SC2086 # the list is split on purpose
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages
+    fi
+    builder=ci-exec-builder
+    if ! id -u "$builder" >/dev/null 2>&1; then
+        $sudo useradd --create-home --shell /usr/sbin/nologin "$builder"
+    fi
+    if ! grep -q "^$builder:" /etc/subuid || ! grep -q "^$builder:" /etc/subgid; then
+        $sudo usermod --add-subuids 300000-365535 --add-subgids 300000-365535 "$builder"
     fi
     if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
         rustup target add x86_64-unknown-linux-musl

@@ -6,6 +6,7 @@
 //! user) only the hook sees the tree with the right owners; the hook ends by making the ext4
 //! image with `mkfs.ext4 -d`, so no loop mount is needed anywhere.
 
+use crate::exchange::Exchange;
 use crate::manifest::{Manifest, RECIPE_VERSION};
 use crate::{Error, Reporter, disk, host, initramfs, kernel};
 use sha2::{Digest, Sha256};
@@ -203,43 +204,37 @@ pub(crate) fn build(
     apt_cache: &Path,
     reporter: &dyn Reporter,
 ) -> Result<Manifest, Error> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::NeedsRoot {
-            image: options.image_name(),
-        });
-    }
     let mmdebstrap = host::find(host::MMDEBSTRAP)?;
     let mkfs = host::find(host::MKFS_EXT4)?;
     host::find(host::QEMU_IMG)?;
     host::find(host::XZ)?;
     let podman = host::find(host::PODMAN)?;
     create_directory(apt_cache)?;
+    let exchange = Exchange::new(work)?;
+    let out = exchange.path();
 
-    let mk_path = work.join("mk");
-    let init_path = work.join("ci-exec-init");
-    write_file(&mk_path, &inputs.mk)?;
-    write_file(&init_path, &inputs.init)?;
+    write_file(&out.join("mk"), &inputs.mk)?;
+    write_file(&out.join("ci-exec-init"), &inputs.init)?;
     let mirror = mirror(options);
 
     // The two bootstraps are independent until the hook imports the base image, so they run
     // side by side; the hook waits for `base.ok` (or `base.failed`) before the import.
     reporter.step("bootstrapping the guest root filesystem and the container base image");
-    let base_tar = work.join("base.tar");
+    let base_tar = out.join("base.tar");
     let mut base = Command::new(&mmdebstrap);
     base.arg("--variant=minbase");
     base.args(common_mmdebstrap_arguments(apt_cache));
     base.arg(format!(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f '${{Package}}\\t${{Version}}\\n' > {}",
-        shell_quote(&work.join("base-packages.tsv"))
+        shell_quote(&out.join("base-packages.tsv"))
     ));
     base.arg(&options.suite).arg(&base_tar);
     base.args(&mirror);
 
-    let script = work.join("finish.sh");
+    let script = out.join("finish.sh");
     write_file(
         &script,
-        finish_script(options, work, apt_cache, &mkfs, &podman).as_bytes(),
+        finish_script(options, out, &mkfs, &podman).as_bytes(),
     )?;
     let mut root = Command::new(&mmdebstrap);
     root.arg("--variant=minbase");
@@ -255,7 +250,7 @@ pub(crate) fn build(
     let (base_result, root_result) = std::thread::scope(|scope| {
         let base_thread = scope.spawn(|| {
             let result = host::run(base, reporter);
-            let marker = work.join(if result.is_ok() {
+            let marker = out.join(if result.is_ok() {
                 "base.ok"
             } else {
                 "base.failed"
@@ -272,21 +267,22 @@ pub(crate) fn build(
     });
     base_result?;
     root_result?;
+    keep_packages(&out.join("debs"), apt_cache)?;
 
     reporter.step("building the initramfs");
-    let release = read_text(&work.join("kernel-release"))?.trim().to_owned();
-    let modules = initramfs_modules(work)?;
+    let release = read_text(&out.join("kernel-release"))?.trim().to_owned();
+    let modules = initramfs_modules(out)?;
     let initrd = work.join("initrd.cpio");
     initramfs::build(&inputs.init, &modules, &initrd)?;
 
     reporter.step("extracting the uncompressed kernel");
     let kernel = work.join("vmlinuz");
     let vmlinux = work.join("vmlinux");
-    require_output(&kernel)?;
+    exchange.take(&out.join("vmlinuz"), &kernel)?;
     kernel::extract_vmlinux(&kernel, &vmlinux)?;
 
     reporter.step("converting the root filesystem to qcow2");
-    let raw = work.join("root.ext4");
+    let raw = out.join("root.ext4");
     require_output(&raw)?;
     let qcow2 = work.join("disk.qcow2");
     disk::convert_to_qcow2(&raw, "raw", &qcow2, reporter)?;
@@ -295,12 +291,12 @@ pub(crate) fn build(
         source,
     })?;
 
-    let mut packages = parse_packages(&read_text(&work.join("packages.tsv"))?);
-    let kernel_package = read_text(&work.join("kernel-package"))?;
+    let mut packages = parse_packages(&read_text(&out.join("packages.tsv"))?);
+    let kernel_package = read_text(&out.join("kernel-package"))?;
     if let Some((name, version)) = kernel_package.trim().split_once('\t') {
         packages.insert(name.to_owned(), version.to_owned());
     }
-    let base_packages = parse_packages(&read_text(&work.join("base-packages.tsv"))?);
+    let base_packages = parse_packages(&read_text(&out.join("base-packages.tsv"))?);
     let digest = sha256_hex(
         serde_json::json!({
             "recipe_version": RECIPE_VERSION,
@@ -384,13 +380,7 @@ fn mirror(options: &BuildOptions) -> Vec<String> {
 
 /// The customize hook: kernel, modules, our binaries, configuration, the preloaded container
 /// image, the package list, and finally the ext4 image.
-fn finish_script(
-    options: &BuildOptions,
-    work: &Path,
-    apt_cache: &Path,
-    mkfs: &Path,
-    podman: &Path,
-) -> String {
+fn finish_script(options: &BuildOptions, out: &Path, mkfs: &Path, podman: &Path) -> String {
     let quote = |path: &Path| shell_quote(path);
     let pruned = PRUNED_MODULE_DIRECTORIES.join(" ");
     let modules = initramfs::MODULES.join(" ");
@@ -410,8 +400,18 @@ fn finish_script(
         r#"set -eu
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 root="$1"
-work={work}
-apt_cache={apt_cache}
+work={out}
+runroot=""
+# In unshare mode this hook's root is a subordinate id of the user who builds: whatever it
+# writes in the exchange directory must stay readable and removable by that user.
+finish() {{
+  status=$?
+  if mountpoint -q "$work/rootview" 2>/dev/null; then umount "$work/rootview"; fi
+  [ -z "$runroot" ] || rm -rf "$runroot"
+  if [ "${{MMDEBSTRAP_MODE:-root}}" = unshare ]; then chmod -R a+rwX "$work" 2>/dev/null || true; fi
+  exit "$status"
+}}
+trap finish EXIT
 
 # The kernel is unpacked, not installed: installing pulls in initramfs-tools and spends half a
 # minute making an initramfs we replace with our own.
@@ -462,21 +462,31 @@ until [ -e "$work/base.ok" ]; do
   sleep 0.2
   waited=$((waited + 1))
 done
-# podman refuses a runroot path over 50 characters, so it gets a short one of its own.
+# podman refuses a runroot path over 50 characters, so it gets a short one of its own; its
+# other state goes there too, away from the host's /run (which unshare mode cannot write).
 runroot=$(mktemp -d /tmp/ci-exec-podman.XXXXXX)
+if [ "${{MMDEBSTRAP_MODE:-root}}" = unshare ]; then
+  # Our root here is a subordinate id: podman must not take root's host-wide locks
+  # (/dev/shm/libpod_lock), so it runs as a rootless podman whose namespace is this one.
+  export _CONTAINERS_USERNS_CONFIGURED=done
+fi
 {podman} --root "$root/var/lib/containers/storage" --runroot "$runroot" --storage-driver overlay \
+  --tmpdir "$runroot/libpod" --events-backend none --cgroup-manager cgroupfs \
   import --change 'CMD ["/bin/sh"]' --message 'ci-exec base image' "$work/base.tar" {base_image} >&2
 # podman's database records the host paths it was run with; the guest makes its own.
 rm -rf "$root/var/lib/containers/storage/libpod" "$root/var/lib/containers/storage/tmp" \
   "$root/var/lib/containers/storage/defaultNetworkBackend" \
   "$root/var/lib/containers/storage/mounts" "$root/var/lib/containers/storage/userns.lock"
 rm -rf "$runroot"
+runroot=""
+if [ -n "${{_CONTAINERS_USERNS_CONFIGURED:-}}" ]; then rm -f /dev/shm/libpod_rootless_lock_0; fi
 
 chroot "$root" dpkg-query -W -f '${{Package}}\t${{Version}}\n' > "$work/packages.tsv"
 
-# Keep downloaded packages for the next build, then drop them (and the indexes) from the image.
-mkdir -p "$apt_cache"
-find "$root/var/cache/apt/archives" -maxdepth 1 -name '*.deb' -exec cp -p {{}} "$apt_cache/" \;
+# Keep downloaded packages for the next build (the builder moves them into its apt archive),
+# then drop them (and the indexes) from the image.
+mkdir -p "$work/debs"
+find "$root/var/cache/apt/archives" -maxdepth 1 -name '*.deb' -exec cp {{}} "$work/debs/" \;
 rm -f "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin
 rm -rf "$root"/var/lib/apt/lists/*
 
@@ -484,17 +494,34 @@ rm -rf "$root"/var/lib/apt/lists/*
 # without the /proc, /sys and /dev that mmdebstrap has mounted inside it.
 mkdir -p "$work/rootview"
 mount --bind "$root" "$work/rootview"
-trap 'umount "$work/rootview"' EXIT
 {mkfs} -q -F -L ci-exec-root -d "$work/rootview" -m 0 -i 65536 -J size=16 \
   -E lazy_itable_init=0,lazy_journal_init=0 "$work/root.ext4" {size}G
 "#,
-        work = quote(work),
-        apt_cache = quote(apt_cache),
+        out = quote(out),
         podman = quote(podman),
         mkfs = quote(mkfs),
         base_image = BASE_CONTAINER_IMAGE,
         size = options.disk_size_gib,
     )
+}
+
+/// Moves the packages the hook downloaded into the persistent apt archive, for the next build.
+fn keep_packages(debs: &Path, apt_cache: &Path) -> Result<(), Error> {
+    let Ok(entries) = std::fs::read_dir(debs) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let target = apt_cache.join(entry.file_name());
+        if target.exists() {
+            continue;
+        }
+        // A copy, not a rename: in unshare mode the file belongs to a subordinate id.
+        std::fs::copy(entry.path(), &target).map_err(|source| Error::Write {
+            path: target.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Module files listed by `modprobe --show-depends`, deduplicated, in load order.

@@ -10,9 +10,9 @@ pub enum Error {
     },
 
     #[error(
-        "building `{image}` needs root: the bootstrap hook writes the image as the namespace's root, which cannot write a normal user's cache in mmdebstrap's unshare mode (run `sudo ci-exec image build`)"
+        "user `{user}` has no range in `{file}`, which building as a normal user needs (mmdebstrap's unshare mode maps the guest's users onto it): add one with `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}`, or build as root"
     )]
-    NeedsRoot { image: String },
+    NoSubordinateIds { user: String, file: PathBuf },
 
     #[error("cannot determine the cache directory: neither `XDG_CACHE_HOME` nor `HOME` is set")]
     NoCacheDirectory,

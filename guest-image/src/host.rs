@@ -33,6 +33,14 @@ pub const QEMU_SYSTEM: Tool = Tool {
     name: "qemu-system-x86_64",
     hint: "apt-get install qemu-system-x86",
 };
+pub const NEWUIDMAP: Tool = Tool {
+    name: "newuidmap",
+    hint: "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode",
+};
+pub const NEWGIDMAP: Tool = Tool {
+    name: "newgidmap",
+    hint: "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode",
+};
 pub const PODMAN: Tool = Tool {
     name: "podman",
     hint: "apt-get install podman",

@@ -39,6 +39,7 @@ mod debian;
 mod disk;
 pub mod download;
 mod error;
+mod exchange;
 mod host;
 mod initramfs;
 mod kernel;

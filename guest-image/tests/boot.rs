@@ -238,8 +238,13 @@ fn default_image_boots_to_agent_and_runs_podman_offline() {
     let Some(manifest) = prerequisites() else {
         return;
     };
+    boots_to_agent_and_runs_podman_offline(&manifest);
+}
+
+/// Boots `manifest` and checks PID 1, the mounts, `mk`, 9p and podman with the preloaded image.
+fn boots_to_agent_and_runs_podman_offline(manifest: &Manifest) {
     let directory = tempfile::tempdir().expect("tempdir");
-    let mut vm = Vm::boot(&manifest, directory.path());
+    let mut vm = Vm::boot(manifest, directory.path());
     let booted = Instant::now();
     let mut agent = Agent::connect(
         &directory.path().join("qga.sock"),
@@ -282,6 +287,160 @@ fn default_image_boots_to_agent_and_runs_podman_offline() {
     assert_eq!(code, 0, "{output}\nconsole:\n{}", vm.console());
     assert!(output.contains("localhost/ci-exec/base:latest"), "{output}");
     assert!(output.contains("hello from 12"), "{output}");
+}
+
+/// Set in the child process that builds as the normal user: the cache directory to build in.
+const BUILD_CHILD: &str = "CI_EXEC_TEST_BUILD_CACHE";
+
+/// The normal user a root test run builds as (it needs ranges in /etc/subuid and /etc/subgid;
+/// `.ci/setup-image.sh` creates `ci-exec-builder`).
+const BUILD_USER: &str = "CI_EXEC_TEST_BUILD_USER";
+
+/// A normal user builds the default image through mmdebstrap's unshare mode: every cached
+/// file is theirs, nothing is left in the exchange directory, the digest matches root's build
+/// of the same packages, and the image boots and runs podman offline.
+#[test]
+fn default_image_builds_as_a_normal_user() {
+    if let Some(cache) = std::env::var_os(BUILD_CHILD) {
+        build_into(Path::new(&cache));
+        return;
+    }
+    let Some(root_manifest) = prerequisites() else {
+        return;
+    };
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let scratch = tempfile::Builder::new()
+        .prefix("ci-exec-build-test.")
+        .tempdir_in("/var/tmp")
+        .expect("scratch directory in /var/tmp");
+    let cache = scratch.path().join("cache");
+    // SAFETY: geteuid has no preconditions.
+    let uid = if unsafe { libc::geteuid() } != 0 {
+        build_into(&cache);
+        unsafe { libc::geteuid() }
+    } else {
+        let user = std::env::var(BUILD_USER).unwrap_or_else(|_| "ci-exec-builder".to_owned());
+        let Some(uid) = user_id(&user) else {
+            let reason = format!(
+                "no user `{user}` to build as (set {BUILD_USER}, or run `bash .ci/setup-image.sh`)"
+            );
+            assert!(!ci, "{reason}");
+            eprintln!("skipping: {reason}");
+            return;
+        };
+        build_as(&user, scratch.path(), &cache);
+        uid
+    };
+
+    let manifest = ci_exec_guest_image::ImageCache::open(Some(cache.join("ci-exec/images")))
+        .expect("open the user's cache")
+        .get(DEFAULT_IMAGE)
+        .expect("read the user's cache")
+        .expect("the user's build left no current image");
+    let mut not_theirs = Vec::new();
+    owned_by_other(&cache, uid, &mut not_theirs);
+    assert!(not_theirs.is_empty(), "not the user's: {not_theirs:?}");
+    let left: Vec<_> = std::fs::read_dir("/var/tmp")
+        .expect("list /var/tmp")
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("ci-exec-image.")
+        })
+        .filter(|entry| {
+            use std::os::unix::fs::MetadataExt;
+            entry.metadata().is_ok_and(|metadata| metadata.uid() == uid)
+        })
+        .map(|entry| entry.path())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "exchange directories left behind: {left:?}"
+    );
+    if manifest.packages == root_manifest.packages {
+        assert_eq!(
+            manifest.digest, root_manifest.digest,
+            "same packages, same digest"
+        );
+    }
+    boots_to_agent_and_runs_podman_offline(&manifest);
+}
+
+/// Builds the default image into `cache` as whoever runs this.
+fn build_into(cache: &Path) {
+    let binary = |name: &str| {
+        ci_exec_guest_image::binaries::locate(name).unwrap_or_else(|| {
+            panic!(
+                "`{name}` not found: {}",
+                ci_exec_guest_image::binaries::BUILD_HINT
+            )
+        })
+    };
+    let options = ci_exec_guest_image::BuildOptions::new(binary("mk"), binary("ci-exec-init"));
+    ci_exec_guest_image::ImageCache::open(Some(cache.join("ci-exec/images")))
+        .expect("open cache")
+        .build_default(&options, &ci_exec_guest_image::TracingReporter)
+        .expect("build as a normal user");
+}
+
+/// Runs this test again as `user`, from copies in `scratch` (the build tree may be under a
+/// home the user cannot enter), building into `cache`.
+fn build_as(user: &str, scratch: &Path, cache: &Path) {
+    let bin = scratch.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    let test = std::env::current_exe().expect("test executable");
+    std::fs::copy(&test, bin.join("boot-test")).expect("copy the test executable");
+    for name in ["mk", "ci-exec-init"] {
+        let found = ci_exec_guest_image::binaries::locate(name).expect("guest binary");
+        std::fs::copy(found, bin.join(name)).expect("copy a guest binary");
+    }
+    let chown = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{user}:"))
+        .arg(scratch)
+        .status()
+        .expect("run chown");
+    assert!(chown.success(), "chown failed");
+    let status = Command::new("runuser")
+        .args(["-u", user, "--", "env"])
+        .arg(format!("{BUILD_CHILD}={}", cache.display()))
+        .arg(format!("CI_EXEC_GUEST_BIN={}", bin.display()))
+        .arg(format!("HOME={}", scratch.display()))
+        .arg(bin.join("boot-test"))
+        .args([
+            "--exact",
+            "default_image_builds_as_a_normal_user",
+            "--nocapture",
+        ])
+        .current_dir(scratch)
+        .status()
+        .expect("run the build as the normal user");
+    assert!(status.success(), "the build as `{user}` failed: {status}");
+}
+
+fn user_id(user: &str) -> Option<u32> {
+    let output = Command::new("id").args(["-u", user]).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok()
+}
+
+fn owned_by_other(path: &Path, uid: u32, found: &mut Vec<PathBuf>) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if metadata.uid() != uid {
+        found.push(path.to_owned());
+    }
+    if metadata.is_dir() {
+        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+            owned_by_other(&entry.path(), uid, found);
+        }
+    }
 }
 
 /// The real thing: Debian's cloud-init (in the `debian-bookworm-cloud-init` variant, booted with
