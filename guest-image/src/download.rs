@@ -365,6 +365,17 @@ mod tests {
         names
     }
 
+    /// Fetches the server's `/disk.img`, checked against its `/SHA256SUMS`, into `directory`.
+    fn fetch_from(server: &Server, directory: &Path) -> Result<PathBuf, Error> {
+        fetch_verified(
+            &format!("{}/disk.img", server.address),
+            &format!("{}/SHA256SUMS", server.address),
+            directory,
+            "disk.img",
+            &crate::SilentReporter,
+        )
+    }
+
     fn image_bytes() -> Vec<u8> {
         (0..300_000u32)
             .flat_map(|value| value.to_le_bytes())
@@ -380,16 +391,7 @@ mod tests {
             ("/SHA256SUMS", sums.len(), sums.into_bytes()),
         ]);
         let directory = tempfile::tempdir().expect("tempdir");
-        let url = format!("{}/disk.img", server.address);
-        let sums_url = format!("{}/SHA256SUMS", server.address);
-        let path = fetch_verified(
-            &url,
-            &sums_url,
-            directory.path(),
-            "disk.img",
-            &crate::SilentReporter,
-        )
-        .expect("download");
+        let path = fetch_from(&server, directory.path()).expect("download");
         assert_eq!(std::fs::read(&path).expect("read"), image);
         assert_eq!(
             cache_files(directory.path()),
@@ -397,14 +399,7 @@ mod tests {
         );
         // A second fetch finds the verified copy and does not download the image again.
         std::fs::write(&path, &image).expect("touch");
-        let again = fetch_verified(
-            &url,
-            &sums_url,
-            directory.path(),
-            "disk.img",
-            &crate::SilentReporter,
-        )
-        .expect("cached");
+        let again = fetch_from(&server, directory.path()).expect("cached");
         assert_eq!(again, path);
     }
 
@@ -417,14 +412,7 @@ mod tests {
             ("/SHA256SUMS", sums.len(), sums.into_bytes()),
         ]);
         let directory = tempfile::tempdir().expect("tempdir");
-        let error = fetch_verified(
-            &format!("{}/disk.img", server.address),
-            &format!("{}/SHA256SUMS", server.address),
-            directory.path(),
-            "disk.img",
-            &crate::SilentReporter,
-        )
-        .unwrap_err();
+        let error = fetch_from(&server, directory.path()).unwrap_err();
         let message = error.to_string();
         assert!(
             message.contains("was truncated: expected 1200000 bytes, got 400000"),
@@ -447,14 +435,7 @@ mod tests {
             ("/SHA256SUMS", sums.len(), sums.into_bytes()),
         ]);
         let directory = tempfile::tempdir().expect("tempdir");
-        let error = fetch_verified(
-            &format!("{}/disk.img", server.address),
-            &format!("{}/SHA256SUMS", server.address),
-            directory.path(),
-            "disk.img",
-            &crate::SilentReporter,
-        )
-        .unwrap_err();
+        let error = fetch_from(&server, directory.path()).unwrap_err();
         let message = error.to_string();
         assert!(
             message.contains(&format!(
@@ -471,14 +452,7 @@ mod tests {
         let sums = format!("{}  other.img\n", "1".repeat(64));
         let server = Server::start(vec![("/SHA256SUMS", sums.len(), sums.into_bytes())]);
         let directory = tempfile::tempdir().expect("tempdir");
-        let error = fetch_verified(
-            &format!("{}/disk.img", server.address),
-            &format!("{}/SHA256SUMS", server.address),
-            directory.path(),
-            "disk.img",
-            &crate::SilentReporter,
-        )
-        .unwrap_err();
+        let error = fetch_from(&server, directory.path()).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!(
