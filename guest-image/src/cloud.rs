@@ -181,23 +181,8 @@ pub(crate) fn prepare(
 }
 
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let word = (u32::from(chunk[0]) << 16)
-            | (u32::from(chunk.get(1).copied().unwrap_or(0)) << 8)
-            | u32::from(chunk.get(2).copied().unwrap_or(0));
-        for index in 0..4 {
-            if index <= chunk.len() {
-                text.push(char::from(
-                    ALPHABET[(word >> (18 - 6 * index) & 63) as usize],
-                ));
-            } else {
-                text.push('=');
-            }
-        }
-    }
-    text
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 #[cfg(test)]
