@@ -14,10 +14,16 @@
 //! - **root stage** (PID 1 on the root filesystem): mounts `/proc /sys /dev /dev/pts /dev/shm
 //!   /run /tmp` and cgroup2, brings up loopback, sets the hostname, names the virtio-serial
 //!   ports under `/dev/virtio-ports/` (udev's job elsewhere) and keeps `qemu-ga` running.
+//!   It also answers the host on the control port (`control`): set the clock, mount the 9p
+//!   share, without an exec.
 //! - **`poweroff` / `reboot` / `halt` / `shutdown`** (by `argv[0]`): signals PID 1, so the
 //!   guest agent's `guest-shutdown` works without systemd.
+//! - **`ci-exec-init --follow FILE END`** (any PID): copies a growing file to stdout until
+//!   END exists, for the qemu driver's streamed stdin (`follow`).
 
 mod cmdline;
+mod control;
+mod follow;
 mod initramfs;
 mod root;
 mod system;
@@ -34,6 +40,12 @@ fn main() {
         .and_then(|name| name.to_str())
         .unwrap_or_default()
         .to_owned();
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let [flag, file, end] = arguments.as_slice()
+        && flag == "--follow"
+    {
+        follow::run(Path::new(file), Path::new(end));
+    }
     match name.as_str() {
         "poweroff" | "halt" => system::signal_init(libc::SIGUSR2),
         "reboot" => system::signal_init(libc::SIGTERM),

@@ -33,6 +33,11 @@ pub fn run() -> ! {
     report(system::loopback_up());
 
     block_signals();
+    // Its own thread, started before the agent: the host may send its first request as soon
+    // as the agent answers. The thread inherits the blocked signal mask, as it should.
+    let _ = std::thread::Builder::new()
+        .name("control".to_owned())
+        .spawn(|| crate::control::serve(Duration::from_secs(5)));
     let mut agent = None;
     if cmdline.agent {
         name_virtio_ports(Duration::from_secs(5));

@@ -230,3 +230,21 @@ pub fn uptime() -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// clock_settime(CLOCK_REALTIME): a VM restored from a saved state wakes with the time it was
+/// saved at, and one booted reads only whole seconds from the RTC.
+pub fn set_clock(seconds: i64, nanoseconds: i64) -> io::Result<()> {
+    let time = libc::timespec {
+        tv_sec: seconds as libc::time_t,
+        tv_nsec: nanoseconds as libc::c_long,
+    };
+    // SAFETY: a valid timespec that outlives the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &time) } == 0 {
+        Ok(())
+    } else {
+        Err(context(
+            io::Error::last_os_error(),
+            format!("set the clock to {seconds}.{nanoseconds:09}"),
+        ))
+    }
+}
