@@ -153,6 +153,11 @@ pub struct DockerConfig {
     pub host: Option<String>,
     /// The image of tasks that name none (see [`DEFAULT_IMAGE`]).
     pub image: String,
+    /// The namespace was generated for this driver (no `NAME://NAMESPACE` in the DSN), so
+    /// nothing else holds resources in it: `close` removes what this driver made without
+    /// listing the engine's containers and volumes (two requests, each up to a second on a
+    /// loaded podman). A named namespace is always listed, as other runs may share it.
+    pub namespace_generated: bool,
 }
 
 impl DockerConfig {
@@ -166,6 +171,7 @@ impl DockerConfig {
                 .ok()
                 .filter(|image| !image.is_empty())
                 .unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
+            namespace_generated: false,
         }
     }
 
@@ -176,6 +182,12 @@ impl DockerConfig {
 
     pub fn image(mut self, image: impl Into<String>) -> Self {
         self.image = image.into();
+        self
+    }
+
+    /// Marks the namespace as generated for this driver (see [`Self::namespace_generated`]).
+    pub fn namespace_generated(mut self, generated: bool) -> Self {
+        self.namespace_generated = generated;
         self
     }
 
@@ -192,6 +204,7 @@ impl DockerConfig {
             }
         };
         let mut docker = DockerConfig::new(engine, config.namespace.clone());
+        docker.namespace_generated = !config.namespace_given;
         if let Some(host) = config.str("host").filter(|host| !host.is_empty()) {
             docker.host = Some(host.to_owned());
         }

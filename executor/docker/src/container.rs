@@ -1,15 +1,16 @@
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bollard::container::LogOutput;
-use bollard::query_parameters::LogsOptionsBuilder;
+use bollard::query_parameters::{EventsOptionsBuilder, LogsOptionsBuilder};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use std::time::{Duration, Instant};
-
 use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSink};
 
+use crate::connect::rewriting;
 use crate::driver::{Inner, status_code};
 
 /// Shortest and longest pause between two reads of a running podman task's logs.
@@ -46,14 +47,23 @@ struct LogCursor {
     held: Option<Chunk>,
 }
 
+/// How a task ended.
+#[derive(Debug)]
+enum Ended {
+    /// The task's own exit code.
+    Exited(i32),
+    /// Stopped through the engine by someone else, with this `kill` signal if it said.
+    KilledFromOutside { signal: Option<String> },
+}
+
 /// A task's container, named `{namespace}-{task id}`.
 #[derive(Debug)]
 pub struct DockerContainer {
     inner: Arc<Inner>,
     task_id: String,
     name: String,
-    /// Once exited, the code never changes: later polls cost no request.
-    exit_code: OnceLock<i32>,
+    /// Once ended, a task stays so: later polls cost no request.
+    ended: OnceLock<Ended>,
 }
 
 impl DockerContainer {
@@ -62,7 +72,7 @@ impl DockerContainer {
             inner,
             task_id,
             name,
-            exit_code: OnceLock::new(),
+            ended: OnceLock::new(),
         }
     }
 
@@ -177,7 +187,7 @@ impl DockerContainer {
     async fn poll_logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
         let mut cursor = LogCursor::default();
         loop {
-            let exited = matches!(self.status().await?, ContainerStatus::Exited { .. });
+            let exited = self.has_ended(self.status().await)?;
             let started = Instant::now();
             let read = if exited {
                 LogRead::Complete
@@ -190,6 +200,156 @@ impl DockerContainer {
             }
             let pause = (started.elapsed() * 4).clamp(POLL_MIN, POLL_MAX);
             tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Records how the task ended, given its exit code, and says so as a status.
+    async fn settle(
+        &self,
+        code: i64,
+        started_at: Option<&str>,
+    ) -> Result<ContainerStatus, DriverError> {
+        let code = i32::try_from(code).unwrap_or(-1);
+        let killed = if code > 128 {
+            self.killed_from_outside(started_at).await
+        } else {
+            None
+        };
+        let ended = killed.unwrap_or(Ended::Exited(code));
+        self.ended_status(self.ended.get_or_init(|| ended))
+    }
+
+    fn ended_status(&self, ended: &Ended) -> Result<ContainerStatus, DriverError> {
+        match ended {
+            Ended::Exited(code) => Ok(ContainerStatus::Exited { code: *code }),
+            Ended::KilledFromOutside { signal } => Err(self.inner.backend(
+                format!("run task `{}`", self.task_id),
+                format!(
+                    "its container `{}` was stopped from outside ci-exec (a `kill`{} through \
+                     the engine, as `{} kill`, `stop` or `rm -f` send)",
+                    self.name,
+                    signal
+                        .as_deref()
+                        .map(|signal| format!(" with signal {signal}"))
+                        .unwrap_or_default(),
+                    self.inner.driver_name(),
+                ),
+            )),
+        }
+    }
+
+    /// Whether an exit by a signal was someone's `kill` through the engine (`docker kill`,
+    /// `docker stop`, `rm -f`), as the engine's event log says. Asked only of exits above
+    /// 128, which a task can also produce itself (`exit 137`, a shell reporting a killed
+    /// child); without such an event the exit code is the task's. Podman 4 records the event
+    /// for `podman kill` only (`stop` and `rm -f` leave a bare `died`), so there a stopped
+    /// task keeps the signal's exit code, as `podman run` reports it; a removed one is gone.
+    /// A failing event query is logged and leaves the exit code as it is.
+    async fn killed_from_outside(&self, started_at: Option<&str>) -> Option<Ended> {
+        let connection = match self.inner.connection().await {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, "cannot ask how the task ended");
+                return None;
+            }
+        };
+        let filters = HashMap::from([
+            ("container", vec![self.name.clone()]),
+            ("type", vec!["container".to_owned()]),
+            ("event", vec!["kill".to_owned()]),
+        ]);
+        let since = started_at
+            .and_then(|started| humantime::parse_rfc3339_weak(started).ok())
+            .and_then(|started| started.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|started| started.as_secs().to_string());
+        let mut options = EventsOptionsBuilder::new().filters(&filters);
+        if let Some(since) = &since {
+            options = options.since(since);
+        }
+        // Without an end the engines keep the answer open for events to come. Docker ends it
+        // at `until` (now, as seconds.nanoseconds). Podman's file-backed reader misses events
+        // with an `until` (it tails the file and stops at that time, before reading when the
+        // time is past): its own `stream=false` reads what is recorded and ends.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let until = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
+        let client = if connection.is_podman {
+            rewriting(&connection.docker, |uri| {
+                let separator = if uri.contains('?') { '&' } else { '?' };
+                Some(format!("{uri}{separator}stream=false"))
+            })
+        } else {
+            options = options.until(&until);
+            connection.docker.clone()
+        };
+        let mut events = client.events(Some(options.build()));
+        match events.next().await {
+            None => None,
+            Some(Ok(event)) => Some(Ended::KilledFromOutside {
+                signal: event
+                    .actor
+                    .and_then(|actor| actor.attributes)
+                    .and_then(|mut attributes| attributes.remove("signal")),
+            }),
+            // An event our types do not know is still a `kill` of this container.
+            Some(Err(bollard::errors::Error::JsonDataError { .. })) => {
+                Some(Ended::KilledFromOutside { signal: None })
+            }
+            Some(Err(error)) => {
+                tracing::warn!(container = %self.name, %error, "cannot read the engine's events");
+                None
+            }
+        }
+    }
+
+    /// The exit code from the engine's `wait` endpoint, which answers when the task exits
+    /// (Docker answers within milliseconds; podman 4 takes 0.4–1 s, so it is polled instead).
+    async fn wait_for_end(&self) -> Result<ContainerStatus, DriverError> {
+        if let Some(ended) = self.ended.get() {
+            return self.ended_status(ended);
+        }
+        let docker = self.inner.docker().await?;
+        let code = match docker.wait_container(&self.name, None).next().await {
+            Some(Ok(response)) => response.status_code,
+            // bollard reports a non-zero exit as an error; the daemon's own error is empty then.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { error, code }))
+                if error.is_empty() =>
+            {
+                code
+            }
+            Some(Err(error)) if status_code(&error) == Some(404) => return Err(self.gone()),
+            Some(Err(source)) => {
+                return Err(self.inner.backend(
+                    format!("wait for container `{}` to exit", self.name),
+                    source,
+                ));
+            }
+            None => {
+                return Err(self.inner.backend(
+                    format!("wait for container `{}` to exit", self.name),
+                    "the daemon ended the answer without an exit code",
+                ));
+            }
+        };
+        let started_at = if code > 128 {
+            self.inner
+                .inspect_state(&self.name)
+                .await?
+                .and_then(|state| state.started_at)
+        } else {
+            None
+        };
+        self.settle(code, started_at.as_deref()).await
+    }
+
+    /// Whether a status says the task has ended. One killed from outside has, and `status`
+    /// reports that; following its output went fine.
+    fn has_ended(&self, status: Result<ContainerStatus, DriverError>) -> Result<bool, DriverError> {
+        match status {
+            Ok(status) => Ok(status.is_done()),
+            Err(_) if self.ended.get().is_some() => Ok(true),
+            Err(error) => Err(error),
         }
     }
 
@@ -221,8 +381,8 @@ impl Container for DockerContainer {
     }
 
     async fn status(&self) -> Result<ContainerStatus, DriverError> {
-        if let Some(code) = self.exit_code.get() {
-            return Ok(ContainerStatus::Exited { code: *code });
+        if let Some(ended) = self.ended.get() {
+            return self.ended_status(ended);
         }
         let Some(state) = self.inner.inspect_state(&self.name).await? else {
             return Err(self.gone());
@@ -230,13 +390,8 @@ impl Container for DockerContainer {
         if !state.exited() {
             return Ok(ContainerStatus::Running);
         }
-        let code = state
-            .exit_code
-            .and_then(|code| i32::try_from(code).ok())
-            .unwrap_or(-1);
-        Ok(ContainerStatus::Exited {
-            code: *self.exit_code.get_or_init(|| code),
-        })
+        self.settle(state.exit_code.unwrap_or(-1), state.started_at.as_deref())
+            .await
     }
 
     async fn logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
@@ -262,6 +417,9 @@ impl FollowLogs for DockerContainer {
         }
         self.write_logs(LogRead::Follow, &mut LogCursor::default(), stdout, stderr)
             .await?;
+        // Docker ends a followed log when the task exits: its exit code is ready now, and
+        // waiting for it saves the caller polling the status.
+        self.has_ended(self.wait_for_end().await)?;
         Ok(())
     }
 }

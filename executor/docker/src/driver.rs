@@ -1,6 +1,6 @@
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use bollard::models::{
@@ -24,9 +24,6 @@ use crate::connect::{Connection, connect};
 use crate::container::DockerContainer;
 use crate::volume::DockerVolume;
 use crate::{DockerError, ID_LABEL, NAMESPACE_LABEL, ROLE_LABEL};
-
-/// `PATH` for tasks whose env and image set none (an imported rootfs has no image config).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What rootful podman needs on hosts where it lacks `CAP_SYS_RESOURCE`: its default
 /// `nofile=1048576` is above the hard limit it may raise to there, and the OCI runtime's
@@ -52,6 +49,17 @@ pub(crate) struct Inner {
     connection: tokio::sync::OnceCell<Connection>,
     /// Learned: the engine refuses containers without our ulimits (see [`PODMAN_ULIMITS`]).
     needs_ulimits: AtomicBool,
+    /// What this driver made and has not removed yet; `close` removes exactly this in a
+    /// generated namespace ([`DockerConfig::namespace_generated`]).
+    made: Mutex<Made>,
+}
+
+/// Backend names of the containers and volumes a driver made. A name is recorded before the
+/// request that creates it, so one the daemon made while the request failed is covered too.
+#[derive(Debug, Default)]
+struct Made {
+    containers: BTreeSet<String>,
+    volumes: BTreeSet<String>,
 }
 
 /// What a container of ours is for, as its `ci-exec.role` label says.
@@ -82,6 +90,7 @@ impl DockerDriver {
                 config,
                 connection: tokio::sync::OnceCell::new(),
                 needs_ulimits: AtomicBool::new(needs_ulimits),
+                made: Mutex::default(),
             }),
         })
     }
@@ -160,26 +169,9 @@ impl Inner {
         labels
     }
 
-    /// Makes sure `image` is present, pulling it only when missing. Returns whether its
-    /// config sets `PATH`.
-    pub(crate) async fn ensure_image(&self, image: &str) -> Result<bool, DriverError> {
-        let docker = self.docker().await?;
-        let inspected = match docker.inspect_image(image).await {
-            Ok(inspected) => inspected,
-            Err(error) if status_code(&error) == Some(404) => {
-                self.pull(image).await?;
-                docker.inspect_image(image).await.map_err(|source| {
-                    self.backend(format!("inspect image `{image}` after pulling it"), source)
-                })?
-            }
-            Err(source) => {
-                return Err(self.backend(format!("inspect image `{image}`"), source));
-            }
-        };
-        Ok(inspected
-            .config
-            .and_then(|config| config.env)
-            .is_some_and(|env| env.iter().any(|entry| entry.starts_with("PATH="))))
+    fn made(&self) -> std::sync::MutexGuard<'_, Made> {
+        // The sets stay consistent whatever panicked while holding the lock.
+        self.made.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn pull(&self, image: &str) -> Result<(), DriverError> {
@@ -220,6 +212,7 @@ impl Inner {
         })?;
         let docker = self.docker().await?;
         let backend_name = resource_name(self.namespace(), name);
+        self.made().volumes.insert(backend_name.clone());
         let request = VolumeCreateRequest {
             name: Some(backend_name.clone()),
             labels: Some(self.labels(name, None)),
@@ -235,7 +228,8 @@ impl Inner {
     }
 
     /// The create body for `task` in the driver's conventions: argv run as given (no image
-    /// entrypoint), only the task's env plus a default `PATH`, volumes from the mounts.
+    /// entrypoint), only the task's env, volumes from the mounts. Both engines give a task
+    /// whose env and image set no `PATH` their default one, so the image is not inspected.
     pub(crate) async fn container_body(
         &self,
         task: &Task,
@@ -246,7 +240,6 @@ impl Inner {
         } else {
             task.image.clone()
         };
-        let image_has_path = self.ensure_image(&image).await?;
         let mut mounts = Vec::with_capacity(task.mounts.len());
         for mount in &task.mounts {
             if !mount.path.starts_with('/') {
@@ -266,14 +259,11 @@ impl Inner {
                 ..BackendMount::default()
             });
         }
-        let mut env: Vec<String> = task
+        let env: Vec<String> = task
             .env
             .iter()
             .map(|(name, value)| format!("{name}={value}"))
             .collect();
-        if !task.env.contains_key("PATH") && !image_has_path {
-            env.push(format!("PATH={DEFAULT_PATH}"));
-        }
         let positive = |value: u64| (value > 0).then(|| i64::try_from(value).unwrap_or(i64::MAX));
         let host_config = HostConfig {
             mounts: Some(mounts),
@@ -340,6 +330,7 @@ impl Inner {
                         .map(|status| status.to_string())
                         .unwrap_or_default(),
                     exit_code: state.exit_code,
+                    started_at: state.started_at,
                 }))
             }
             Err(bollard::errors::Error::JsonDataError { contents, .. }) => {
@@ -378,8 +369,56 @@ impl Inner {
         Ok(Some(state))
     }
 
-    /// Creates and starts container `name`. Returns `false` when another caller created it
-    /// first (same task id, concurrently): that container is the task's.
+    /// Creates container `name`, pulling its image only when the daemon does not have it
+    /// (one request when it does: no inspect first). Returns `false` when a container of that
+    /// name exists already.
+    pub(crate) async fn create_container(
+        &self,
+        name: &str,
+        body: &ContainerCreateBody,
+    ) -> Result<bool, DriverError> {
+        let docker = self.docker().await?;
+        let first_time = self.made().containers.insert(name.to_owned());
+        let mut pulled = false;
+        loop {
+            let options = CreateContainerOptionsBuilder::new().name(name).build();
+            match docker.create_container(Some(options), body.clone()).await {
+                Ok(_) => return Ok(true),
+                Err(error) if name_in_use(&error) => {
+                    // Not ours to remove at `close` unless this driver made it earlier.
+                    if first_time {
+                        self.made().containers.remove(name);
+                    }
+                    return Ok(false);
+                }
+                // The image is missing ("No such image" from Docker, "no such image" from
+                // podman): pull it once, then create again.
+                Err(error)
+                    if status_code(&error) == Some(404)
+                        && error_message(&error)
+                            .to_ascii_lowercase()
+                            .contains("no such image")
+                        && !pulled =>
+                {
+                    let image = body.image.as_deref().unwrap_or_default();
+                    tracing::debug!(
+                        driver = self.driver_name(),
+                        image,
+                        "{}",
+                        error_message(&error)
+                    );
+                    self.pull(image).await?;
+                    pulled = true;
+                }
+                Err(source) => {
+                    return Err(self.backend(format!("create container `{name}`"), source));
+                }
+            }
+        }
+    }
+
+    /// Creates and starts container `name`. Returns `false` when it existed already (same
+    /// task id, from an earlier or concurrent call): that container is the task's, as is.
     pub(crate) async fn create_and_start(
         &self,
         name: &str,
@@ -391,13 +430,8 @@ impl Inner {
         let docker = self.docker().await?;
         let mut retried_with_ulimits = false;
         loop {
-            let options = CreateContainerOptionsBuilder::new().name(name).build();
-            match docker.create_container(Some(options), body.clone()).await {
-                Ok(_) => {}
-                Err(error) if status_code(&error) == Some(409) => return Ok(false),
-                Err(source) => {
-                    return Err(self.backend(format!("create container `{name}`"), source));
-                }
+            if !self.create_container(name, &body).await? {
+                return Ok(false);
             }
             // Attach before start, so not a byte of input is lost. Output is read from the
             // logs, not from this stream.
@@ -453,11 +487,16 @@ impl Inner {
         let docker = self.docker().await?;
         let start = std::time::Instant::now();
         loop {
-            let options = RemoveContainerOptionsBuilder::new().force(true).build();
+            // `v`: the anonymous volumes an image's `VOLUME` made go with the container; they
+            // carry no namespace label, so nothing else would ever remove them.
+            let options = RemoveContainerOptionsBuilder::new()
+                .force(true)
+                .v(true)
+                .build();
             match docker.remove_container(name, Some(options)).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => break,
                 // Gone already, or another remove of it is under way.
-                Err(error) if matches!(status_code(&error), Some(404 | 409)) => return Ok(()),
+                Err(error) if matches!(status_code(&error), Some(404 | 409)) => break,
                 // Podman refuses while a container is between running and stopped.
                 Err(error)
                     if error_message(&error).contains("state improper")
@@ -470,16 +509,22 @@ impl Inner {
                 }
             }
         }
+        self.made().containers.remove(name);
+        Ok(())
     }
 
     pub(crate) async fn remove_volume(&self, backend_name: &str) -> Result<(), DriverError> {
         let docker = self.docker().await?;
         let options = RemoveVolumeOptionsBuilder::new().force(true).build();
         match docker.remove_volume(backend_name, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(error) if status_code(&error) == Some(404) => Ok(()),
-            Err(source) => Err(self.backend(format!("remove volume `{backend_name}`"), source)),
+            Ok(()) => {}
+            Err(error) if status_code(&error) == Some(404) => {}
+            Err(source) => {
+                return Err(self.backend(format!("remove volume `{backend_name}`"), source));
+            }
         }
+        self.made().volumes.remove(backend_name);
+        Ok(())
     }
 
     fn namespace_filter(&self) -> HashMap<String, Vec<String>> {
@@ -489,15 +534,43 @@ impl Inner {
         )])
     }
 
+    /// Removes every container and volume of the namespace, running or not.
     async fn close(&self) -> Result<(), DriverError> {
-        let docker = self.docker().await?;
+        let (containers, volumes) = if self.config.namespace_generated {
+            let made = std::mem::take(&mut *self.made());
+            (
+                made.containers.into_iter().collect(),
+                made.volumes.into_iter().collect(),
+            )
+        } else {
+            (self.list_containers().await?, self.list_volumes().await?)
+        };
+        // Containers first: a volume in use cannot be removed.
         let mut first_error = None;
+        for name in containers {
+            if let Err(error) = self.remove_container(&name).await {
+                tracing::warn!(driver = self.driver_name(), %error, "close: container left behind");
+                first_error.get_or_insert(error);
+            }
+        }
+        for name in volumes {
+            if let Err(error) = self.remove_volume(&name).await {
+                tracing::warn!(driver = self.driver_name(), %error, "close: volume left behind");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The ids of the namespace's containers, running or stopped.
+    async fn list_containers(&self) -> Result<Vec<String>, DriverError> {
+        let docker = self.docker().await?;
         let options = ListContainersOptionsBuilder::new()
             .all(true)
             .filters(&self.namespace_filter())
             .build();
-        let ids: Vec<String> = match docker.list_containers(Some(options)).await {
-            Ok(containers) => containers.into_iter().filter_map(|c| c.id).collect(),
+        match docker.list_containers(Some(options)).await {
+            Ok(containers) => Ok(containers.into_iter().filter_map(|c| c.id).collect()),
             // Podman 4 lists states Docker's API does not know (`stopped`): read the raw answer.
             Err(bollard::errors::Error::JsonDataError { contents, .. }) => {
                 container_ids_from_json(&contents).ok_or_else(|| {
@@ -505,16 +578,15 @@ impl Inner {
                         "list the namespace's containers",
                         format!("the daemon's answer is not a container list: {contents}"),
                     )
-                })?
+                })
             }
-            Err(source) => return Err(self.backend("list the namespace's containers", source)),
-        };
-        for id in ids {
-            if let Err(error) = self.remove_container(&id).await {
-                tracing::warn!(driver = self.driver_name(), %error, "close: container left behind");
-                first_error.get_or_insert(error);
-            }
+            Err(source) => Err(self.backend("list the namespace's containers", source)),
         }
+    }
+
+    /// The backend names of the namespace's volumes.
+    async fn list_volumes(&self) -> Result<Vec<String>, DriverError> {
+        let docker = self.docker().await?;
         let options = ListVolumesOptionsBuilder::new()
             .filters(&self.namespace_filter())
             .build();
@@ -522,13 +594,12 @@ impl Inner {
             .list_volumes(Some(options))
             .await
             .map_err(|source| self.backend("list the namespace's volumes", source))?;
-        for volume in volumes.volumes.into_iter().flatten() {
-            if let Err(error) = self.remove_volume(&volume.name).await {
-                tracing::warn!(driver = self.driver_name(), %error, "close: volume left behind");
-                first_error.get_or_insert(error);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        Ok(volumes
+            .volumes
+            .into_iter()
+            .flatten()
+            .map(|volume| volume.name)
+            .collect())
     }
 }
 
@@ -540,6 +611,8 @@ pub(crate) struct ContainerState {
     /// `created`, `running`, `exited`, … (podman adds `stopped`, `configured`).
     pub(crate) status: String,
     pub(crate) exit_code: Option<i64>,
+    /// RFC 3339, as the engine reports it.
+    pub(crate) started_at: Option<String>,
 }
 
 impl ContainerState {
@@ -559,6 +632,10 @@ impl ContainerState {
             running: state.get("Running")?.as_bool()?,
             status: state.get("Status")?.as_str()?.to_owned(),
             exit_code: state.get("ExitCode").and_then(serde_json::Value::as_i64),
+            started_at: state
+                .get("StartedAt")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
         })
     }
 }
@@ -591,11 +668,17 @@ impl Driver for DockerDriver {
         validate_task(&task)?;
         let inner = &self.inner;
         let name = resource_name(inner.namespace(), &task.id);
-        if inner.find_container(&name).await?.is_none() {
-            let body = inner.container_body(&task, Role::Task).await?;
-            inner
-                .create_and_start(&name, &task.id, &task.command[0], body, task.stdin.as_ref())
-                .await?;
+        // Create first and look only on a conflict: the usual new task costs no inspect.
+        let body = inner.container_body(&task, Role::Task).await?;
+        let created = inner
+            .create_and_start(&name, &task.id, &task.command[0], body, task.stdin.as_ref())
+            .await?;
+        if !created && inner.find_container(&name).await?.is_none() {
+            // Removed between our create and the look: a cleanup of the same id won.
+            return Err(inner.backend(
+                format!("reuse container `{name}`"),
+                "it was removed while this run looked it up",
+            ));
         }
         Ok(Box::new(DockerContainer::new(inner.clone(), task.id, name)))
     }
@@ -711,10 +794,10 @@ fn start_error(
         inner.backend(
             format!("start container `{name}`"),
             format!(
-                "the OCI runtime could not grant the capabilities asked for (a privileged \
-                 container gets every capability, and the daemon's host lacks some, as in a \
-                 nested container or a sandboxed VM); run the task unprivileged or on another \
-                 engine ({})",
+                "the OCI runtime could not grant the capabilities of a privileged container \
+                 (Docker grants every capability the kernel knows, and the daemon's host lacks \
+                 some, as in a nested container or a sandboxed VM); run the task unprivileged, \
+                 or on podman, which grants the capabilities it has ({})",
                 error_message(&error).trim()
             ),
         )
@@ -756,6 +839,16 @@ fn with_tag(image: &str) -> String {
         image.to_owned()
     } else {
         format!("{image}:latest")
+    }
+}
+
+/// Whether a create failed because a container of that name exists: Docker answers 409,
+/// podman 4 a 500 saying the name "is already in use".
+fn name_in_use(error: &bollard::errors::Error) -> bool {
+    match status_code(error) {
+        Some(409) => true,
+        Some(500) => error_message(error).contains("already in use"),
+        _ => false,
     }
 }
 
@@ -805,6 +898,7 @@ mod tests {
                 running: false,
                 status: "stopped".to_owned(),
                 exit_code: Some(3),
+                started_at: None,
             }
         );
         assert!(state.exited());

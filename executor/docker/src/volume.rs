@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount as BackendMount, MountType};
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
-};
+use bollard::query_parameters::DownloadFromContainerOptionsBuilder;
 use futures_util::TryStreamExt;
 
 use ci_exec_driver::{DriverError, Volume, VolumeFiles, resource_name};
@@ -89,10 +87,8 @@ impl VolumeFiles for DockerDriver {
         }
 
         let reader = reader_name(inner.namespace());
-        let image = inner.config.image.clone();
-        inner.ensure_image(&image).await?;
         let body = ContainerCreateBody {
-            image: Some(image),
+            image: Some(inner.config.image.clone()),
             cmd: Some(vec!["true".to_owned()]),
             entrypoint: Some(Vec::new()),
             labels: Some(inner.labels(volume, Some(Role::VolumeReader))),
@@ -108,13 +104,12 @@ impl VolumeFiles for DockerDriver {
             }),
             ..ContainerCreateBody::default()
         };
-        let options = CreateContainerOptionsBuilder::new().name(&reader).build();
-        docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|source| {
-                inner.backend(format!("create volume reader container `{reader}`"), source)
-            })?;
+        if !inner.create_container(&reader, &body).await? {
+            return Err(inner.backend(
+                format!("create volume reader container `{reader}`"),
+                "a container of that name exists already",
+            ));
+        }
 
         let inside = format!("{READER_MOUNT}/{}", relative.display());
         let options = DownloadFromContainerOptionsBuilder::new()
