@@ -425,6 +425,13 @@ static DRIVERS: &[DriverSpec] = &[
             )
             .default("5m")
             .env("QEMU_BOOT_TIMEOUT"),
+            param(
+                "warm",
+                Bool,
+                "start from a saved VM state of the image when one exists (`false` boots cold)",
+            )
+            .default("true")
+            .env("QEMU_WARM"),
         ],
     },
     DriverSpec {

@@ -27,7 +27,7 @@ pub struct QemuConfig {
     pub boot_timeout: Duration,
     /// Where per-namespace run directories (pid file, sockets, overlay, share) live.
     pub run_root: PathBuf,
-    /// Start from a saved VM state when one exists (default on; `QEMU_WARM=0` turns it off).
+    /// `warm` (`QEMU_WARM`): start from a saved VM state when one exists.
     pub warm: bool,
 }
 
@@ -74,15 +74,8 @@ impl QemuConfig {
         if let Some(timeout) = config.duration("boot_timeout") {
             qemu.boot_timeout = timeout;
         }
-        // `warm` is not a DSN parameter (yet): `QEMU_WARM=0` turns warm starts off, e.g. to
-        // measure cold boots.
-        match config.bool("warm") {
-            Some(warm) => qemu.warm = warm,
-            None => {
-                if let Ok(value) = std::env::var("QEMU_WARM") {
-                    qemu.warm = !matches!(value.as_str(), "0" | "false" | "no" | "off");
-                }
-            }
+        if let Some(warm) = config.bool("warm") {
+            qemu.warm = warm;
         }
         Ok(qemu)
     }

@@ -9,14 +9,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ci_exec_driver::{
     Container, ContainerStatus, Driver, DriverError, FollowLogs, LogSink, Sandbox, SandboxExec,
-    SandboxOutput, Task, Volume, VolumeFiles,
+    SandboxOutput, Stdin, Task, Volume, VolumeFiles,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use crate::accel::{self, AccelVerdict};
-use crate::guest::{self, Runner};
-use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec};
+use crate::guest::{self, Runner, StdinSource};
+use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec, RamFile};
 use crate::run_dir::RunDir;
 use crate::{QemuConfig, QemuError, image, output, warm};
 
@@ -72,6 +72,7 @@ impl QemuDriver {
         }
         let mut image = image::resolve(&self.config.image)?;
         let verdict = self.accel().await;
+        image.kernel_cmdline = crate::machine::fast_kernel_cmdline(&image.kernel_cmdline);
         if verdict.accel == crate::accel::Accel::Tcg {
             image.kernel_cmdline = crate::machine::tcg_kernel_cmdline(
                 &image.kernel_cmdline,
@@ -90,6 +91,8 @@ impl QemuDriver {
             run_dir: self.run.clone(),
             overlay: self.run.overlay(),
             incoming: None,
+            ram_file: None,
+            incoming_serves_control: false,
         };
         let started = std::time::Instant::now();
         let machine = if self.config.warm {
@@ -142,6 +145,11 @@ impl QemuDriver {
         let warm_spec = MachineSpec {
             backing: state.join("disk.qcow2"),
             incoming: Some(state.join("state")),
+            ram_file: Some(RamFile {
+                path: state.join("ram"),
+                shared: false,
+            }),
+            incoming_serves_control: warm::serves_control(&state),
             ..spec.clone()
         };
         match Machine::start(&warm_spec, self.config.boot_timeout).await {
@@ -200,10 +208,16 @@ impl QemuDriver {
             self.ensure_volume(&mount.volume)?;
         }
         let stdin = match &task.stdin {
-            None => None,
+            None => HostStdin::None,
+            // Streamed as it arrives when the guest has the helper that follows a growing
+            // file; else spooled whole first (an image older than the control port).
+            Some(stdin @ Stdin::Stream(_)) if machine.serves_control() => {
+                match stdin.take_reader() {
+                    Some(reader) => HostStdin::Stream(reader),
+                    None => HostStdin::Whole(Vec::new()),
+                }
+            }
             Some(stdin) => {
-                // A stream is spooled to a file first: a 9p reader cannot wait on a growing
-                // file, so interactive input is not supported by this driver.
                 let mut bytes = Vec::new();
                 if let Some(mut reader) = stdin.take_reader() {
                     tokio::io::copy(&mut reader, &mut bytes)
@@ -216,10 +230,50 @@ impl QemuDriver {
                             )
                         })?;
                 }
-                Some(bytes)
+                HostStdin::Whole(bytes)
             }
         };
         start_wrapper(&self.run, machine, task, env, runner, stdin).await
+    }
+}
+
+/// A task's stdin on the host side.
+enum HostStdin {
+    None,
+    Whole(Vec<u8>),
+    Stream(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+}
+
+/// Appends what `reader` gives to `path` as it comes, then makes `end`: the guest's
+/// `--follow` helper copies the file to the task until `end` exists.
+async fn stream_stdin(
+    mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    path: PathBuf,
+    end: PathBuf,
+) {
+    use tokio::io::AsyncReadExt;
+    let copied = async {
+        let mut file = tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .await?;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let read = reader.read(&mut buffer).await?;
+            if read == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            file.write_all(&buffer[..read]).await?;
+            file.flush().await?;
+        }
+    }
+    .await;
+    if let Err(error) = copied {
+        // The task sees its input end here; the task itself reports what that means.
+        tracing::warn!(%error, path = %path.display(), "streaming stdin to the guest");
+    }
+    if let Err(error) = tokio::fs::write(&end, b"").await {
+        tracing::warn!(%error, path = %end.display(), "ending the guest's stdin");
     }
 }
 
@@ -232,7 +286,7 @@ async fn start_wrapper(
     task: &Task,
     env: &BTreeMap<String, String>,
     runner: Runner<'_>,
-    stdin: Option<Vec<u8>>,
+    stdin: HostStdin,
 ) -> Result<(PathBuf, i64), DriverError> {
     let dir = run.task(&task.id);
     let prepare = |error: QemuError| backend(format!("prepare task `{}`", task.id), error);
@@ -242,17 +296,28 @@ async fn start_wrapper(
             source,
         })
     })?;
-    for stale in ["exit", "exit.tmp", "pid"] {
+    for stale in ["exit", "pid", "stdin.end"] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
-    let script = guest::task_script(task, env, runner, stdin.is_some());
+    let source = match &stdin {
+        HostStdin::None => StdinSource::None,
+        HostStdin::Whole(_) => StdinSource::File,
+        HostStdin::Stream(_) => StdinSource::Follow,
+    };
+    let script = guest::task_script(task, env, runner, source);
     let mut files = vec![
         ("stdout", Vec::new()),
         ("stderr", Vec::new()),
         ("run.sh", script.into_bytes()),
     ];
-    if let Some(stdin) = stdin {
-        files.push(("stdin", stdin));
+    let mut stream = None;
+    match stdin {
+        HostStdin::None => {}
+        HostStdin::Whole(bytes) => files.push(("stdin", bytes)),
+        HostStdin::Stream(reader) => {
+            files.push(("stdin", Vec::new()));
+            stream = Some(reader);
+        }
     }
     for (name, contents) in files {
         let path = dir.join(name);
@@ -272,6 +337,13 @@ async fn start_wrapper(
         )
         .await
         .map_err(|error| backend(format!("start task `{}`", task.id), error))?;
+    if let Some(reader) = stream {
+        tokio::spawn(stream_stdin(
+            reader,
+            dir.join("stdin"),
+            dir.join("stdin.end"),
+        ));
+    }
     Ok((dir, pid))
 }
 
@@ -604,7 +676,7 @@ impl SandboxExec for QemuDriver {
                     image: &task.image,
                     name: &name,
                 },
-                None,
+                HostStdin::None,
             )
             .await?;
             let handle = TaskHandle {
@@ -697,7 +769,7 @@ impl Sandbox for QemuSandbox {
             &step,
             &exec_env,
             runner,
-            None,
+            HostStdin::None,
         )
         .await?;
         let handle = TaskHandle {

@@ -129,6 +129,13 @@ pub enum QemuError {
         source: ProtocolError,
     },
 
+    #[error("guest control port failed during {stage}")]
+    Control {
+        stage: String,
+        #[source]
+        source: ProtocolError,
+    },
+
     #[error("monitor (QMP) failed during {stage}")]
     Monitor {
         stage: String,

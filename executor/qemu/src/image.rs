@@ -33,6 +33,7 @@ pub fn resolve(image: &str) -> Result<ImageFiles, QemuError> {
         initrd: manifest.initrd,
         disk: manifest.disk,
         kernel_cmdline: manifest.kernel_cmdline,
+        container_images: manifest.container_images,
     })
 }
 

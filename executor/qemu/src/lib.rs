@@ -12,6 +12,7 @@
 
 pub mod accel;
 mod config;
+pub mod control;
 pub mod doctor;
 mod driver;
 pub mod error;

@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::QemuError;
 use crate::accel::Accel;
+use crate::control::{self, ControlClient};
 use crate::error::ProtocolError;
 use crate::qga::{ExecStatus, QgaClient};
 use crate::qmp::QmpClient;
@@ -40,6 +41,9 @@ pub struct ImageFiles {
     /// qcow2 base; never written.
     pub disk: PathBuf,
     pub kernel_cmdline: String,
+    /// Container images preloaded in the guest's podman storage.
+    #[serde(default)]
+    pub container_images: Vec<String>,
 }
 
 /// What to start.
@@ -58,6 +62,23 @@ pub struct MachineSpec {
     pub backing: PathBuf,
     /// A saved state to start from (`-incoming`), instead of booting.
     pub incoming: Option<PathBuf>,
+    /// Guest RAM in a file (a warm state's), instead of anonymous memory.
+    pub ram_file: Option<RamFile>,
+    /// The saved state's guest serves the control port (it greeted before it was saved, so
+    /// a restored VM does not greet again).
+    pub incoming_serves_control: bool,
+}
+
+/// Guest RAM backed by a file. The VM that saves a warm state maps it shared, so the file
+/// holds the guest's memory when the VM stops, and saves with `x-ignore-shared` (the state
+/// then holds only device state: a few hundred KiB instead of every used page, ~166 MB for a
+/// booted 2 GB guest). VMs started from it map it private: pages load lazily from the host's
+/// page cache as the guest touches them, shared between VMs until written, and the file is
+/// never written again (QEMU's "private destination RAM with x-ignore-shared").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamFile {
+    pub path: PathBuf,
+    pub shared: bool,
 }
 
 impl MachineSpec {
@@ -66,18 +87,35 @@ impl MachineSpec {
     pub fn arguments(&self) -> Vec<OsString> {
         let run = &self.run_dir;
         let mut arguments: Vec<OsString> = Vec::new();
-        let mut push = |items: &[&str]| arguments.extend(items.iter().map(OsString::from));
         let cpu = match self.accel {
             Accel::Tcg => "max",
             Accel::Kvm | Accel::Hvf => "host",
         };
+        let mut machine = "microvm,pit=on,pic=off,rtc=on,isa-serial=on".to_owned();
+        if let Some(ram) = &self.ram_file {
+            machine.push_str(",memory-backend=ram");
+            arguments.extend(
+                [
+                    "-object".to_owned(),
+                    format!(
+                        "memory-backend-file,id=ram,size={}M,mem-path={},share={}",
+                        self.memory_mb,
+                        // QEMU's option syntax escapes a comma by doubling it.
+                        ram.path.display().to_string().replace(',', ",,"),
+                        if ram.shared { "on" } else { "off" }
+                    ),
+                ]
+                .map(OsString::from),
+            );
+        }
+        let mut push = |items: &[&str]| arguments.extend(items.iter().map(OsString::from));
         push(&[
             "-name",
             "ci-exec",
             "-accel",
             self.accel.as_str(),
             "-machine",
-            "microvm,pit=on,pic=off,rtc=on,isa-serial=on",
+            &machine,
             "-cpu",
             cpu,
             "-m",
@@ -122,6 +160,17 @@ impl MachineSpec {
             "-device",
             "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
         ]);
+        // QEMU connects to the driver (`server=off`), so the port's host end is connected for
+        // the VM's whole life and the guest's reader blocks rather than spins.
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=control,path={},server=off",
+                path(&run.control_socket())
+            ),
+            "-device",
+            &format!("virtserialport,chardev=control,name={}", control::PORT),
+        ]);
         push(&[
             "-fsdev",
             &format!(
@@ -135,14 +184,51 @@ impl MachineSpec {
             "-qmp",
             &format!("unix:{},server=on,wait=off", path(&run.qmp_socket())),
         ]);
-        if let Some(state) = &self.incoming {
-            push(&[
-                "-incoming",
-                &format!("exec:cat {}", shell_quote(&path(state))),
-            ]);
+        if self.incoming.is_some() {
+            // The migration capabilities must be set first: `migrate-incoming` follows on QMP.
+            push(&["-incoming", "defer"]);
         }
         arguments
     }
+}
+
+/// Kernel arguments that make the guest boot and run faster, each measured under TCG here
+/// (`initcall_debug` for the slow initcalls; see benches/RESULTS-qemu.md). The guest is a
+/// throwaway, single-tenant sandbox, so hardening that only protects the guest kernel from
+/// the guest's own processes is not worth its cost here.
+pub const FAST_KERNEL_ARGUMENTS: &[&str] = &[
+    // Speculative-execution mitigations (return thunks, retpolines, …): every `ret` and
+    // indirect branch through a thunk is costly to emulate. Host isolation does not rest on
+    // the guest's own mitigations.
+    "mitigations=off",
+    // Debian zeroes every page on allocation; the kernel already zeroes what user space gets.
+    "init_on_alloc=0",
+    // Self-tests of every crypto algorithm registered at boot.
+    "cryptomgr.notests",
+    // microvm has one UART; probing four costs port I/O exits.
+    "8250.nr_uarts=1",
+];
+
+/// Appends [`FAST_KERNEL_ARGUMENTS`] to `cmdline`, keeping any the image already sets.
+pub fn fast_kernel_cmdline(cmdline: &str) -> String {
+    let mut arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
+    let extra: Vec<String> = FAST_KERNEL_ARGUMENTS
+        .iter()
+        .filter(|wanted| {
+            let name = wanted.split('=').next().unwrap_or(wanted);
+            !arguments
+                .iter()
+                .any(|argument| argument.split('=').next() == Some(name))
+        })
+        .map(|argument| (*argument).to_owned())
+        .collect();
+    // Arguments after `--` go to init, not the kernel: insert before it.
+    let position = arguments
+        .iter()
+        .position(|argument| argument == "--")
+        .unwrap_or(arguments.len());
+    arguments.splice(position..position, extra);
+    arguments.join(" ")
 }
 
 /// Kernel arguments that make a TCG guest boot on a busy host: under TCG the guest's TSC
@@ -205,6 +291,15 @@ pub struct Machine {
     exit: watch::Receiver<Option<String>>,
     qmp: Mutex<QmpClient>,
     qga: Mutex<QgaClient>,
+    control: Mutex<ControlClient>,
+    /// Prepare requests sent right after a restore, whose answers are still to be read.
+    sent_early: Mutex<Option<Vec<String>>>,
+    /// The guest's init answers on the control port (else the agent does that work).
+    serves_control: bool,
+    /// Started from a saved state rather than booted.
+    restored: bool,
+    /// Guest RAM is a shared file mapping: a saved state leaves it out.
+    shared_ram: bool,
     version: String,
 }
 
@@ -216,6 +311,12 @@ impl Machine {
             let _ = std::fs::remove_file(stale);
         }
         let _ = std::fs::remove_file(spec.run_dir.console_log());
+        let listener = ControlClient::listen(&spec.run_dir.control_socket()).map_err(|source| {
+            QemuError::Control {
+                stage: "listen".to_owned(),
+                source,
+            }
+        })?;
         let (pid, exit) = spawn(
             &spec.qemu_binary,
             spec.arguments(),
@@ -226,7 +327,7 @@ impl Machine {
             path: pid_file,
             source,
         })?;
-        let started = Machine::connect(spec, pid, exit.clone(), boot_timeout).await;
+        let started = Machine::connect(spec, pid, exit.clone(), listener, boot_timeout).await;
         match started {
             Ok(machine) => Ok(machine),
             Err(error) => {
@@ -241,8 +342,10 @@ impl Machine {
         spec: &MachineSpec,
         pid: i32,
         exit: watch::Receiver<Option<String>>,
+        listener: tokio::net::UnixListener,
         boot_timeout_after: Duration,
     ) -> Result<Machine, QemuError> {
+        let started = Instant::now();
         let deadline = Instant::now() + boot_timeout_after;
         let run = &spec.run_dir;
         let stage = if spec.incoming.is_some() {
@@ -272,6 +375,46 @@ impl Machine {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let version = qmp.version().to_owned();
+        // QEMU made its chardev connections before its monitor listened.
+        let mut control = tokio::time::timeout(
+            MONITOR_TIMEOUT,
+            ControlClient::accept(&listener, spec.incoming_serves_control),
+        )
+        .await
+        .map_err(|_| QemuError::Control {
+            stage: "accept".to_owned(),
+            source: ProtocolError::Timeout {
+                peer: "control",
+                command: "connect".to_owned(),
+                after: MONITOR_TIMEOUT,
+            },
+        })?
+        .map_err(|source| QemuError::Control {
+            stage: "accept".to_owned(),
+            source,
+        })?;
+        drop(listener);
+        let _ = std::fs::remove_file(run.control_socket());
+        tracing::debug!(elapsed = ?started.elapsed(), "monitor connected");
+        if let Some(state) = &spec.incoming {
+            let restore = |source| QemuError::Monitor {
+                stage: "restore".to_owned(),
+                source,
+            };
+            if spec.ram_file.is_some() {
+                qmp.execute(
+                    "migrate-set-capabilities",
+                    ignore_shared_capability(),
+                    MONITOR_TIMEOUT,
+                )
+                .await
+                .map_err(restore)?;
+            }
+            let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
+            qmp.execute("migrate-incoming", json!({ "uri": uri }), MONITOR_TIMEOUT)
+                .await
+                .map_err(restore)?;
+        }
         if spec.incoming.is_some() {
             loop {
                 check_alive(&exit, run, stage)?;
@@ -306,6 +449,23 @@ impl Machine {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            tracing::debug!(elapsed = ?started.elapsed(), "restored VM running");
+        }
+        // A restored guest is known to serve the control port: ask it to set the clock and
+        // mount the share now, while the agent is woken below (each takes ~0.1 s of a guest
+        // whose code TCG must translate afresh after a restore), and read the answers in
+        // `prepare_guest`.
+        let mut sent_early = None;
+        if spec.incoming.is_some() && control.serves() {
+            let requests = prepare_requests();
+            control
+                .send(&requests)
+                .await
+                .map_err(|source| QemuError::Control {
+                    stage: "prepare".to_owned(),
+                    source,
+                })?;
+            sent_early = Some(requests);
         }
         let mut qga = QgaClient::connect(&run.qga_socket())
             .await
@@ -331,18 +491,38 @@ impl Machine {
                 }
             }
         }
+        tracing::debug!(elapsed = ?started.elapsed(), "guest agent answered");
+        // The guest greets when its init opens the port, which it does before starting the
+        // agent: by now the greeting has come, unless the init does not serve the port.
+        let serves_control = control.await_hello(Duration::from_millis(500)).await;
         Ok(Machine {
             run_dir: run.clone(),
             pid,
             exit,
             qmp: Mutex::new(qmp),
             qga: Mutex::new(qga),
+            control: Mutex::new(control),
+            sent_early: Mutex::new(sent_early),
+            serves_control,
+            restored: spec.incoming.is_some(),
+            shared_ram: spec.ram_file.as_ref().is_some_and(|ram| ram.shared),
             version,
         })
     }
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Whether this VM was restored from a saved state (a warm start) rather than booted.
+    pub fn restored(&self) -> bool {
+        self.restored
+    }
+
+    /// Whether the guest's init serves the control port (clock, share mount, and the
+    /// `--follow` helper that streams stdin).
+    pub fn serves_control(&self) -> bool {
+        self.serves_control
     }
 
     /// QEMU's version, from the QMP greeting.
@@ -444,29 +624,56 @@ impl Machine {
     }
 
     /// Sets the guest clock to the host's (a restored VM wakes with the time it was saved at)
-    /// and mounts the share.
+    /// and mounts the share: through the control port, else through the agent.
     pub async fn prepare_guest(&self) -> Result<(), QemuError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        if self.serves_control {
+            let mut client = self.control.lock().await;
+            let early = self.sent_early.lock().await.take();
+            let result = async {
+                let requests = match early {
+                    Some(requests) => requests,
+                    None => {
+                        let requests = prepare_requests();
+                        client.send(&requests).await?;
+                        requests
+                    }
+                };
+                client.answers(&requests, AGENT_TIMEOUT).await
+            }
+            .await;
+            return result.map_err(|source| QemuError::Control {
+                stage: "prepare".to_owned(),
+                source,
+            });
+        }
+        let now = since_epoch();
         let script = format!(
-            "date -u -s @{}.{:09} >/dev/null; mkdir -p {GUEST_SHARE} /mnt && \
-             mount -t 9p -o trans=virtio,version=9p2000.L,msize={MSIZE},cache=none {SHARE_TAG} {GUEST_SHARE} && \
-             ln -sfn {GUEST_SHARE}/volumes /mnt/volumes",
+            "date -u -s @{}.{:09} >/dev/null; mkdir -p {GUEST_SHARE} && \
+             mount -t 9p -o {} {SHARE_TAG} {GUEST_SHARE}",
             now.as_secs(),
-            now.subsec_nanos()
+            now.subsec_nanos(),
+            share_mount_options()
         );
         self.sh_ok(&script, AGENT_TIMEOUT).await?;
         Ok(())
     }
 
-    /// Saves the running VM's state to `state` (the VM ends paused).
+    /// Saves the running VM's state to `state`; the VM ends stopped (`postmigrate`).
     pub async fn save_state(&self, state: &Path) -> Result<(), QemuError> {
         let mut qmp = self.qmp.lock().await;
         let monitor = |stage: &str| {
             let stage = stage.to_owned();
             move |source| QemuError::Monitor { stage, source }
         };
+        if self.shared_ram {
+            qmp.execute(
+                "migrate-set-capabilities",
+                ignore_shared_capability(),
+                MONITOR_TIMEOUT,
+            )
+            .await
+            .map_err(monitor("migrate-set-capabilities"))?;
+        }
         // `exec:` migration is throttled to 32 MiB/s by default; a file has no reason to be.
         qmp.execute(
             "migrate-set-parameters",
@@ -475,9 +682,9 @@ impl Machine {
         )
         .await
         .map_err(monitor("migrate-set-parameters"))?;
-        qmp.execute("stop", Value::Null, MONITOR_TIMEOUT)
-            .await
-            .map_err(monitor("stop"))?;
+        // Not stopped first: migration stops the VM itself at completion, with its disks
+        // flushed, and a state saved from a running VM restores running. One saved after
+        // `stop` restores `paused` and needs a `cont` (the "restored VM is `paused`" failures).
         let uri = format!("exec:cat > {}", shell_quote(&state.display().to_string()));
         qmp.execute("migrate", json!({ "uri": uri }), MONITOR_TIMEOUT)
             .await
@@ -598,6 +805,29 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
             .filter(|c| *c == '\n' || !c.is_control())
             .collect()
     }
+}
+
+fn since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn share_mount_options() -> String {
+    format!("trans=virtio,version=9p2000.L,msize={MSIZE},cache=none")
+}
+
+/// The control requests that set the guest clock to now and mount the share.
+fn prepare_requests() -> Vec<String> {
+    vec![
+        control::time_request(since_epoch()),
+        control::mount_request(SHARE_TAG, GUEST_SHARE, &share_mount_options()),
+    ]
+}
+
+/// `x-ignore-shared`: RAM in a shared file mapping is not part of the migration stream.
+fn ignore_shared_capability() -> Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
 /// Quotes `text` for a POSIX shell.
@@ -728,11 +958,17 @@ mod tests {
                 initrd: PathBuf::from("/images/initrd"),
                 disk: PathBuf::from("/images/disk.qcow2"),
                 kernel_cmdline: "console=ttyS0 quiet".to_owned(),
+                container_images: Vec::new(),
             },
             run_dir: RunDir::new(PathBuf::from("/run/q/ns")),
             overlay: PathBuf::from("/run/q/ns/overlay.qcow2"),
             backing: PathBuf::from("/images/disk.qcow2"),
+            ram_file: incoming.as_ref().map(|state| RamFile {
+                path: state.with_file_name("ram"),
+                shared: false,
+            }),
             incoming,
+            incoming_serves_control: false,
         }
     }
 
@@ -762,6 +998,8 @@ mod tests {
             "local,id=share,path=/run/q/ns/share,security_model=none",
             "virtio-9p-device,fsdev=share,mount_tag=ci",
             "-qmp unix:/run/q/ns/qmp.sock,server=on,wait=off",
+            "socket,id=control,path=/run/q/ns/ctl.sock,server=off",
+            "virtserialport,chardev=control,name=org.ci-exec.control.0",
             "-nic none",
         ] {
             assert!(line.contains(expected), "`{expected}` missing from {line}");
@@ -770,17 +1008,16 @@ mod tests {
     }
 
     #[test]
-    fn warm_start_only_adds_incoming() {
-        let cold = spec(None).arguments();
-        let warm = spec(Some(PathBuf::from("/cache/warm/k/state"))).arguments();
-        assert_eq!(&warm[..cold.len()], &cold[..]);
-        assert_eq!(
-            warm[cold.len()..],
-            [
-                OsString::from("-incoming"),
-                OsString::from("exec:cat /cache/warm/k/state")
-            ]
+    fn warm_start_maps_the_saved_ram_privately_and_defers_incoming() {
+        let line = joined(&spec(Some(PathBuf::from("/cache/warm/k/state"))));
+        assert!(
+            line.starts_with(
+                "-object memory-backend-file,id=ram,size=2048M,mem-path=/cache/warm/k/ram,share=off "
+            ),
+            "{line}"
         );
+        assert!(line.contains("microvm,pit=on,pic=off,rtc=on,isa-serial=on,memory-backend=ram"));
+        assert!(line.ends_with(" -incoming defer"), "{line}");
     }
 
     #[test]
@@ -797,6 +1034,18 @@ mod tests {
             tcg_kernel_cmdline("a -- b", Some(1)),
             "a tsc_early_khz=1 tsc=reliable no_timer_check -- b"
         );
+    }
+
+    #[test]
+    fn fast_arguments_are_added_unless_the_image_sets_them() {
+        let line = fast_kernel_cmdline("root=/dev/vda mitigations=auto -- init-arg");
+        assert!(
+            line.starts_with("root=/dev/vda mitigations=auto "),
+            "{line}"
+        );
+        assert!(!line.contains("mitigations=off"), "{line}");
+        assert!(line.contains(" init_on_alloc=0 "), "{line}");
+        assert!(line.ends_with(" -- init-arg"), "{line}");
     }
 
     #[test]

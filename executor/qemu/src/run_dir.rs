@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <run_root>/<namespace>/
-//!   qemu.pid  qmp.sock  qga.sock  console.log  qemu.log  overlay.qcow2
+//!   qemu.pid  qmp.sock  qga.sock  ctl.sock  console.log  qemu.log  overlay.qcow2
 //!   share/                      the 9p export, `/mnt/ci` in the guest
 //!     volumes/<name>/           a volume (`/mnt/volumes/<name>` in the guest)
 //!     tasks/<id>/               run.sh stdin stdout stderr exit pid
@@ -40,6 +40,10 @@ impl RunDir {
     }
     pub fn qga_socket(&self) -> PathBuf {
         self.path.join("qga.sock")
+    }
+    /// The control port's socket (QEMU connects to it; see `control`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.path.join("ctl.sock")
     }
     pub fn console_log(&self) -> PathBuf {
         self.path.join("console.log")

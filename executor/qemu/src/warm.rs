@@ -3,13 +3,15 @@
 //!
 //! A saved state is only valid with the disk it was saved with, so the VM that makes it boots
 //! with its own overlay (`disk.qcow2` beside `state`), which is never written again: later VMs
-//! put their fresh overlay over it. The state is saved before the 9p share is mounted (a
+//! put their fresh overlay over it. Its memory is a file (`ram`, see [`RamFile`]) that the
+//! saving VM maps shared and later VMs map private, so `state` holds only device state and a
+//! start reads no memory up front. The state is saved before the 9p share is mounted (a
 //! mounted 9p export blocks migration) and the guest clock is set after every start. Its key
 //! holds everything that must match: the image digest, the machine's size and accelerator,
 //! the QEMU binary, and this module's format version.
 //!
 //! ```text
-//! <cache_dir>/warm/<key>/{disk.qcow2, state}
+//! <cache_dir>/warm/<key>/{disk.qcow2, ram, state, image, control}
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -17,13 +19,13 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::QemuError;
-use crate::machine::{Machine, MachineSpec};
+use crate::machine::{Machine, MachineSpec, RamFile};
 use crate::run_dir::RunDir;
+use crate::{QemuError, control};
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 
 /// The directory of the warm state for `spec`.
 pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
@@ -52,9 +54,17 @@ pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
     cache_dir.join("warm").join(&key[..24])
 }
 
+/// Whether the guest saved in `dir` serves the control port (it greeted the VM that saved
+/// it; a restored guest does not greet again).
+pub fn serves_control(dir: &Path) -> bool {
+    dir.join("control").is_file()
+}
+
 /// Whether `dir` holds a complete saved state.
 pub fn is_ready(dir: &Path) -> bool {
-    dir.join("state").is_file() && dir.join("disk.qcow2").is_file()
+    ["state", "ram", "disk.qcow2"]
+        .iter()
+        .all(|file| dir.join(file).is_file())
 }
 
 /// Boots `spec` cold in `scratch` (its own sockets and share), saves its state into
@@ -92,6 +102,11 @@ pub async fn create(
         overlay: building.join("disk.qcow2"),
         backing: spec.image.disk.clone(),
         incoming: None,
+        ram_file: Some(RamFile {
+            path: building.join("ram"),
+            shared: true,
+        }),
+        incoming_serves_control: false,
         ..spec.clone()
     };
     let result = async {
@@ -107,6 +122,14 @@ pub async fn create(
         {
             tracing::debug!(%error, "podman warm-up before saving the state");
         }
+        if machine.serves_control() {
+            std::fs::write(building.join("control"), control::HELLO).map_err(|source| {
+                QemuError::WriteFile {
+                    path: building.join("control"),
+                    source,
+                }
+            })?;
+        }
         let saved = machine.save_state(&building.join("state")).await;
         machine.shutdown().await;
         saved
@@ -117,11 +140,14 @@ pub async fn create(
         let _ = std::fs::remove_dir_all(&building);
         return Err(error);
     }
-    let image = format!("{}\n{}\n", spec.image.name, spec.image.digest);
+    let image = format!(
+        "{}\n{}\n{FORMAT_VERSION}\n",
+        spec.image.name, spec.image.digest
+    );
     let _ = std::fs::write(building.join("image"), image);
     match std::fs::rename(&building, final_dir) {
         Ok(()) => {
-            prune_superseded(parent, &spec.image.name, &spec.image.digest);
+            prune_superseded(parent, &spec.image.name, &spec.image.digest, FORMAT_VERSION);
             Ok(())
         }
         // Another process published the same state first: use theirs.
@@ -139,9 +165,10 @@ pub async fn create(
     }
 }
 
-/// Removes the saved states of image `name` made from another digest: a rebuilt image makes
-/// them useless, and each holds the guest's memory (~100 MB).
-pub fn prune_superseded(warm_root: &Path, name: &str, digest: &str) {
+/// Removes the saved states of image `name` made from another digest or in another format: a
+/// rebuilt image or a newer driver makes them useless, and each holds the guest's memory
+/// (~100–300 MB).
+pub fn prune_superseded(warm_root: &Path, name: &str, digest: &str, format: u32) {
     let Ok(entries) = std::fs::read_dir(warm_root) else {
         return;
     };
@@ -151,7 +178,10 @@ pub fn prune_superseded(warm_root: &Path, name: &str, digest: &str) {
             continue;
         };
         let mut lines = image.lines();
-        if lines.next() == Some(name) && lines.next() != Some(digest) {
+        let format = format.to_string();
+        if lines.next() == Some(name)
+            && (lines.next() != Some(digest) || lines.next() != Some(format.as_str()))
+        {
             tracing::debug!(state = %path.display(), "removing a warm state of an older image");
             let _ = std::fs::remove_dir_all(&path);
         }
@@ -163,19 +193,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_states_of_the_same_image_with_another_digest_are_pruned() {
+    fn only_states_of_the_same_image_with_another_digest_or_format_are_pruned() {
         let root = tempfile::tempdir().expect("tempdir");
         for (directory, image) in [
-            ("old", "debian-bookworm\nd1\n"),
-            ("current", "debian-bookworm\nd2\n"),
-            ("other", "alpine\nd0\n"),
+            ("old", "debian-bookworm\nd1\n3\n"),
+            ("old-format", "debian-bookworm\nd2\n"),
+            ("current", "debian-bookworm\nd2\n3\n"),
+            ("other", "alpine\nd0\n1\n"),
         ] {
             std::fs::create_dir_all(root.path().join(directory)).expect("mkdir");
             std::fs::write(root.path().join(directory).join("image"), image).expect("write");
         }
         std::fs::create_dir_all(root.path().join("unknown")).expect("mkdir");
-        prune_superseded(root.path(), "debian-bookworm", "d2");
+        prune_superseded(root.path(), "debian-bookworm", "d2", 3);
         assert!(!root.path().join("old").exists());
+        assert!(!root.path().join("old-format").exists());
         for kept in ["current", "other", "unknown"] {
             assert!(root.path().join(kept).exists(), "{kept}");
         }

@@ -251,3 +251,93 @@ async fn a_killed_run_leaves_nothing_after_close_and_a_dead_vm_is_reported() {
         "qemu {pid} still runs: {stat}"
     );
 }
+
+/// Regression: warm starts failed with "restored VM is `paused`" and fell back to a cold boot
+/// (a state saved after `stop` restores paused; the driver then treated that as an error).
+/// Every warm start must restore and run, several in a row from one saved state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_vm_left_paused() {
+    let Some(first) = driver("paused") else {
+        return;
+    };
+    // The first start makes the saved state if there is none; the next ones restore it.
+    let machine = first.machine().await.expect("first start");
+    drop(machine);
+    first.close().await.expect("close");
+    for round in 0..3 {
+        let mut config = first.config().clone();
+        config.namespace = format!("{}-{round}", config.namespace);
+        let driver = QemuDriver::new(config);
+        let machine = driver.machine().await.expect("warm start");
+        assert!(
+            machine.restored(),
+            "round {round} booted cold instead of restoring"
+        );
+        drop(machine);
+        let echo = run(&driver, Task::new("echo", ["echo", "warm"])).await;
+        assert_eq!(
+            (echo.code, echo.stdout.as_str()),
+            (0, "warm\n"),
+            "{}",
+            echo.stderr
+        );
+        driver.close().await.expect("close");
+    }
+}
+
+/// `ci-exec run -i` streams: the task sees its first line while the host's input is still
+/// open (the driver once read all of stdin before starting the task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_streams_to_a_running_task() {
+    use tokio::io::AsyncWriteExt;
+    let Some(driver) = driver("stdin-stream") else {
+        return;
+    };
+    for image in ["", BASE_IMAGE] {
+        let (mut input, reader) = tokio::io::duplex(1024);
+        let id = if image.is_empty() { "os" } else { "podman" };
+        let task = Task::new(
+            id,
+            ["sh", "-c", "read a; echo got $a; read b; echo got $b; cat"],
+        )
+        .image(image)
+        .stdin(Stdin::stream(reader));
+        let container = driver.run_container(task).await.expect("run_container");
+        input.write_all(b"one\n").await.expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut stdout = Vec::new();
+            container
+                .logs(&mut stdout, &mut Vec::new())
+                .await
+                .expect("logs");
+            if stdout == b"got one\n" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{id}: the first line did not reach the running task: {:?}",
+                String::from_utf8_lossy(&stdout)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        input.write_all(b"two\nrest\x00\xff").await.expect("write");
+        drop(input);
+        let code = wait_for_exit(
+            container.as_ref(),
+            Duration::from_millis(20),
+            Some(Duration::from_secs(120)),
+        )
+        .await
+        .expect("exit");
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        container
+            .logs(&mut stdout, &mut stderr)
+            .await
+            .expect("logs");
+        assert_eq!(code, 0, "{id}: {}", String::from_utf8_lossy(&stderr));
+        assert_eq!(stdout, b"got one\ngot two\nrest\x00\xff", "{id}");
+    }
+    driver.close().await.expect("close");
+}
