@@ -13,7 +13,11 @@ use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSin
 use crate::connect::rewriting;
 use crate::driver::{Inner, status_code};
 
-/// Shortest and longest pause between two reads of a running podman task's logs.
+/// Pauses between two reads of a running podman task's logs: the first is short and each
+/// next one doubles up to `POLL_MIN`, so the end of a short task shows soon after it happens
+/// (a `true` has often not exited yet at the first look); then the pause grows with the cost
+/// of a read, up to `POLL_MAX`.
+const POLL_FIRST: Duration = Duration::from_millis(10);
 const POLL_MIN: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(2);
 
@@ -186,6 +190,7 @@ impl DockerContainer {
     /// at most a fifth of the time re-reading.
     async fn poll_logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
         let mut cursor = LogCursor::default();
+        let mut floor = POLL_FIRST;
         loop {
             let exited = self.has_ended(self.status().await)?;
             let started = Instant::now();
@@ -198,7 +203,8 @@ impl DockerContainer {
             if exited {
                 return Ok(());
             }
-            let pause = (started.elapsed() * 4).clamp(POLL_MIN, POLL_MAX);
+            let pause = (started.elapsed() * 4).clamp(floor, POLL_MAX);
+            floor = (floor * 2).min(POLL_MIN);
             tokio::time::sleep(pause).await;
         }
     }
@@ -415,11 +421,16 @@ impl FollowLogs for DockerContainer {
         if self.inner.connection().await?.is_podman {
             return self.poll_logs(stdout, stderr).await;
         }
-        self.write_logs(LogRead::Follow, &mut LogCursor::default(), stdout, stderr)
-            .await?;
-        // Docker ends a followed log when the task exits: its exit code is ready now, and
-        // waiting for it saves the caller polling the status.
-        self.has_ended(self.wait_for_end().await)?;
+        // Docker ends a followed log when the task exits. Waiting for the exit code at the
+        // same time has it ready by then (the caller polls no status), and costs no time
+        // after the output ends: the two answers come within milliseconds of each other.
+        let mut cursor = LogCursor::default();
+        let (followed, ended) = tokio::join!(
+            self.write_logs(LogRead::Follow, &mut cursor, stdout, stderr),
+            self.wait_for_end(),
+        );
+        followed?;
+        self.has_ended(ended)?;
         Ok(())
     }
 }
