@@ -21,6 +21,11 @@ const POLL_FIRST: Duration = Duration::from_millis(10);
 const POLL_MIN: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(2);
 
+/// Output below which a re-read costs the engine little whatever time it took (a slow answer
+/// then means a busy engine, not a long log): the pause stays at most `POLL_MIN`, so a busy
+/// engine does not delay noticing the end of a short task by seconds.
+const SMALL_LOG_BYTES: u64 = 1024 * 1024;
+
 /// How one read of a container's logs goes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum LogRead {
@@ -186,8 +191,8 @@ impl DockerContainer {
     /// Follows podman's logs by re-reading them until the task exits. Podman 4's followed
     /// logs drop lines when a task writes fast (measured with podman 4.3: of 5 MiB written
     /// by `seq`, 330 KB arrived, with gaps from line 44672 on); its plain reads are exact.
-    /// The pause between reads grows with the cost of a read, so a long, chatty task spends
-    /// at most a fifth of the time re-reading.
+    /// Once the output is large, the pause between reads grows with the cost of a read, so a
+    /// long, chatty task spends at most a fifth of the time re-reading.
     async fn poll_logs(&self, stdout: LogSink<'_>, stderr: LogSink<'_>) -> Result<(), DriverError> {
         let mut cursor = LogCursor::default();
         let mut floor = POLL_FIRST;
@@ -203,7 +208,12 @@ impl DockerContainer {
             if exited {
                 return Ok(());
             }
-            let pause = (started.elapsed() * 4).clamp(floor, POLL_MAX);
+            let longest = if cursor.written.iter().sum::<u64>() < SMALL_LOG_BYTES {
+                POLL_MIN
+            } else {
+                POLL_MAX
+            };
+            let pause = (started.elapsed() * 4).clamp(floor, longest);
             floor = (floor * 2).min(POLL_MIN);
             tokio::time::sleep(pause).await;
         }
