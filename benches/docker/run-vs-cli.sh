@@ -49,4 +49,16 @@ hyperfine --warmup 3 --runs "$runs" --export-markdown "$table" \
     "$ci_exec run --driver=podman:host=$podman_host --image=$image -- true"
 cat "$table" >>"$out"
 rm -f "$table"
+
+# The Engine API requests one run makes, in order (bollard logs each request's URL at debug).
+for driver in "docker:host=$docker_host" "podman:host=$podman_host"; do
+    {
+        echo
+        echo "Requests of one \`ci-exec run --driver=${driver%%:*} -- true\`:"
+        echo
+        RUST_LOG=bollard=debug "$ci_exec" run --driver="$driver" --image="$image" -- true 2>&1 |
+            sed -nE 's#^.*debug: [a-z]+://[0-9a-f]*(/[^?]*).*#    \1#p' |
+            sed -E '\#/containers/(create|json)$#!{s#/containers/[^/]+/#/containers/NAME/#; s#/containers/[^/]+$#/containers/NAME#}'
+    } >>"$out"
+done
 cat "$out"
