@@ -242,13 +242,17 @@ impl DockerContainer {
                 format!("run task `{}`", self.task_id),
                 format!(
                     "its container `{}` was stopped from outside ci-exec (a `kill`{} through \
-                     the engine, as `{} kill`, `stop` or `rm -f` send)",
+                     the engine, as {} send)",
                     self.name,
                     signal
                         .as_deref()
                         .map(|signal| format!(" with signal {signal}"))
                         .unwrap_or_default(),
-                    self.inner.driver_name(),
+                    // Podman records no event for its `stop` and `rm -f`.
+                    match self.inner.config.engine {
+                        crate::Engine::Docker => "`docker kill`, `docker stop` and `docker rm -f`",
+                        crate::Engine::Podman => "`podman kill`",
+                    },
                 ),
             )),
         }
