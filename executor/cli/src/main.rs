@@ -20,15 +20,19 @@ fn main() {
     let cli = Cli::parse();
     exit::init_logging();
     let code = match commands::runtime(&cli.command) {
-        Ok(runtime) => match runtime.block_on(commands::dispatch(cli.command)) {
-            Ok(code) => code,
-            Err(error) => exit::report(&error),
-        },
+        Ok(runtime) => {
+            let code = match runtime.block_on(commands::dispatch(cli.command)) {
+                Ok(code) => code,
+                Err(error) => exit::report(&error),
+            };
+            // Dropping the runtime would join its blocking threads, and one may sit in a
+            // read of our stdin (`run -i`) long after the task has finished.
+            runtime.shutdown_background();
+            code
+        }
         Err(error) => {
             exit::report(&anyhow::Error::new(error).context("cannot start the async runtime"))
         }
     };
-    // Exits without dropping the runtime: a blocking read of our stdin (`run -i`) would
-    // otherwise keep the process alive after the task has finished.
     std::process::exit(i32::from(code));
 }

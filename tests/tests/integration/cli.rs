@@ -130,6 +130,33 @@ fn run_forwards_stdin_only_with_i() {
     assert_eq!(output.stdout, b"", "stdin reached the task without -i");
 }
 
+/// Regression: dropping the async runtime joined the thread blocked in a read of our stdin,
+/// so `run -i` stayed alive after its task ended until the input did.
+#[test]
+fn run_i_exits_when_the_task_ends_while_stdin_stays_open() {
+    let cli = Cli::new();
+    let mut child = cli
+        .command(&["run", "--driver=native", "-i", "--", "true"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ci-exec");
+    let open_stdin = child.stdin.take();
+    let mut status = None;
+    wait_for(
+        "`run -i` to exit with its stdin open",
+        Duration::from_secs(60),
+        || {
+            status = child.try_wait().expect("wait");
+            status.is_some()
+        },
+    );
+    drop(open_stdin);
+    assert_eq!(status.and_then(|status| status.code()), Some(0));
+    assert!(cli.namespaces().is_empty(), "{:?}", cli.namespaces());
+}
+
 #[test]
 fn run_passes_env_and_no_host_env() {
     let output = Cli::new()
