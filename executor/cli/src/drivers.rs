@@ -11,12 +11,12 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
         "native" => Box::new(ci_exec_native::NativeDriver::new(config)?),
         #[cfg(feature = "qemu")]
         "qemu" => Box::new(ci_exec_qemu::QemuDriver::new(
-            ci_exec_qemu::QemuConfig::from_driver_config(config)?,
+            ci_exec_qemu::QemuConfig::from_driver_config(config).map_err(bad_parameter)?,
         )),
         #[cfg(feature = "docker")]
         "docker" | "podman" => Box::new(
             ci_exec_docker::DockerDriver::connect(
-                ci_exec_docker::DockerConfig::from_driver_config(config)?,
+                ci_exec_docker::DockerConfig::from_driver_config(config).map_err(bad_parameter)?,
             )
             .await?,
         ),
@@ -24,6 +24,14 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
     };
     tracing::debug!(driver = %config.driver, namespace = %config.namespace, "driver ready");
     Ok(driver)
+}
+
+/// A driver's own check of its parameters failed (a `host=` the DSN grammar cannot judge):
+/// the user's input is wrong, so it exits like any other bad DSN.
+#[cfg(any(feature = "qemu", feature = "docker"))]
+fn bad_parameter(error: impl std::error::Error) -> CliError {
+    CliError::usage(error.to_string())
+        .hint("`ci-exec drivers` lists every driver and its parameters")
 }
 
 /// A registered driver whose implementation this binary lacks.

@@ -211,6 +211,8 @@ impl DockerConfig {
         if let Some(image) = config.str("image").filter(|image| !image.is_empty()) {
             docker.image = image.to_owned();
         }
+        // A malformed `host=` (or DOCKER_HOST) is the user's input: say so before connecting.
+        docker.resolve_host()?;
         Ok(docker)
     }
 

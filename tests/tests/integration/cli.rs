@@ -265,6 +265,14 @@ fn bad_driver_strings_exit_2_with_one_clear_line() {
             assert_eq!(first_line(&output), expected, "{args:?}");
         }
     }
+    // A value only the driver can judge is a usage error too, found before connecting.
+    let output = cli.run(&["run", "--driver=docker://ns?host=bogus", "--", "true"]);
+    assert_eq!(code(&output), 2, "{}", stderr(&output));
+    assert_eq!(
+        first_line(&output),
+        "error: invalid `host` `bogus` for the `docker` driver: expected `unix:///path/to.sock`, \
+         `tcp://host:port` or `ssh://[user@]host[:port]`"
+    );
     assert!(cli.namespaces().is_empty());
 }
 
