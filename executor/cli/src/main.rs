@@ -19,15 +19,21 @@ fn main() {
     // clap exits 2 on a usage error and 0 for --help / --version.
     let cli = Cli::parse();
     exit::init_logging();
+    // `run` writes its output straight to fds 1 and 2, so nothing of it waits in the runtime;
+    // the other commands write through tokio's stdout, whose last writes the runtime's
+    // blocking threads finish when it is dropped.
+    let reads_stdin = matches!(cli.command, commands::Command::Run(_));
     let code = match commands::runtime(&cli.command) {
         Ok(runtime) => {
             let code = match runtime.block_on(commands::dispatch(cli.command)) {
                 Ok(code) => code,
                 Err(error) => exit::report(&error),
             };
-            // Dropping the runtime would join its blocking threads, and one may sit in a
-            // read of our stdin (`run -i`) long after the task has finished.
-            runtime.shutdown_background();
+            if reads_stdin {
+                // Dropping the runtime would join its blocking threads, and one may sit in a
+                // read of our stdin (`run -i`) long after the task has finished.
+                runtime.shutdown_background();
+            }
             code
         }
         Err(error) => {
