@@ -121,6 +121,7 @@ fn available(driver: &str) -> bool {
             })
         }
         "qemu" => qemu_missing(),
+        "docker" | "podman" => engine_missing(driver),
         other => Some(format!("no prerequisite check for driver `{other}`")),
     };
     match missing {
@@ -149,8 +150,24 @@ fn qemu_missing() -> Option<String> {
     (!built).then(|| "no guest image: run `ci-exec image build`".to_owned())
 }
 
+/// Whether the engine answers and runs its base image (`.ci/setup-docker.sh` starts both
+/// engines and exports `DOCKER_HOST` and `CI_EXEC_DOCKER_IMAGE`).
+fn engine_missing(driver: &str) -> Option<String> {
+    let output = Command::new(BINARY)
+        .args(["run", &format!("--driver={driver}"), "--", "true"])
+        .output()
+        .ok()?;
+    (!output.status.success()).then(|| {
+        format!(
+            "`ci-exec run --driver={driver} -- true` failed ({}): run `bash .ci/setup-docker.sh`",
+            text(&output.stderr).trim()
+        )
+    })
+}
+
 /// One test per listed driver for a job case. Every case runs on native; qemu runs one case per
-/// example repository (each qemu run boots a VM, and CI's time is shared).
+/// example repository (each qemu run boots a VM, and CI's time is shared); docker and podman
+/// run the replay case.
 macro_rules! job_test {
     ($name:ident, [$($driver:ident),+], |$arg:ident| $body:block) => {
         mod $name {
@@ -172,7 +189,7 @@ macro_rules! job_test {
 
 job_test!(
     hello_runs_then_replays_byte_exact,
-    [native, qemu],
+    [native, qemu, docker, podman],
     |driver| {
         let repo = Repo::example("hello");
         let first = repo.test(driver, &[], &[]);
