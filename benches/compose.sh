@@ -13,7 +13,9 @@ the project's shared 2-core / 24 GiB development machine: QEMU runs under TCG th
 engineers were building and testing at once (load average 10–18 on 2 cores), so absolute times
 are pessimistic; each comparison ran its baseline in the same invocation, so the **ratios** are
 the figures to read. Each section names the command that produced it; re-run them on a quiet
-machine with `mk bench` (the project's own mkfile).
+machine with `mk bench` (the project's own mkfile). In the commands, `$TARGET` is the cargo
+target directory used and `$PREVIOUS` a release build of the commit compared against. Sections
+measured on a quiet machine say so.
 
 HEAD
   for area in job native mk qemu image docker; do
