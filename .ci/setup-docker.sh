@@ -8,7 +8,8 @@
 #     (no registry is reachable in CI).
 #   - `localhost/ci-exec/base:latest`: the test image plus our static `mk`, the default image of
 #     image-less tasks (CI_EXEC_DOCKER_IMAGE), where the job flow runs its base-OS steps.
-# Exports DOCKER_HOST and CI_EXEC_DOCKER_IMAGE. It does not export CONTAINER_HOST: podman's own
+# Exports DOCKER_HOST, CI_EXEC_DOCKER_IMAGE and CI_EXEC_TEST_SSH_HOST (a private sshd on
+# 127.0.0.1:2222 for the `host=ssh://…` test). It does not export CONTAINER_HOST: podman's own
 # CLI turns into a remote client when that is set, which would change other setup scripts.
 # Idempotent: quick when the daemons answer and the image is present.
 #
@@ -32,7 +33,8 @@
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
 
     packages=""
-    for tool in dockerd:docker.io podman:podman runc:runc mmdebstrap:mmdebstrap curl:curl; do
+    for tool in dockerd:docker.io podman:podman runc:runc mmdebstrap:mmdebstrap curl:curl \
+        sshd:openssh-server ssh:openssh-client; do
         PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 || packages="$packages ${tool##*:}"
     done
     if [ -n "$packages" ]; then
@@ -116,9 +118,39 @@
     # shellcheck disable=SC2086
     $sudo podman $podman_flags build --quiet --pull=never -t "$base_image" -f "$context/Containerfile" "$context" >/dev/null
     rm -rf "$context"
-    echo "setup-docker: dockerd on $docker_socket, podman on $podman_socket, images $image and $base_image ready" >&2
+
+    # `host=ssh://…`: a private sshd on 127.0.0.1:2222 whose sessions see the test dockerd,
+    # reached through the host alias `ci-exec-ssh-test` (included into the user's ssh config).
+    ssh_dir=/var/lib/ci-exec/ssh
+    $sudo mkdir -p "$ssh_dir" /run/sshd
+    [ -f "$ssh_dir/host_ed25519" ] || $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
+    [ -f "$ssh_dir/id_ed25519" ] || $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/id_ed25519"
+    $sudo chown "$(id -u):$(id -g)" "$ssh_dir/id_ed25519"
+    $sudo cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
+    printf '%s\n' "Port 2222" "ListenAddress 127.0.0.1" "HostKey $ssh_dir/host_ed25519" \
+        "AuthorizedKeysFile $ssh_dir/authorized_keys" "PermitRootLogin prohibit-password" \
+        "PasswordAuthentication no" "PidFile /run/ci-exec/sshd.pid" \
+        "SetEnv DOCKER_HOST=unix://$docker_socket" | $sudo tee "$ssh_dir/sshd_config" >/dev/null
+    printf '%s\n' "Host ci-exec-ssh-test" "  HostName 127.0.0.1" "  Port 2222" \
+        "  IdentityFile $ssh_dir/id_ed25519" "  IdentitiesOnly yes" "  StrictHostKeyChecking no" \
+        "  UserKnownHostsFile /dev/null" "  LogLevel ERROR" | $sudo tee "$ssh_dir/config" >/dev/null
+    mkdir -p "$HOME/.ssh"
+    if ! grep -qx "Include $ssh_dir/config" "$HOME/.ssh/config" 2>/dev/null; then
+        # An Include before any Host block applies everywhere.
+        { echo "Include $ssh_dir/config"; cat "$HOME/.ssh/config" 2>/dev/null || true; } >"$HOME/.ssh/config.new"
+        mv "$HOME/.ssh/config.new" "$HOME/.ssh/config"
+        chmod 600 "$HOME/.ssh/config"
+    fi
+    if ! ssh -o BatchMode=yes -o ConnectTimeout=5 "$(id -un)@ci-exec-ssh-test" true 2>/dev/null; then
+        if [ -f /run/ci-exec/sshd.pid ]; then $sudo kill "$(cat /run/ci-exec/sshd.pid)" 2>/dev/null || true; fi
+        $sudo /usr/sbin/sshd -f "$ssh_dir/sshd_config" -E "$log_dir/sshd.log"
+        ssh -o BatchMode=yes -o ConnectTimeout=10 "$(id -un)@ci-exec-ssh-test" true
+    fi
+    echo "setup-docker: dockerd on $docker_socket, podman on $podman_socket, images $image and $base_image ready, ssh alias ci-exec-ssh-test" >&2
 )
 ci_exec_docker_status=$?
 export DOCKER_HOST=unix:///run/ci-exec/docker.sock
 export CI_EXEC_DOCKER_IMAGE=localhost/ci-exec/base:latest
+CI_EXEC_TEST_SSH_HOST="ssh://$(id -un)@ci-exec-ssh-test"
+export CI_EXEC_TEST_SSH_HOST
 [ "$ci_exec_docker_status" = 0 ]

@@ -875,3 +875,49 @@ async fn permission_denied_on_the_socket_says_so() {
     );
     assert!(message.contains("usermod -aG docker"), "{message}");
 }
+
+/// `host=ssh://…` reaches a remote engine through `ssh … docker system dial-stdio`, as the
+/// cloud drivers will. `.ci/setup-docker.sh` starts a private sshd on 127.0.0.1 whose sessions
+/// see the test daemon, and exports `CI_EXEC_TEST_SSH_HOST`, the ssh URL to use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_host_runs_tasks_on_the_remote_engine() {
+    let Some(local) = Subject::new(Engine::Docker, "ssh").await else {
+        return;
+    };
+    let Some(ssh) = std::env::var("CI_EXEC_TEST_SSH_HOST")
+        .ok()
+        .filter(|host| !host.is_empty())
+    else {
+        let reason = "`CI_EXEC_TEST_SSH_HOST` is not set";
+        assert!(
+            !std::env::var("CI").is_ok_and(|ci| ci == "true"),
+            "{reason}; fix: {FIX}"
+        );
+        eprintln!("skipping: {reason}; fix: {FIX}");
+        return;
+    };
+    let config = DockerConfig::new(Engine::Docker, namespace("ssh-remote"))
+        .host(&ssh)
+        .image(test_image());
+    let driver = DockerDriver::connect(config).await.unwrap();
+    let task = shell("remote", "echo out; echo err >&2; cat; exit 3")
+        .stdin(Stdin::bytes(&b"in\n"[..]))
+        .mount("data", "/data");
+    let container = driver.run_container(task).await.unwrap();
+    let finished = Finished::of(container.as_ref()).await;
+    assert_eq!(
+        finished,
+        Finished {
+            code: 3,
+            stdout: b"out\nin\n".to_vec(),
+            stderr: b"err\n".to_vec(),
+        }
+    );
+    driver.close().await.unwrap();
+    assert_eq!(
+        local.leftovers(&driver).await,
+        (0, 0),
+        "after close over ssh"
+    );
+    local.close_leaves_nothing().await;
+}
