@@ -235,7 +235,8 @@ pub fn uptime() -> f64 {
 /// saved at, and one booted reads only whole seconds from the RTC.
 pub fn set_clock(seconds: i64, nanoseconds: i64) -> io::Result<()> {
     let time = libc::timespec {
-        tv_sec: seconds as libc::time_t,
+        // `as _`: musl deprecates naming `time_t` (it turns 64-bit there).
+        tv_sec: seconds as _,
         tv_nsec: nanoseconds as libc::c_long,
     };
     // SAFETY: a valid timespec that outlives the call.
