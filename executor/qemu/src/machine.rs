@@ -211,7 +211,7 @@ pub const FAST_KERNEL_ARGUMENTS: &[&str] = &[
 
 /// Appends [`FAST_KERNEL_ARGUMENTS`] to `cmdline`, keeping any the image already sets.
 pub fn fast_kernel_cmdline(cmdline: &str) -> String {
-    let mut arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
+    let arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
     let extra: Vec<String> = FAST_KERNEL_ARGUMENTS
         .iter()
         .filter(|wanted| {
@@ -222,13 +222,7 @@ pub fn fast_kernel_cmdline(cmdline: &str) -> String {
         })
         .map(|argument| (*argument).to_owned())
         .collect();
-    // Arguments after `--` go to init, not the kernel: insert before it.
-    let position = arguments
-        .iter()
-        .position(|argument| argument == "--")
-        .unwrap_or(arguments.len());
-    arguments.splice(position..position, extra);
-    arguments.join(" ")
+    with_kernel_arguments(arguments, extra)
 }
 
 /// Kernel arguments that make a TCG guest boot on a busy host: under TCG the guest's TSC
@@ -238,7 +232,7 @@ pub fn fast_kernel_cmdline(cmdline: &str) -> String {
 /// watchdog that would distrust it under jittery emulated timers is off (`tsc=reliable`), and
 /// so is the IO-APIC timer check (`no_timer_check`). Arguments already present are kept.
 pub fn tcg_kernel_cmdline(cmdline: &str, host_tsc_khz: Option<u64>) -> String {
-    let mut arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
+    let arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
     let has = |arguments: &[String], name: &str| {
         arguments
             .iter()
@@ -256,7 +250,12 @@ pub fn tcg_kernel_cmdline(cmdline: &str, host_tsc_khz: Option<u64>) -> String {
     if !has(&arguments, "no_timer_check") {
         extra.push("no_timer_check".to_owned());
     }
-    // Arguments after `--` go to init, not the kernel: insert before it.
+    with_kernel_arguments(arguments, extra)
+}
+
+/// `arguments` with `extra` added to the kernel's part of the command line: arguments after
+/// `--` go to init, so `extra` goes before it.
+fn with_kernel_arguments(mut arguments: Vec<String>, extra: Vec<String>) -> String {
     let position = arguments
         .iter()
         .position(|argument| argument == "--")
