@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ci_exec_driver::{Driver, Stdin, Task, wait_for_exit};
+use ci_exec_driver::{Container, Driver, Stdin, Task, wait_for_exit};
 use ci_exec_qemu::{QemuConfig, QemuDriver};
 
 const BASE_IMAGE: &str = "localhost/ci-exec/base:latest";
@@ -36,17 +36,10 @@ fn driver(test: &str) -> Option<QemuDriver> {
     None
 }
 
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run(driver: &QemuDriver, task: Task) -> Output {
-    let id = task.id.clone();
-    let container = driver.run_container(task).await.expect("run_container");
+/// Waits (up to 120 s) for task `id` to exit; its code and raw output.
+async fn finish(container: &dyn Container, id: &str) -> (i32, Vec<u8>, Vec<u8>) {
     let code = wait_for_exit(
-        container.as_ref(),
+        container,
         Duration::from_millis(20),
         Some(Duration::from_secs(120)),
     )
@@ -58,6 +51,19 @@ async fn run(driver: &QemuDriver, task: Task) -> Output {
         .logs(&mut stdout, &mut stderr)
         .await
         .expect("logs");
+    (code, stdout, stderr)
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(driver: &QemuDriver, task: Task) -> Output {
+    let id = task.id.clone();
+    let container = driver.run_container(task).await.expect("run_container");
+    let (code, stdout, stderr) = finish(container.as_ref(), &id).await;
     Output {
         code,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -323,19 +329,7 @@ async fn stdin_streams_to_a_running_task() {
         }
         input.write_all(b"two\nrest\x00\xff").await.expect("write");
         drop(input);
-        let code = wait_for_exit(
-            container.as_ref(),
-            Duration::from_millis(20),
-            Some(Duration::from_secs(120)),
-        )
-        .await
-        .expect("exit");
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        container
-            .logs(&mut stdout, &mut stderr)
-            .await
-            .expect("logs");
+        let (code, stdout, stderr) = finish(container.as_ref(), id).await;
         assert_eq!(code, 0, "{id}: {}", String::from_utf8_lossy(&stderr));
         assert_eq!(stdout, b"got one\ngot two\nrest\x00\xff", "{id}");
     }
