@@ -33,13 +33,15 @@ pub const QEMU_SYSTEM: Tool = Tool {
     name: "qemu-system-x86_64",
     hint: "apt-get install qemu-system-x86",
 };
+const UIDMAP_HINT: &str =
+    "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode";
 pub const NEWUIDMAP: Tool = Tool {
     name: "newuidmap",
-    hint: "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode",
+    hint: UIDMAP_HINT,
 };
 pub const NEWGIDMAP: Tool = Tool {
     name: "newgidmap",
-    hint: "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode",
+    hint: UIDMAP_HINT,
 };
 pub const PODMAN: Tool = Tool {
     name: "podman",

@@ -34,43 +34,38 @@ fn copy(
     })?;
     let mut buffer = vec![0u8; 64 * 1024];
     let mut wait = Duration::from_millis(1);
+    let mut ended = false;
     loop {
         let read = input.read(&mut buffer)?;
         if read > 0 {
-            // The reader may be gone (the command ended without reading everything): that
-            // ends the copy, not as an error. Rust ignores SIGPIPE, so this is EPIPE.
-            match output
-                .write_all(&buffer[..read])
-                .and_then(|()| output.flush())
-            {
-                Ok(()) => {}
-                Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-                Err(error) => return Err(error),
+            if !pass(output, &buffer[..read])? {
+                return Ok(());
             }
             wait = Duration::from_millis(1);
             continue;
         }
+        if ended {
+            return Ok(());
+        }
         if end.exists() {
-            // END is made after the last append: read once more, then stop.
-            loop {
-                let read = input.read(&mut buffer)?;
-                if read == 0 {
-                    return Ok(());
-                }
-                match output
-                    .write_all(&buffer[..read])
-                    .and_then(|()| output.flush())
-                {
-                    Ok(()) => {}
-                    Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-                    Err(error) => return Err(error),
-                }
-            }
+            // END is made after the last append: read to the end once more, then stop.
+            ended = true;
+            continue;
         }
         if wait_for_reader(wait) {
             return Ok(());
         }
         wait = (wait * 2).min(LONGEST_WAIT);
+    }
+}
+
+/// Writes `bytes` through; false when the reader is gone (the command ended without reading
+/// everything), which ends the copy, not as an error. Rust ignores SIGPIPE, so this is EPIPE.
+fn pass(output: &mut impl Write, bytes: &[u8]) -> io::Result<bool> {
+    match output.write_all(bytes).and_then(|()| output.flush()) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(error),
     }
 }
 
