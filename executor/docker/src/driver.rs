@@ -315,7 +315,20 @@ impl Inner {
         name: &str,
     ) -> Result<Option<ContainerState>, DriverError> {
         let docker = self.docker().await?;
-        match docker.inspect_container(name, None).await {
+        let mut answer = docker.inspect_container(name, None).await;
+        // Podman 4 reads the container's `/proc/PID/cgroup` while answering; when the process
+        // exits between its lookup and that read, it answers 500 "no such process". The
+        // container is fine and the next inspect sees it exited, so the race is asked again.
+        for _ in 0..INSPECT_RACE_RETRIES {
+            match &answer {
+                Err(error) if is_exit_race(error) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    answer = docker.inspect_container(name, None).await;
+                }
+                _ => break,
+            }
+        }
+        match answer {
             Ok(inspected) => {
                 let namespace = inspected
                     .config
@@ -860,6 +873,18 @@ pub(crate) fn status_code(error: &bollard::errors::Error) -> Option<u16> {
     }
 }
 
+/// How often an inspect that lost podman's exit race is asked again.
+const INSPECT_RACE_RETRIES: usize = 20;
+
+/// Whether `error` is podman's answer to an inspect that raced its container's exit: a 500
+/// naming a `/proc` file of a process that just ended.
+fn is_exit_race(error: &bollard::errors::Error) -> bool {
+    status_code(error) == Some(500) && {
+        let message = error_message(error);
+        message.contains("/proc/") && message.contains("no such process")
+    }
+}
+
 /// The daemon's own words for `error`, without bollard's wrapping.
 pub(crate) fn error_message(error: &bollard::errors::Error) -> String {
     match error {
@@ -908,6 +933,26 @@ mod tests {
             container_ids_from_json(list),
             Some(vec!["a".to_owned(), "b".to_owned()])
         );
+    }
+
+    #[test]
+    fn only_podmans_exit_race_is_asked_again() {
+        let server =
+            |status_code, message: &str| bollard::errors::Error::DockerResponseServerError {
+                status_code,
+                message: message.to_owned(),
+            };
+        // The answer podman 4.3 gave in CI for a container whose process had just exited.
+        assert!(is_exit_race(&server(
+            500,
+            "read /proc/16222/cgroup: no such process"
+        )));
+        assert!(!is_exit_race(&server(500, "no such process")));
+        assert!(!is_exit_race(&server(404, "no such container")));
+        assert!(!is_exit_race(&server(
+            500,
+            "read /proc/1/cgroup: permission denied"
+        )));
     }
 
     #[test]
