@@ -297,6 +297,9 @@ pub(crate) fn build(
         packages.insert(name.to_owned(), version.to_owned());
     }
     let base_packages = parse_packages(&read_text(&out.join("base-packages.tsv"))?);
+    let kernel_hz = std::fs::read_to_string(out.join("kernel-config"))
+        .ok()
+        .and_then(|config| crate::clock::kernel_hz(&config));
     let digest = sha256_hex(
         serde_json::json!({
             "recipe_version": RECIPE_VERSION,
@@ -319,7 +322,7 @@ pub(crate) fn build(
         initrd,
         disk: qcow2,
         // Host-specific and so outside the digest: see `clock`.
-        kernel_cmdline: match crate::clock::tcg_kernel_arguments() {
+        kernel_cmdline: match crate::clock::tcg_kernel_arguments(kernel_hz) {
             Some(argument) => format!("{} {argument}", options.kernel_cmdline()),
             None => options.kernel_cmdline(),
         },
@@ -383,7 +386,11 @@ fn mirror(options: &BuildOptions) -> Vec<String> {
 fn finish_script(options: &BuildOptions, out: &Path, mkfs: &Path, podman: &Path) -> String {
     let quote = |path: &Path| shell_quote(path);
     let pruned = PRUNED_MODULE_DIRECTORIES.join(" ");
-    let modules = initramfs::MODULES.join(" ");
+    let modules = initramfs::MODULES
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(" ");
     let agent_symlinks = if options.variant == Variant::Default {
         "for name in poweroff halt reboot shutdown; do\n  [ -e \"$root/sbin/$name\" ] || ln -s ci-exec-init \"$root/sbin/$name\"\ndone\n"
     } else {
@@ -425,10 +432,15 @@ printf '%s\n' "$release" > "$work/kernel-release"
 for directory in {pruned}; do rm -rf "$root/lib/modules/$release/kernel/$directory"; done
 chroot "$root" /sbin/depmod --all "$release"
 cp "$root/boot/vmlinuz-$release" "$work/vmlinuz"
+cp "$root/boot/config-$release" "$work/kernel-config"
 rm -f "$root/boot/vmlinuz-$release" "$root/boot/System.map-$release"
 
-# Modules for the initramfs, in load order.
-chroot "$root" /sbin/modprobe --set-version "$release" --show-depends --all {modules} > "$work/modules.show"
+# Modules for the initramfs, in load order, each wanted module's list after a `wanted` line.
+: > "$work/modules.show"
+for module in {modules}; do
+  echo "wanted $module" >> "$work/modules.show"
+  chroot "$root" /sbin/modprobe --set-version "$release" --show-depends "$module" >> "$work/modules.show"
+done
 mkdir -p "$work/modules"
 awk '$1 == "insmod" {{ print $2 }}' "$work/modules.show" | while read -r path; do
   mkdir -p "$work/modules$(dirname "$path")"
@@ -524,15 +536,23 @@ fn keep_packages(debs: &Path, apt_cache: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Module files listed by `modprobe --show-depends`, deduplicated, in load order.
+/// Module files listed by `modprobe --show-depends` after each `wanted` line, deduplicated, in
+/// load order, each in its wanted module's group; signatures stripped.
 fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
     let listing = read_text(&work.join("modules.show"))?;
     let mut seen = std::collections::HashSet::new();
     let mut modules = Vec::new();
+    let mut group = initramfs::Group::Boot;
     for line in listing.lines() {
         let mut words = line.split_whitespace();
-        if words.next() != Some("insmod") {
-            continue;
+        match words.next() {
+            Some("wanted") => {
+                let name = words.next().unwrap_or_default();
+                group = initramfs::group_of(name).unwrap_or(initramfs::Group::Boot);
+                continue;
+            }
+            Some("insmod") => {}
+            _ => continue,
         }
         let Some(path) = words.next() else { continue };
         if !seen.insert(path.to_owned()) {
@@ -548,10 +568,11 @@ fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
         })?;
         modules.push(initramfs::ModuleFile {
             relative_path: relative.to_owned(),
-            contents,
+            group,
+            contents: initramfs::strip_signature(&contents).to_vec(),
         });
     }
-    for wanted in initramfs::MODULES {
+    for (wanted, _) in initramfs::MODULES {
         let found = modules
             .iter()
             .any(|module| initramfs::module_name(&module.relative_path) == *wanted);

@@ -7,22 +7,87 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 
-/// Modules the guest needs before its root filesystem is up, by name; `modprobe --show-depends`
-/// expands them to files in load order when the image is built. virtio_pci and virtio_mmio cover
-/// both `q35`/`pc` and `microvm` machines; 9p and overlay are loaded early so the source share
-/// and podman's storage work without a module lookup later.
-pub const MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_console",
-    "virtio_net",
-    "crc32c_generic",
-    "ext4",
-    "overlay",
-    "9pnet_virtio",
-    "9p",
+/// When the guest's init loads a module (and the modules it depends on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Before the root disk is mounted, always.
+    Boot,
+    /// Before the root disk is mounted, when the machine has virtio devices on PCI (`q35`,
+    /// `pc`); `microvm` has none.
+    Pci,
+    /// In the background while the root stage starts the agent. The root stage waits for the
+    /// group to finish before it mounts a 9p share, which the host asks for before any task.
+    Background,
+    /// In the background too, when a virtio network device is attached.
+    Net,
+}
+
+impl Group {
+    /// The group's word in the load list (`/lib/modules/ci-exec.load`), which the init reads.
+    pub fn word(self) -> &'static str {
+        match self {
+            Group::Boot => "boot",
+            Group::Pci => "pci",
+            Group::Background => "background",
+            Group::Net => "net",
+        }
+    }
+}
+
+/// The modules the guest needs, by name and group; `modprobe --show-depends` expands each to
+/// files in load order when the image is built, and a module already listed by an earlier entry
+/// is not listed again. What is on the way to the agent (the disk, its port, ext4) is loaded
+/// first; 9p and overlay (a third of the bytes) load while the agent starts.
+pub const MODULES: &[(&str, Group)] = &[
+    ("virtio_mmio", Group::Boot),
+    ("virtio_blk", Group::Boot),
+    ("virtio_console", Group::Boot),
+    ("crc32c_generic", Group::Boot),
+    ("ext4", Group::Boot),
+    ("virtio_pci", Group::Pci),
+    ("overlay", Group::Background),
+    ("9pnet_virtio", Group::Background),
+    ("9p", Group::Background),
+    ("virtio_net", Group::Net),
 ];
+
+/// The group of module `name` in [`MODULES`].
+pub fn group_of(name: &str) -> Option<Group> {
+    MODULES
+        .iter()
+        .find(|(module, _)| *module == name)
+        .map(|(_, group)| *group)
+}
+
+/// What ends a signed module: the signature, a 12-byte `struct module_signature` whose last
+/// four bytes are the signature's length (big-endian), and this marker.
+const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+
+/// `module` without its appended signature (unchanged when it has none).
+///
+/// The initramfs carries its modules unsigned: checking a signature hashes the whole module,
+/// which under TCG made loading them 0.4 s (a third) slower, measured. The kernel then taints
+/// itself `E` (unsigned module), which nothing in a CI guest looks at; it still loads them
+/// because Debian's kernel does not enforce signatures without Secure Boot, and the modules on
+/// the root disk keep theirs.
+pub fn strip_signature(module: &[u8]) -> &[u8] {
+    let Some(rest) = module.strip_suffix(SIGNATURE_MARKER) else {
+        return module;
+    };
+    let Some(info_start) = rest.len().checked_sub(12) else {
+        return module;
+    };
+    let length = u32::from_be_bytes([
+        rest[info_start + 8],
+        rest[info_start + 9],
+        rest[info_start + 10],
+        rest[info_start + 11],
+    ]);
+    match info_start.checked_sub(length as usize) {
+        Some(end) => &module[..end],
+        None => module,
+    }
+}
 
 /// `6.1.0/kernel/drivers/virtio/virtio_mmio.ko` → `virtio_mmio` (dashes fold to underscores,
 /// as the kernel names modules).
@@ -35,6 +100,7 @@ pub fn module_name(relative_path: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct ModuleFile {
     pub relative_path: String,
+    pub group: Group,
     pub contents: Vec<u8>,
 }
 
@@ -78,7 +144,7 @@ pub fn build(init: &[u8], modules: &[ModuleFile], output: &Path) -> Result<(), E
     ))?;
     let load_list: String = modules
         .iter()
-        .map(|module| format!("{}\n", module.relative_path))
+        .map(|module| format!("{} {}\n", module.group.word(), module.relative_path))
         .collect();
     write(archive.entry(
         "lib/modules/ci-exec.load",
@@ -142,11 +208,13 @@ mod tests {
         let modules = vec![
             ModuleFile {
                 relative_path: "6.1.0/kernel/lib/crc16.ko".into(),
+                group: Group::Boot,
                 contents: b"crc16".to_vec(),
             },
             ModuleFile {
-                relative_path: "6.1.0/kernel/fs/ext4/ext4.ko".into(),
-                contents: b"ext4".to_vec(),
+                relative_path: "6.1.0/kernel/fs/9p/9p.ko".into(),
+                group: Group::Background,
+                contents: b"9p".to_vec(),
             },
         ];
         build(b"\x7fELF init", &modules, &output).expect("build");
@@ -176,9 +244,9 @@ mod tests {
         assert_eq!(find("dev/console").1, 0o020_600);
         assert_eq!(
             find("lib/modules/ci-exec.load").2,
-            b"6.1.0/kernel/lib/crc16.ko\n6.1.0/kernel/fs/ext4/ext4.ko\n"
+            b"boot 6.1.0/kernel/lib/crc16.ko\nbackground 6.1.0/kernel/fs/9p/9p.ko\n"
         );
-        assert_eq!(find("lib/modules/6.1.0/kernel/fs/ext4/ext4.ko").2, b"ext4");
+        assert_eq!(find("lib/modules/6.1.0/kernel/fs/9p/9p.ko").2, b"9p");
         // Parents come before children, as the kernel's unpacker needs.
         let position = |name: &str| {
             entries
@@ -188,7 +256,36 @@ mod tests {
         };
         assert!(
             position("lib/modules/6.1.0/kernel/fs")
-                < position("lib/modules/6.1.0/kernel/fs/ext4/ext4.ko")
+                < position("lib/modules/6.1.0/kernel/fs/9p/9p.ko")
         );
+    }
+
+    #[test]
+    fn signatures_are_stripped_and_unsigned_modules_kept() {
+        let body = b"\x7fELF module body".as_slice();
+        let signature = [0xAB_u8; 7];
+        let mut info = [0_u8; 12];
+        info[8..].copy_from_slice(&(signature.len() as u32).to_be_bytes());
+        let signed = [body, &signature, &info, SIGNATURE_MARKER].concat();
+        assert_eq!(strip_signature(&signed), body);
+        assert_eq!(strip_signature(body), body);
+        // A length longer than the file: left alone rather than cut wrong.
+        let mut bogus = [0_u8; 12];
+        bogus[8..].copy_from_slice(&1000_u32.to_be_bytes());
+        let broken = [body, &bogus, SIGNATURE_MARKER].concat();
+        assert_eq!(strip_signature(&broken), broken.as_slice());
+    }
+
+    #[test]
+    fn every_group_has_a_distinct_word_and_modules_are_unique() {
+        let words: BTreeSet<_> = [Group::Boot, Group::Pci, Group::Background, Group::Net]
+            .map(Group::word)
+            .into();
+        assert_eq!(words.len(), 4);
+        let names: BTreeSet<_> = MODULES.iter().map(|(name, _)| name).collect();
+        assert_eq!(names.len(), MODULES.len());
+        assert_eq!(group_of("ext4"), Some(Group::Boot));
+        assert_eq!(group_of("9p"), Some(Group::Background));
+        assert_eq!(group_of("nope"), None);
     }
 }

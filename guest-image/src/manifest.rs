@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// Bumped whenever the recipe changes what ends up in an image, so old builds stop being
 /// "current" and results keyed on their digest are not confused with new ones.
-pub const RECIPE_VERSION: u32 = 1;
+pub const RECIPE_VERSION: u32 = 2;
 
 /// A built (or downloaded and prepared) image, as recorded in `manifest.json` beside its files.
 /// Paths are absolute; `disk` is a qcow2 base that is never written (boot an overlay of it,

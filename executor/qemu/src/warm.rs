@@ -25,7 +25,7 @@ use crate::{QemuError, control};
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
-const FORMAT_VERSION: u32 = 3;
+const FORMAT_VERSION: u32 = 4;
 
 /// The directory of the warm state for `spec`.
 pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {

@@ -102,6 +102,7 @@ fn handle(request: &Request) -> io::Result<()> {
             if system::is_mount_point(target) {
                 return Ok(());
             }
+            crate::modules::wait_for_background().map_err(io::Error::other)?;
             system::mount(tag, Path::new(target), "9p", 0, options)
         }
     }

@@ -8,8 +8,8 @@
 //!
 //! It runs in three roles, chosen at start:
 //! - **initramfs stage** (`/init` in our cpio, marked by `/etc/ci-exec-initramfs`): loads the
-//!   modules listed in `/lib/modules/ci-exec.load` in order, waits for the root disk, mounts
-//!   it and switches root to `/sbin/ci-exec-init` (or `ci.init=` from the kernel command line,
+//!   modules listed in `/lib/modules/ci-exec.load` in order (those only podman and the 9p share
+//!   need in the background: `modules`), waits for the root disk, mounts it and switches root to `/sbin/ci-exec-init` (or `ci.init=` from the kernel command line,
 //!   e.g. `ci.init=/sbin/init` for systemd).
 //! - **root stage** (PID 1 on the root filesystem): mounts `/proc /sys /dev /dev/pts /dev/shm
 //!   /run /tmp` and cgroup2, brings up loopback, sets the hostname, names the virtio-serial
@@ -25,6 +25,7 @@ mod cmdline;
 mod control;
 mod follow;
 mod initramfs;
+mod modules;
 mod root;
 mod system;
 

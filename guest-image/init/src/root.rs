@@ -18,6 +18,7 @@ pub fn run() -> ! {
         std::env::set_var("HOME", "/root");
         std::env::set_var("LANG", "C.UTF-8");
     }
+    crate::modules::adopt_background();
     mount_everything();
     let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
 
