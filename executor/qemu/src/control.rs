@@ -21,8 +21,18 @@ use crate::socket::read_some;
 
 /// The port's name in the guest.
 pub const PORT: &str = "org.ci-exec.control.0";
-/// The guest's greeting; requests of version 1 are `time` and `mount9p`.
-pub const HELLO: &str = "ci-exec-init control 1";
+/// The guest's greeting, `ci-exec-init control <version>`. Version 1: the requests `time`
+/// and `mount9p`, and `ci-exec-init --follow`; version 2 adds `ci-exec-init --task`.
+pub const HELLO_PREFIX: &str = "ci-exec-init control ";
+
+/// The protocol version the guest greets with (`None` for another line).
+pub fn greeting_version(line: &str) -> Option<u32> {
+    line.strip_prefix(HELLO_PREFIX)?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|version| *version > 0)
+}
 
 /// Splits bytes into lines; no I/O.
 #[derive(Debug, Default)]
@@ -74,8 +84,8 @@ pub fn parse_answer(line: &str) -> Result<(), String> {
 pub struct ControlClient {
     socket: UnixStream,
     codec: LineCodec,
-    /// Whether the guest has greeted (or is known to serve the port).
-    serves: bool,
+    /// The protocol version the guest greeted with (or is known to serve); 0 before a greeting.
+    version: u32,
 }
 
 impl ControlClient {
@@ -89,9 +99,9 @@ impl ControlClient {
         })
     }
 
-    /// Takes QEMU's connection. `serves` is true when the guest is already known to serve
-    /// the port (a VM restored from a state saved after the greeting).
-    pub async fn accept(listener: &UnixListener, serves: bool) -> Result<Self, ProtocolError> {
+    /// Takes QEMU's connection. `version` is the protocol version of a guest already known to
+    /// serve the port (a VM restored from a state saved after the greeting), else 0.
+    pub async fn accept(listener: &UnixListener, version: u32) -> Result<Self, ProtocolError> {
         let (socket, _) = listener
             .accept()
             .await
@@ -102,26 +112,29 @@ impl ControlClient {
         Ok(ControlClient {
             socket,
             codec: LineCodec::default(),
-            serves,
+            version,
         })
     }
 
     pub fn serves(&self) -> bool {
-        self.serves
+        self.version > 0
     }
 
-    /// Waits up to `timeout` for the guest's greeting; returns whether the guest serves.
-    pub async fn await_hello(&mut self, timeout: Duration) -> bool {
-        if self.serves {
-            return true;
+    /// Waits up to `timeout` for the guest's greeting; returns the protocol version the guest
+    /// serves (0: none, drive it through the agent).
+    pub async fn await_hello(&mut self, timeout: Duration) -> u32 {
+        if self.version > 0 {
+            return self.version;
         }
         match tokio::time::timeout(timeout, self.read_line()).await {
-            Ok(Ok(line)) if line == HELLO => self.serves = true,
-            Ok(Ok(line)) => tracing::debug!(%line, "control: unexpected greeting"),
+            Ok(Ok(line)) => match greeting_version(&line) {
+                Some(version) => self.version = version,
+                None => tracing::debug!(%line, "control: unexpected greeting"),
+            },
             Ok(Err(error)) => tracing::debug!(%error, "control: no greeting"),
             Err(_) => tracing::debug!("control: no greeting; using the guest agent"),
         }
-        self.serves
+        self.version
     }
 
     /// Sends `requests` (whole lines) at once.
@@ -184,13 +197,22 @@ mod tests {
         codec.push(b"ci-exec-init con");
         assert_eq!(codec.next_line(), None);
         codec.push(b"trol 1\nok\r\nerror mount `ci`: No such device\npart");
-        assert_eq!(codec.next_line().as_deref(), Some(HELLO));
+        let hello = codec.next_line().expect("greeting");
+        assert_eq!(greeting_version(&hello), Some(1));
         assert_eq!(codec.next_line().as_deref(), Some("ok"));
         assert_eq!(
             parse_answer(&codec.next_line().expect("line")),
             Err("mount `ci`: No such device".to_owned())
         );
         assert_eq!(codec.next_line(), None);
+    }
+
+    #[test]
+    fn greetings_carry_a_version() {
+        assert_eq!(greeting_version("ci-exec-init control 2"), Some(2));
+        assert_eq!(greeting_version("ci-exec-init control 0"), None);
+        assert_eq!(greeting_version("ci-exec-init control two"), None);
+        assert_eq!(greeting_version("hello"), None);
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub enum StdinSource {
 
 /// The guest helper that streams a growing file (`guest-image/init/src/follow.rs`).
 const FOLLOW: &str = "/usr/sbin/ci-exec-init --follow";
+/// The guest's static task wrapper, run as `ci-exec-init --task DIR`
+/// (`guest-image/init/src/task.rs`).
+pub const TASK_HELPER: &str = "/usr/sbin/ci-exec-init";
 
 /// How a script should run its command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +150,28 @@ pub fn task_script(
     }
     match runner {
         Runner::GuestOs => guest_os_command(&mut script, task, env),
+        _ => push_argv(&mut script, &podman_argv(task, env, runner, has_stdin)),
+    }
+    // One write(2) of a few bytes lands whole on the host (one 9p write); a reader that
+    // comes between the create and the write sees an empty file and reads again. (A rename
+    // would cost an exec of `mv`, tens of milliseconds under TCG, before the exit is seen.)
+    script.push_str("echo $? >\"$d/exit\"\n");
+    // The container is not removed (`--rm` holds the exit back ~3 s, a `podman rm` after it
+    // takes guest CPU from the next task): the VM and all it holds go at `close`, and a task
+    // id names one container for the driver's life.
+    script
+}
+
+/// The `podman run` or `podman exec` command line of a task that has an image (none for the
+/// guest OS).
+fn podman_argv(
+    task: &Task,
+    env: &BTreeMap<String, String>,
+    runner: Runner<'_>,
+    has_stdin: bool,
+) -> Vec<String> {
+    match runner {
+        Runner::GuestOs => Vec::new(),
         Runner::PodmanRun { image, name } | Runner::PodmanStart { image, name } => {
             let mut argv: Vec<String> = [
                 "/usr/bin/podman",
@@ -197,7 +222,7 @@ pub fn task_script(
             }
             argv.push(image.to_owned());
             argv.extend(task.command.iter().cloned());
-            push_argv(&mut script, &argv);
+            argv
         }
         Runner::PodmanExec { name } => {
             let mut argv: Vec<String> = vec![
@@ -209,17 +234,63 @@ pub fn task_script(
             podman_options(&mut argv, task, env, has_stdin);
             argv.push(name.to_owned());
             argv.extend(task.command.iter().cloned());
-            push_argv(&mut script, &argv);
+            argv
         }
     }
-    // One write(2) of a few bytes lands whole on the host (one 9p write); a reader that
-    // comes between the create and the write sees an empty file and reads again. (A rename
-    // would cost an exec of `mv`, tens of milliseconds under TCG, before the exit is seen.)
-    script.push_str("echo $? >\"$d/exit\"\n");
-    // The container is not removed (`--rm` holds the exit back ~3 s, a `podman rm` after it
-    // takes guest CPU from the next task): the VM and all it holds go at `close`, and a task
-    // id names one container for the driver's life.
-    script
+}
+
+/// The task file that `ci-exec-init --task` reads (`guest-image/init/src/task.rs`): the same
+/// task as [`task_script`], as NUL-terminated `key=value` records, for guests whose init has
+/// the wrapper (control protocol 2). `env` is the complete environment of the command.
+pub fn task_spec(
+    task: &Task,
+    env: &BTreeMap<String, String>,
+    runner: Runner<'_>,
+    stdin: StdinSource,
+) -> Vec<u8> {
+    let mut records: Vec<(&str, String)> = vec![(
+        "stdin",
+        match stdin {
+            StdinSource::None => "none",
+            StdinSource::File => "file",
+            StdinSource::Follow => "follow",
+        }
+        .to_owned(),
+    )];
+    let argv = match runner {
+        Runner::GuestOs => {
+            records.push(("mode", "guest-os".to_owned()));
+            if let Some(workdir) = &task.workdir {
+                records.push(("workdir", workdir.clone()));
+            }
+            if let Some(user) = &task.user {
+                records.push(("user", user.clone()));
+            }
+            for mount in &task.mounts {
+                records.push(("bind", guest_volume_dir(&mount.volume)));
+                records.push(("at", mount.path.clone()));
+            }
+            for (name, value) in command_env(env) {
+                records.push(("env", format!("{name}={value}")));
+            }
+            task.command.clone()
+        }
+        _ => {
+            records.push(("mode", "exec".to_owned()));
+            podman_argv(task, env, runner, stdin != StdinSource::None)
+        }
+    };
+    for word in argv {
+        records.push(("arg", word));
+    }
+    let mut bytes = Vec::new();
+    for (key, value) in records {
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.push(b'=');
+        bytes.extend_from_slice(value.as_bytes());
+        bytes.push(0);
+    }
+    bytes
 }
 
 fn podman_options(
@@ -246,6 +317,15 @@ fn push_argv(script: &mut String, argv: &[String]) {
     let quoted: Vec<String> = argv.iter().map(|argument| shell_quote(argument)).collect();
     script.push_str(&quoted.join(" "));
     script.push('\n');
+}
+
+/// A guest-OS command's whole environment: the task's, with the guest's `PATH` unless it
+/// sets one.
+fn command_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = env.clone();
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| GUEST_PATH.to_owned());
+    env
 }
 
 /// The guest-OS path: volumes bind-mounted in a private mount namespace, then `cd`, then the
@@ -285,9 +365,7 @@ fn guest_os_command(script: &mut String, task: &Task, env: &BTreeMap<String, Str
     }
     // `--` ends env's options; what follows is `NAME=value`s, then the command.
     argv.extend(["/usr/bin/env".to_owned(), "-i".to_owned(), "--".to_owned()]);
-    let mut env = env.clone();
-    env.entry("PATH".to_owned())
-        .or_insert_with(|| GUEST_PATH.to_owned());
+    let env = command_env(env);
     let mut quoted: Vec<String> = Vec::new();
     for argument in &argv {
         // `$(id -g user)` must expand; everything else is literal.
@@ -383,6 +461,60 @@ mod tests {
             ),
             "{script}"
         );
+    }
+
+    fn records(spec: &[u8]) -> Vec<String> {
+        assert_eq!(spec.last(), Some(&0), "records end with NUL");
+        spec.split(|byte| *byte == 0)
+            .filter(|record| !record.is_empty())
+            .map(|record| String::from_utf8(record.to_vec()).expect("utf-8"))
+            .collect()
+    }
+
+    #[test]
+    fn guest_os_task_files_hold_env_mounts_user_and_command() {
+        let task = Task::new("t5", ["sh", "-c", "echo \"$A\""])
+            .env("A", "1 2")
+            .mount("cache", "/work/cache")
+            .workdir("/work")
+            .user("1000:1000");
+        let spec = task_spec(&task, &task.env, Runner::GuestOs, StdinSource::File);
+        assert_eq!(
+            records(&spec),
+            [
+                "stdin=file",
+                "mode=guest-os",
+                "workdir=/work",
+                "user=1000:1000",
+                "bind=/mnt/ci/volumes/cache",
+                "at=/work/cache",
+                "env=A=1 2",
+                &format!("env=PATH={GUEST_PATH}"),
+                "arg=sh",
+                "arg=-c",
+                "arg=echo \"$A\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn podman_task_files_run_the_same_command_line_as_the_script() {
+        let task = Task::new("t6", ["cat"]).image("img").env("K", "v");
+        let runner = Runner::PodmanRun {
+            image: &task.image,
+            name: "ns-t6",
+        };
+        let spec = records(&task_spec(&task, &task.env, runner, StdinSource::Follow));
+        assert_eq!(spec[..2], ["stdin=follow", "mode=exec"]);
+        let argv: Vec<String> = spec[2..]
+            .iter()
+            .map(|record| record.strip_prefix("arg=").expect("arg").to_owned())
+            .collect();
+        assert_eq!(argv, podman_argv(&task, &task.env, runner, true));
+        assert!(argv.contains(&"--interactive".to_owned()));
+        let script = task_script(&task, &task.env, runner, StdinSource::Follow);
+        let quoted: Vec<String> = argv.iter().map(|word| shell_quote(word)).collect();
+        assert!(script.contains(&quoted.join(" ")), "{script}");
     }
 
     #[test]

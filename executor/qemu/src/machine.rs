@@ -66,7 +66,7 @@ pub struct MachineSpec {
     pub ram_file: Option<RamFile>,
     /// The saved state's guest serves the control port (it greeted before it was saved, so
     /// a restored VM does not greet again).
-    pub incoming_serves_control: bool,
+    pub incoming_control_version: u32,
 }
 
 /// Guest RAM backed by a file. The VM that saves a warm state maps it shared, so the file
@@ -302,8 +302,9 @@ pub struct Machine {
     control: Mutex<ControlClient>,
     /// Prepare requests sent right after a restore, whose answers are still to be read.
     sent_early: Mutex<Option<Vec<String>>>,
-    /// The guest's init answers on the control port (else the agent does that work).
-    serves_control: bool,
+    /// The control protocol version the guest's init answers with (0: it does not, and the
+    /// agent does that work).
+    control_version: u32,
     /// Started from a saved state rather than booted.
     restored: bool,
     /// Guest RAM is a shared file mapping: a saved state leaves it out.
@@ -386,7 +387,7 @@ impl Machine {
         // QEMU made its chardev connections before its monitor listened.
         let mut control = tokio::time::timeout(
             MONITOR_TIMEOUT,
-            ControlClient::accept(&listener, spec.incoming_serves_control),
+            ControlClient::accept(&listener, spec.incoming_control_version),
         )
         .await
         .map_err(|_| QemuError::Control {
@@ -502,7 +503,7 @@ impl Machine {
         tracing::debug!(elapsed = ?started.elapsed(), "guest agent answered");
         // The guest greets when its init opens the port, which it does before starting the
         // agent: by now the greeting has come, unless the init does not serve the port.
-        let serves_control = control.await_hello(Duration::from_millis(500)).await;
+        let control_version = control.await_hello(Duration::from_millis(500)).await;
         Ok(Machine {
             run_dir: run.clone(),
             pid,
@@ -511,7 +512,7 @@ impl Machine {
             qga: Mutex::new(qga),
             control: Mutex::new(control),
             sent_early: Mutex::new(sent_early),
-            serves_control,
+            control_version,
             restored: spec.incoming.is_some(),
             shared_ram: spec.ram_file.as_ref().is_some_and(|ram| ram.shared),
             version,
@@ -530,7 +531,17 @@ impl Machine {
     /// Whether the guest's init serves the control port (clock, share mount, and the
     /// `--follow` helper that streams stdin).
     pub fn serves_control(&self) -> bool {
-        self.serves_control
+        self.control_version > 0
+    }
+
+    /// The control protocol version the guest's init serves (0: none).
+    pub fn control_version(&self) -> u32 {
+        self.control_version
+    }
+
+    /// Whether the guest's init can wrap tasks itself (`ci-exec-init --task`, control 2).
+    pub fn runs_task_helper(&self) -> bool {
+        self.control_version >= 2
     }
 
     /// QEMU's version, from the QMP greeting.
@@ -634,7 +645,7 @@ impl Machine {
     /// Sets the guest clock to the host's (a restored VM wakes with the time it was saved at)
     /// and mounts the share: through the control port, else through the agent.
     pub async fn prepare_guest(&self) -> Result<(), QemuError> {
-        if self.serves_control {
+        if self.control_version > 0 {
             let mut client = self.control.lock().await;
             let early = self.sent_early.lock().await.take();
             let result = async {
@@ -976,7 +987,7 @@ mod tests {
                 shared: false,
             }),
             incoming,
-            incoming_serves_control: false,
+            incoming_control_version: 0,
         }
     }
 

@@ -6,7 +6,7 @@
 //!   qemu.pid  qmp.sock  qga.sock  ctl.sock  console.log  qemu.log  overlay.qcow2
 //!   share/                      the 9p export, `/mnt/ci` in the guest
 //!     volumes/<name>/           a volume (`/mnt/volumes/<name>` in the guest)
-//!     tasks/<id>/               run.sh stdin stdout stderr exit pid
+//!     tasks/<id>/               task (or run.sh) stdin stdout stderr exit pid
 //! ```
 
 use std::path::{Path, PathBuf};

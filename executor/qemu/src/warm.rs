@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::QemuError;
 use crate::machine::{Machine, MachineSpec, RamFile};
 use crate::run_dir::RunDir;
-use crate::{QemuError, control};
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
@@ -56,8 +56,11 @@ pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
 
 /// Whether the guest saved in `dir` serves the control port (it greeted the VM that saved
 /// it; a restored guest does not greet again).
-pub fn serves_control(dir: &Path) -> bool {
-    dir.join("control").is_file()
+pub fn control_version(dir: &Path) -> u32 {
+    match std::fs::read_to_string(dir.join("control")) {
+        Ok(text) => text.trim().parse().unwrap_or(1),
+        Err(_) => 0,
+    }
 }
 
 /// Whether `dir` holds a complete saved state.
@@ -106,7 +109,7 @@ pub async fn create(
             path: building.join("ram"),
             shared: true,
         }),
-        incoming_serves_control: false,
+        incoming_control_version: 0,
         ..spec.clone()
     };
     let result = async {
@@ -123,7 +126,8 @@ pub async fn create(
             tracing::debug!(%error, "podman warm-up before saving the state");
         }
         if machine.serves_control() {
-            std::fs::write(building.join("control"), control::HELLO).map_err(|source| {
+            let version = machine.control_version().to_string();
+            std::fs::write(building.join("control"), version).map_err(|source| {
                 QemuError::WriteFile {
                     path: building.join("control"),
                     source,

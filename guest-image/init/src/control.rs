@@ -24,8 +24,9 @@ use crate::system;
 
 /// The port's name (`-device virtserialport,name=…` on the host).
 pub const PORT: &str = "org.ci-exec.control.0";
-/// The greeting; its version number grows when requests are added.
-pub const HELLO: &str = "ci-exec-init control 1";
+/// The greeting; its version number grows when the host may ask for more. Version 2: this
+/// binary wraps tasks (`ci-exec-init --task`, see `task`).
+pub const HELLO: &str = "ci-exec-init control 2";
 
 /// One request from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]

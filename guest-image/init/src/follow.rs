@@ -13,7 +13,9 @@ use std::time::Duration;
 const LONGEST_WAIT: Duration = Duration::from_millis(50);
 
 pub fn run(file: &Path, end: &Path) -> ! {
-    match copy(file, end, &mut io::stdout().lock(), reader_gone) {
+    match copy(file, end, &mut io::stdout().lock(), |timeout| {
+        reader_gone(1, timeout)
+    }) {
         Ok(()) => std::process::exit(0),
         Err(error) => {
             eprintln!("ci-exec-init --follow: error: {error}");
@@ -23,7 +25,7 @@ pub fn run(file: &Path, end: &Path) -> ! {
 }
 
 /// The copy loop; `wait` sleeps up to its argument and says whether the reader is gone.
-fn copy(
+pub(crate) fn copy(
     file: &Path,
     end: &Path,
     output: &mut impl Write,
@@ -69,11 +71,12 @@ fn pass(output: &mut impl Write, bytes: &[u8]) -> io::Result<bool> {
     }
 }
 
-/// Waits up to `timeout` on stdout; true when its reader has closed (POLLERR on a pipe), so a
-/// command that exits without reading does not leave this process waiting for input forever.
-fn reader_gone(timeout: Duration) -> bool {
+/// Waits up to `timeout` on `fd` (the writing end of a pipe); true when its reader has closed
+/// (POLLERR), so a command that exits without reading does not leave the copy waiting for input
+/// forever.
+pub(crate) fn reader_gone(fd: libc::c_int, timeout: Duration) -> bool {
     let mut descriptor = libc::pollfd {
-        fd: 1,
+        fd,
         events: 0,
         revents: 0,
     };

@@ -20,6 +20,8 @@
 //!   guest agent's `guest-shutdown` works without systemd.
 //! - **`ci-exec-init --follow FILE END`** (any PID): copies a growing file to stdout until
 //!   END exists, for the qemu driver's streamed stdin (`follow`).
+//! - **`ci-exec-init --task DIR`** (any PID): the qemu driver's task wrapper, which the guest
+//!   agent starts (`task`).
 
 mod cmdline;
 mod control;
@@ -28,6 +30,7 @@ mod initramfs;
 mod modules;
 mod root;
 mod system;
+mod task;
 
 use std::path::Path;
 
@@ -46,6 +49,11 @@ fn main() {
         && flag == "--follow"
     {
         follow::run(Path::new(file), Path::new(end));
+    }
+    if let [flag, dir] = arguments.as_slice()
+        && flag == "--task"
+    {
+        task::run(Path::new(dir));
     }
     match name.as_str() {
         "poweroff" | "halt" => system::signal_init(libc::SIGUSR2),
