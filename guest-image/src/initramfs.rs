@@ -10,8 +10,11 @@ use std::path::Path;
 /// When the guest's init loads a module (and the modules it depends on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {
-    /// Before the root disk is mounted, always.
+    /// Before the root disk is mounted, always: the virtio devices.
     Boot,
+    /// Before the root disk is mounted, always, and at the same time as [`Group::Boot`] (on
+    /// another CPU): the root filesystem, whose modules share none with the devices'.
+    Filesystem,
     /// Before the root disk is mounted, when the machine has virtio devices on PCI (`q35`,
     /// `pc`); `microvm` has none.
     Pci,
@@ -27,6 +30,7 @@ impl Group {
     pub fn word(self) -> &'static str {
         match self {
             Group::Boot => "boot",
+            Group::Filesystem => "filesystem",
             Group::Pci => "pci",
             Group::Background => "background",
             Group::Net => "net",
@@ -42,8 +46,8 @@ pub const MODULES: &[(&str, Group)] = &[
     ("virtio_mmio", Group::Boot),
     ("virtio_blk", Group::Boot),
     ("virtio_console", Group::Boot),
-    ("crc32c_generic", Group::Boot),
-    ("ext4", Group::Boot),
+    ("crc32c_generic", Group::Filesystem),
+    ("ext4", Group::Filesystem),
     ("virtio_pci", Group::Pci),
     ("overlay", Group::Background),
     ("9pnet_virtio", Group::Background),
@@ -278,13 +282,19 @@ mod tests {
 
     #[test]
     fn every_group_has_a_distinct_word_and_modules_are_unique() {
-        let words: BTreeSet<_> = [Group::Boot, Group::Pci, Group::Background, Group::Net]
-            .map(Group::word)
-            .into();
-        assert_eq!(words.len(), 4);
+        let words: BTreeSet<_> = [
+            Group::Boot,
+            Group::Filesystem,
+            Group::Pci,
+            Group::Background,
+            Group::Net,
+        ]
+        .map(Group::word)
+        .into();
+        assert_eq!(words.len(), 5);
         let names: BTreeSet<_> = MODULES.iter().map(|(name, _)| name).collect();
         assert_eq!(names.len(), MODULES.len());
-        assert_eq!(group_of("ext4"), Some(Group::Boot));
+        assert_eq!(group_of("ext4"), Some(Group::Filesystem));
         assert_eq!(group_of("9p"), Some(Group::Background));
         assert_eq!(group_of("nope"), None);
     }

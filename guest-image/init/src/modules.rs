@@ -1,5 +1,6 @@
-//! Kernel modules from the initramfs, in groups (the image builder's `Group`): `boot` and, on
-//! machines with virtio devices on PCI, `pci` before the root disk is mounted; `background`
+//! Kernel modules from the initramfs, in groups (the image builder's `Group`): `boot` and
+//! `filesystem` at the same time (they share no module), then, on machines with virtio devices
+//! on PCI, `pci`, all before the root disk is mounted; `background`
 //! (9p, overlay) and, with a virtio network device, `net` in a child process that goes on
 //! loading while PID 1 switches to the root disk and starts the agent.
 //!
@@ -88,7 +89,15 @@ pub fn load(cmdline: &Cmdline) -> io::Result<()> {
         }
     };
     let modules = parse_list(&list, cmdline);
-    load_group(&modules, "boot")?;
+    // Two CPUs under TCG load two modules in the time of one; joined before anything forks.
+    std::thread::scope(|scope| {
+        let filesystem = scope.spawn(|| load_group(&modules, "filesystem"));
+        let devices = load_group(&modules, "boot");
+        let filesystem = filesystem
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the module loading thread panicked")));
+        devices.and(filesystem)
+    })?;
     // Red Hat's PCI vendor id, which every virtio PCI device carries.
     if has_device("pci", "vendor", "0x1af4") {
         load_group(&modules, "pci")?;
