@@ -3,7 +3,8 @@
 # Usage: benches/qemu/bench.sh [RUNS]   (needs hyperfine, QEMU, and the default guest image)
 # CI_EXEC_BIN: an already built `ci-exec` (the VM dominates every number but the native one).
 # BASELINE_BIN: another build (e.g. the previous release) measured in the same hyperfine run,
-# so before/after compare under the same load.
+# so before/after compare under the same load. BASELINE_IMAGE: the image directory it boots
+# (an image its own build made; default: the current one).
 # Prints a markdown table; copy it into benches/RESULTS-qemu.md with the date and this command.
 set -euo pipefail
 runs=${1:-5}
@@ -25,11 +26,12 @@ commands=(
     -n 'qemu cold (guest OS)' "$bin run --driver=qemu:warm=false -- echo hi"
 )
 if [ -n "${BASELINE_BIN:-}" ]; then
-    "$BASELINE_BIN" run --driver=qemu -- true
+    baseline=qemu${BASELINE_IMAGE:+:image=$BASELINE_IMAGE}
+    "$BASELINE_BIN" run --driver="$baseline" -- true
     commands+=(
-        -n 'baseline: qemu warm (guest OS)' "$BASELINE_BIN run --driver=qemu -- echo hi"
-        -n 'baseline: qemu warm (podman)' "$BASELINE_BIN run --driver=qemu --image $image -- echo hi"
-        -n 'baseline: qemu cold (guest OS)' "QEMU_WARM=0 $BASELINE_BIN run --driver=qemu -- echo hi"
+        -n 'baseline: qemu warm (guest OS)' "$BASELINE_BIN run --driver=$baseline -- echo hi"
+        -n 'baseline: qemu warm (podman)' "$BASELINE_BIN run --driver=$baseline --image $image -- echo hi"
+        -n 'baseline: qemu cold (guest OS)' "$BASELINE_BIN run --driver=$baseline,warm=false -- echo hi"
     )
 fi
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
