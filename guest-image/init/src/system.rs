@@ -12,7 +12,7 @@ fn c_string(text: &[u8]) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument"))
 }
 
-fn context(error: io::Error, what: String) -> io::Error {
+pub(crate) fn context(error: io::Error, what: String) -> io::Error {
     io::Error::new(error.kind(), format!("{what}: {error}"))
 }
 

@@ -33,7 +33,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::system;
+use crate::system::{self, context};
 
 /// What the wrapper exits with when the task could not be started (the shell version's `exit
 /// 125` after a failed `cd` or mount), as Docker does.
@@ -439,10 +439,6 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
         .map(|string| string.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect()
-}
-
-fn context(error: io::Error, what: String) -> io::Error {
-    io::Error::new(error.kind(), format!("{what}: {error}"))
 }
 
 #[cfg(test)]
