@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -102,68 +102,50 @@ pub fn load(cmdline: &Cmdline) -> io::Result<()> {
     if has_device("pci", "vendor", "0x1af4") {
         load_group(&modules, "pci")?;
     }
-    let mut later: Vec<Module> = modules
-        .iter()
-        .filter(|module| module.group == "background")
-        .cloned()
-        .collect();
+    let mut later = vec!["background"];
     // Virtio device id 1 is a network card.
     if has_device("virtio", "device", "0x0001") {
-        later.extend(
-            modules
-                .iter()
-                .filter(|module| module.group == "net")
-                .cloned(),
-        );
+        later.push("net");
     }
-    if !later.is_empty() {
-        load_in_background(later)?;
+    if modules
+        .iter()
+        .any(|module| later.contains(&module.group.as_str()))
+    {
+        load_in_background(&modules, &later)?;
     }
     Ok(())
 }
 
-/// Forks the background loader and leaves its pipe's read end open across exec, named in
+/// Forks the loader of `groups` and leaves its pipe's read end open across exec, named in
 /// [`FD_VARIABLE`].
-fn load_in_background(modules: Vec<Module>) -> io::Result<()> {
-    let mut ends: [RawFd; 2] = [-1; 2];
-    // SAFETY: `ends` has room for the two descriptors.
-    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let [read_end, write_end] = ends;
+fn load_in_background(modules: &[Module], groups: &[&str]) -> io::Result<()> {
+    let (read, write) = system::pipe()?;
     // SAFETY: this stage is single-threaded, so the child may run ordinary code after fork.
     match unsafe { libc::fork() } {
-        -1 => {
-            let error = io::Error::last_os_error();
-            // SAFETY: closing the pipe we made.
-            unsafe {
-                libc::close(read_end);
-                libc::close(write_end);
-            }
-            Err(error)
-        }
+        -1 => Err(io::Error::last_os_error()),
         0 => {
-            // SAFETY: the child owns its copy of the write end from here on.
-            let mut report = unsafe { File::from_raw_fd(write_end) };
-            let mut status = 0;
-            for module in &modules {
-                if let Err(error) = system::load_module(&module.path, &module.parameters) {
+            drop(read);
+            let mut report = File::from(write);
+            let loaded = groups
+                .iter()
+                .try_for_each(|group| load_group(modules, group));
+            let status = match loaded {
+                Ok(()) => 0,
+                Err(error) => {
                     eprintln!("ci-exec-init: error: {error}");
                     let _ = writeln!(report, "{error}");
-                    status = 1;
-                    break;
+                    1
                 }
-            }
+            };
             drop(report);
             // SAFETY: leaving the child without running the parent's exit handlers.
             unsafe { libc::_exit(status) }
         }
         _ => {
+            drop(write);
+            let read_end = read.into_raw_fd();
             // SAFETY: the parent keeps only the read end, which must survive exec.
-            unsafe {
-                libc::close(write_end);
-                libc::fcntl(read_end, libc::F_SETFD, 0);
-            }
+            unsafe { libc::fcntl(read_end, libc::F_SETFD, 0) };
             // SAFETY: single-threaded; the variable is read by the root stage after exec.
             unsafe { std::env::set_var(FD_VARIABLE, read_end.to_string()) };
             Ok(())

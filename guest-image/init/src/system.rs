@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -248,4 +249,15 @@ pub fn set_clock(seconds: i64, nanoseconds: i64) -> io::Result<()> {
             format!("set the clock to {seconds}.{nanoseconds:09}"),
         ))
     }
+}
+
+/// A pipe, both ends closed on exec: `(read, write)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut ends: [RawFd; 2] = [-1; 2];
+    // SAFETY: `ends` has room for the two descriptors.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(context(io::Error::last_os_error(), "pipe".to_owned()));
+    }
+    // SAFETY: both descriptors were just made and are owned here alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
 }

@@ -29,7 +29,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -175,7 +175,7 @@ fn start(dir: &Path, spec: &Spec) -> io::Result<i32> {
             None,
         ),
         StdinFrom::Follow => {
-            let (read, write) = pipe()?;
+            let (read, write) = system::pipe()?;
             (read, Some(write))
         }
     };
@@ -413,16 +413,6 @@ fn lookup_user(user: &str) -> Option<(libc::uid_t, libc::gid_t, CString)> {
         let name = std::ffi::CStr::from_ptr(entry.pw_name).to_owned();
         Some((entry.pw_uid, entry.pw_gid, name))
     }
-}
-
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut ends: [RawFd; 2] = [-1; 2];
-    // SAFETY: `ends` has room for the two descriptors.
-    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(context(io::Error::last_os_error(), "pipe".to_owned()));
-    }
-    // SAFETY: both descriptors were just made and are owned here alone.
-    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
 }
 
 fn c_strings(values: &[Vec<u8>]) -> Result<Vec<CString>, std::ffi::NulError> {
