@@ -131,9 +131,7 @@ pub fn run(dir: &Path) -> ! {
         Ok(spec) => spec,
         Err(message) => {
             // Where the task's own errors would go, so the user sees it.
-            let line = format!("ci-exec-init --task: error: {message}\n");
-            let _ = std::fs::write(dir.join("stderr"), &line);
-            eprint!("{line}");
+            report(dir, &format!("ci-exec-init --task: error: {message}\n"));
             finish(dir, SETUP_FAILED);
         }
     };
@@ -145,11 +143,22 @@ pub fn run(dir: &Path) -> ! {
     let code = match start(dir, &spec) {
         Ok(code) => code,
         Err(error) => {
-            let _ = writeln!(io::stderr(), "ci-exec-init --task: error: {error}");
+            report(dir, &format!("ci-exec-init --task: error: {error}\n"));
             SETUP_FAILED
         }
     };
     finish(dir, code)
+}
+
+/// A task that could not start says why where its own errors would go (`DIR/stderr`, after
+/// anything already there), so the user sees it, and on the wrapper's stderr.
+fn report(dir: &Path, line: &str) {
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr"))
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    eprint!("{line}");
 }
 
 /// Writes `code` to `DIR/exit` in one write (a reader sees nothing or all of it) and exits.

@@ -121,6 +121,15 @@ fn missing_commands_workdirs_and_signals_have_shell_exit_codes() {
     let bad = wrap(&["mode=sideways", "arg=true"], None);
     assert_eq!(bad.read("exit"), "125\n");
     assert!(bad.read("stderr").contains("unknown mode `sideways`"));
+    // No `stdin` file although the task says there is one: the task cannot start, and says why
+    // where its own errors would have gone.
+    let no_stdin = wrap(&["stdin=file", "mode=exec", "arg=cat"], None);
+    assert_eq!(no_stdin.read("exit"), "125\n");
+    assert!(
+        no_stdin.read("stderr").contains("open the task's stdin"),
+        "{}",
+        no_stdin.read("stderr")
+    );
 }
 
 #[test]
