@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Guest boot A/B: boots the default image cold, one boot per variant in turn, ROUNDS times, and
 # prints each variant's median uptime at which the guest's init started the agent (the line
-# `ci-exec-init: ready after … s` on the serial console). The machine and kernel arguments are
-# the qemu driver's (as `RUST_LOG=ci_exec_qemu=debug ci-exec run --driver=qemu:warm=false`
-# prints them), without its sockets.
+# `ci-exec-init: ready after … s` on the serial console). The machine is the qemu driver's,
+# without its sockets; the kernel arguments the driver adds to the image's are asked of the
+# driver itself (one cold `ci-exec run` that logs its QEMU command line), so they cannot drift
+# from `executor/qemu/src/machine.rs`. CI_EXEC_BIN: an already built `ci-exec`.
 #
 # Usage: benches/qemu/boot-ab.sh ROUNDS VARIANT...
 #   VARIANT: "KEY=value ...;extra kernel arguments", where KEY is one of
@@ -17,6 +18,23 @@ shift
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/ci-exec/images/debian-bookworm
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${CI_EXEC_BIN:-}
+if [ -z "$bin" ]; then
+    cargo build -q --release -p ci-exec --manifest-path "$root/Cargo.toml"
+    bin=${CARGO_TARGET_DIR:-$root/target}/release/ci-exec
+fi
+# The words of the driver's `-append` that the default image's own command line lacks.
+RUST_LOG=ci_exec_qemu=debug "$bin" run --driver=qemu:warm=false -- true >"$work/driver.log" 2>&1
+driver_arguments=$(python3 - "$work/driver.log" "$(readlink -f "$cache/current")/manifest.json" <<'PY'
+import json, re, sys
+line = next(line for line in open(sys.argv[1]) if "starting qemu" in line)
+arguments = json.loads(re.search(r"arguments=(\[.*\])", line).group(1))
+image = json.load(open(sys.argv[2]))["kernel_cmdline"].split()
+print(" ".join(word for word in arguments[arguments.index("-append") + 1].split() if word not in image))
+PY
+)
+echo "driver's kernel arguments: $driver_arguments"
 boot() { # IMAGE CPU MACHINE ARGS → the ready uptime, or "-"
     local image=$1 cpu=$2 machine=$3 args=$4 cmdline
     cmdline=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["kernel_cmdline"])' "$image/manifest.json")
@@ -27,7 +45,7 @@ boot() { # IMAGE CPU MACHINE ARGS → the ready uptime, or "-"
         -machine "microvm,pit=on,pic=off,rtc=on,isa-serial=on$machine" -cpu "$cpu" -m 2048 -smp 2 \
         -nodefaults -no-user-config -display none -no-reboot -nic none \
         -kernel "$image/vmlinux" -initrd "$image/initrd.cpio" \
-        -append "$cmdline mitigations=off init_on_alloc=0 cryptomgr.notests 8250.nr_uarts=1 rodata=off initcall_blacklist=init_kprobe_trace,init_blk_tracer,crypto_kdf108_init,blake2s_mod_init,load_system_certificate_list,msr_init,vga_arb_device_init no5lvl tsc=reliable no_timer_check $args" \
+        -append "$cmdline $driver_arguments $args" \
         -chardev "file,id=console,path=$work/console.log" -serial chardev:console \
         -drive "id=root,if=none,format=qcow2,cache=unsafe,file=$work/overlay.qcow2" -device virtio-blk-device,drive=root \
         -device virtio-serial-device,max_ports=3 -chardev socket,id=qga,path="$work/qga.sock",server=on,wait=off \

@@ -214,11 +214,12 @@ pub const FAST_KERNEL_ARGUMENTS: &[&str] = &[
     // times). The VM is the isolation boundary, not the guest kernel's self-protection.
     "rodata=off",
     // Boot-time steps no CI guest needs, about 0.25 s of a TCG boot together (`initcall_debug`
-    // times; 2.53 → 2.34 s to the agent's start for the last five, medians of 7 boots): the tracefs interfaces to kprobe events (0.1 s) and to block
-    // I/O tracing (40 ms); self-tests of key derivation (35 ms) and BLAKE2s (12 ms) that
-    // `cryptomgr.notests` does not cover; parsing the X.509 certificates that verify module
-    // signatures (20 ms; unverified modules load, tainting the kernel, as the initramfs's
-    // already do); `/dev/cpu/*/msr` (8 ms); and the VGA arbiter of a machine without VGA (16 ms).
+    // times; 2.53 → 2.34 s to the agent's start for the last five, medians of 7 boots): the tracefs
+    // interfaces to kprobe events (0.1 s) and to block I/O tracing (40 ms); self-tests of key
+    // derivation (35 ms) and BLAKE2s (12 ms) that `cryptomgr.notests` does not cover; parsing the
+    // X.509 certificates that verify module signatures (20 ms; unverified modules load, tainting
+    // the kernel, as the initramfs's already do); `/dev/cpu/*/msr` (8 ms); and the VGA arbiter of a
+    // machine without VGA (16 ms).
     "initcall_blacklist=init_kprobe_trace,init_blk_tracer,crypto_kdf108_init,blake2s_mod_init,\
      load_system_certificate_list,msr_init,vga_arb_device_init",
     // Four-level paging: TCG walks the guest's page tables on every TLB miss, and a 5-level
