@@ -57,21 +57,24 @@
         done
     }
 
+    # The engines start in `/`, not in this checkout: a daemon whose working directory is
+    # deleted (a removed clone) makes conmon fail every container start ("write child: broken
+    # pipe") while the socket still answers.
     if ! answers "$docker_socket"; then
-        $sudo setsid -f /usr/sbin/dockerd \
+        (cd / && $sudo setsid -f /usr/sbin/dockerd \
             --data-root /var/lib/ci-exec/docker \
             --exec-root /run/ci-exec/docker \
             --pidfile /run/ci-exec/docker.pid \
             -H "unix://$docker_socket" \
-            </dev/null >"$log_dir/dockerd.log" 2>&1
+            </dev/null >"$log_dir/dockerd.log" 2>&1)
         wait_for "$docker_socket" dockerd "$log_dir/dockerd.log"
     fi
 
     podman_flags="--runtime=runc --cgroup-manager=cgroupfs --events-backend=file"
     if ! answers "$podman_socket"; then
         # shellcheck disable=SC2086 # the flags are split on purpose
-        $sudo setsid -f podman $podman_flags system service --time=0 "unix://$podman_socket" \
-            </dev/null >"$log_dir/podman-service.log" 2>&1
+        (cd / && $sudo setsid -f podman $podman_flags system service --time=0 "unix://$podman_socket" \
+            </dev/null >"$log_dir/podman-service.log" 2>&1)
         wait_for "$podman_socket" "the podman service" "$log_dir/podman-service.log"
     fi
 
