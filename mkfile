@@ -30,3 +30,4 @@ bench-job:V:
 
 bench-qemu:V:
 	benches/qemu/bench.sh
+	benches/qemu/conformance.sh

@@ -34,9 +34,10 @@ if [ -n "${BASELINE_BIN:-}" ]; then
         -n 'baseline: qemu cold (guest OS)' "$BASELINE_BIN run --driver=$baseline,warm=false -- echo hi"
     )
 fi
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+. "$root/benches/qemu/host.sh"
+host_before
 hyperfine --runs "$runs" --warmup 1 --export-json "$out/start.json" "${commands[@]}" >&2
-echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+host_after
 # Medians (and the spread), as a markdown table with the ratio to the first (native) row.
 python3 - "$out/start.json" <<'PY'
 import json, sys

@@ -96,7 +96,14 @@ pub const QEMU_GUEST_CONTAINER_IMAGE: &str = "localhost/ci-exec/base:latest";
 /// guest image. Its prerequisites are QEMU, `qemu-img` and that image.
 pub async fn qemu() -> Option<Box<dyn Driver>> {
     let dsn = format!("qemu://{}", unique_namespace("qemu"));
-    let config = DriverConfig::parse_with_env(&dsn, &|variable| std::env::var(variable).ok())
+    let config = qemu_config(&dsn)?;
+    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+}
+
+/// The qemu driver's configuration for `dsn`, or `None` (skipped, or a failure under `CI=true`)
+/// when QEMU, `qemu-img` or the default guest image is missing.
+pub fn qemu_config(dsn: &str) -> Option<ci_exec_qemu::QemuConfig> {
+    let config = DriverConfig::parse_with_env(dsn, &|variable| std::env::var(variable).ok())
         .unwrap_or_else(|error| panic!("qemu DSN `{dsn}`: {error}"));
     let config = ci_exec_qemu::QemuConfig::from_driver_config(&config)
         .unwrap_or_else(|error| panic!("qemu config: {error}"));
@@ -113,5 +120,5 @@ pub async fn qemu() -> Option<Box<dyn Driver>> {
     if let Err(error) = ci_exec_qemu::resolve_image(&config.image) {
         return crate::missing_prerequisite("qemu", &error.to_string());
     }
-    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+    Some(config)
 }

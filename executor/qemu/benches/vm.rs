@@ -12,6 +12,17 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// The proportional set size of process `pid` in kB (shared pages count by their share), or "?".
+fn pss_kb(pid: i32) -> String {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|value| value.split_whitespace().next())
+        .unwrap_or("?")
+        .to_owned()
+}
+
 async fn task(driver: &QemuDriver, id: String, image: &str, script: &str) -> (Duration, String) {
     let started = Instant::now();
     let container = driver
@@ -56,6 +67,7 @@ async fn main() {
     let started = Instant::now();
     let machine = driver.machine().await.expect("boot");
     let boot = started.elapsed();
+    let pss_idle = pss_kb(machine.pid());
     let image = "localhost/ci-exec/base:latest";
 
     let mut guest = Vec::new();
@@ -92,16 +104,7 @@ async fn main() {
     }
     let mb_per_s = |took: Duration| 200.0 / took.saturating_sub(guest).as_secs_f64();
 
-    let status = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", machine.pid()))
-        .unwrap_or_default();
-    let pss = status
-        .lines()
-        .find(|line| line.starts_with("Pss:"))
-        .unwrap_or("Pss: ?")
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("?")
-        .to_owned();
+    let pss_busy = pss_kb(machine.pid());
 
     println!("| measure (median of {runs}) | value |");
     println!("|---|---|");
@@ -121,6 +124,7 @@ async fn main() {
         "| 9p read 200 MB host→guest | {:.0} MB/s (dd: {read_rate}) |",
         mb_per_s(median(read))
     );
-    println!("| host memory (PSS) of the VM after these tasks | {pss} kB |");
+    println!("| host memory (PSS) of the VM, idle right after its start | {pss_idle} kB |");
+    println!("| host memory (PSS) of the VM after these tasks | {pss_busy} kB |");
     driver.close().await.expect("close");
 }

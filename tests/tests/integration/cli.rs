@@ -543,3 +543,43 @@ fn close_recovers_after_a_killed_run() {
     );
     assert!(cli.namespaces().is_empty(), "left {:?}", cli.namespaces());
 }
+
+/// The same for the qemu driver: Ctrl-C ends the run (130) and stops its VM; `kill -9` of
+/// `ci-exec` takes QEMU with it (parent-death signal); `driver close` then removes the rest.
+#[test]
+fn ctrl_c_and_kill_stop_the_qemu_vm_and_close_removes_the_rest() {
+    let namespace = ci_exec_tests::unique_namespace("cli-qemu");
+    let Some(config) = ci_exec_tests::drivers::qemu_config(&format!("qemu://{namespace}")) else {
+        return;
+    };
+    let run_dir = config.run_dir();
+    let driver = format!("--driver=qemu://{namespace}");
+    let cli = Cli::new();
+    for signal in [libc::SIGINT, libc::SIGKILL] {
+        let (mut child, _) = start_sleeper(&cli, &driver);
+        let pid_file = run_dir.join("qemu.pid");
+        let qemu: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|error| panic!("{}: {error}", pid_file.display()))
+            .trim()
+            .parse()
+            .expect("a pid in qemu.pid");
+        let ci_exec_pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: sends a signal to the child we started.
+        unsafe {
+            libc::kill(ci_exec_pid, signal);
+        }
+        let mut status = None;
+        wait_for("ci-exec to exit", Duration::from_secs(30), || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        if signal == libc::SIGINT {
+            assert_eq!(status.and_then(|status| status.code()), Some(130));
+        }
+        wait_for("QEMU to exit", Duration::from_secs(30), || gone(qemu));
+    }
+    assert!(run_dir.exists(), "the killed run's directory is a leftover");
+    let close = cli.run(&["driver", "close", &driver]);
+    assert_eq!(code(&close), 0, "{}", stderr(&close));
+    assert!(!run_dir.exists(), "{} is left", run_dir.display());
+}
