@@ -610,6 +610,17 @@ pub fn generate_namespace() -> String {
     format!("ci-{:012x}", hasher.finish() & 0xffff_ffff_ffff)
 }
 
+/// Whether `namespace` has the form [`generate_namespace`] gives: a namespace nobody named, so
+/// nobody will name it again, and a driver may remove what a killed run left in it.
+pub fn is_generated_namespace(namespace: &str) -> bool {
+    namespace.strip_prefix("ci-").is_some_and(|digits| {
+        digits.len() == 12
+            && digits
+                .bytes()
+                .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+    })
+}
+
 /// Parses `raw` as a value of `param`, or says what was expected.
 pub(crate) fn parse_value(param: &ParamSpec, raw: &str) -> Result<ParamValue, String> {
     if raw.is_empty() {
@@ -725,6 +736,17 @@ mod tests {
         );
         assert_eq!(config.source("memory"), Some(ParamSource::Default));
         assert_ne!(parse("qemu").expect("parse").namespace, config.namespace);
+        assert!(is_generated_namespace(&config.namespace));
+        for named in [
+            "ci",
+            "ci-",
+            "ci-0123456789a",
+            "ci-0123456789abc",
+            "ci-0123456789AB",
+            "main",
+        ] {
+            assert!(!is_generated_namespace(named), "{named}");
+        }
     }
 
     #[test]

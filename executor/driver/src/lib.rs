@@ -27,7 +27,7 @@ pub use contract::{
 };
 pub use dsn::{
     DriverConfig, DsnError, ParamSource, ParamValue, REDACTED, ResolvedParam, generate_namespace,
-    parse_duration, validate_namespace,
+    is_generated_namespace, parse_duration, validate_namespace,
 };
 pub use error::{DriverError, ExitClass};
 pub use registry::{

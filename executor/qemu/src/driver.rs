@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use crate::accel::{self, AccelVerdict};
 use crate::guest::{self, Runner, StdinSource};
 use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec, RamFile};
-use crate::run_dir::RunDir;
+use crate::run_dir::{OwnerLock, RunDir};
 use crate::{QemuConfig, QemuError, image, output, warm};
 
 const DRIVER: &str = "qemu";
@@ -31,6 +31,8 @@ fn backend(action: impl Into<String>, error: QemuError) -> DriverError {
 pub struct QemuDriver {
     config: QemuConfig,
     run: RunDir,
+    /// Held from the first boot until `close`: tells later runs this namespace is alive.
+    owner: std::sync::Mutex<Option<OwnerLock>>,
     machine: Mutex<Option<Arc<Machine>>>,
     containers: Mutex<HashMap<String, Arc<TaskHandle>>>,
     sandboxes: AtomicU64,
@@ -43,6 +45,7 @@ impl QemuDriver {
         QemuDriver {
             config,
             run,
+            owner: std::sync::Mutex::new(None),
             machine: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             sandboxes: AtomicU64::new(0),
@@ -80,7 +83,15 @@ impl QemuDriver {
             );
         }
         tracing::debug!(accel = %verdict.accel, reason = %verdict.reason, "accelerator");
+        // What killed runs left in generated namespaces goes now: nobody will close those.
+        crate::run_dir::sweep_abandoned(&self.config.run_root, crate::run_dir::SWEEP_MIN_AGE);
         self.run.create(&self.config.namespace)?;
+        {
+            let mut owner = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
+            if owner.is_none() {
+                *owner = Some(self.run.lock_owner(&self.config.namespace)?);
+            }
+        }
         let spec = MachineSpec {
             qemu_binary: self.config.qemu_binary.clone(),
             accel: verdict.accel,
@@ -415,9 +426,15 @@ impl Driver for QemuDriver {
         if let Some(machine) = self.machine.lock().await.take() {
             machine.shutdown().await;
         }
-        self.run
+        let removed = self
+            .run
             .remove_leftovers()
-            .map_err(|error| backend("remove the namespace's run directory", error))
+            .map_err(|error| backend("remove the namespace's run directory", error));
+        self.owner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        removed
     }
 
     fn as_volume_files(&self) -> Option<&dyn VolumeFiles> {

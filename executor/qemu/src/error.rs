@@ -155,6 +155,11 @@ pub enum QemuError {
     )]
     NamespaceBusy { namespace: String, pid: i32 },
 
+    #[error(
+        "namespace `{namespace}` is in use by another ci-exec driver; wait for it to finish, or stop it with `ci-exec driver close --driver=qemu://{namespace}`"
+    )]
+    NamespaceLocked { namespace: String },
+
     #[error("saving the warm VM state failed: {reason}")]
     WarmSave { reason: String },
 }

@@ -502,6 +502,15 @@ impl Machine {
                     return Err(boot_timeout(run, boot_timeout_after));
                 }
                 Err(source) => {
+                    // The agent's socket breaks when QEMU exits (a guest panic, with
+                    // `-no-reboot`), usually before its exit status reaches us: wait for that
+                    // briefly, so that the error is the exit with the console's last lines.
+                    let mut exited = exit.clone();
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        exited.wait_for(|status| status.is_some()),
+                    )
+                    .await;
                     check_alive(&exit, run, stage)?;
                     return Err(QemuError::Agent {
                         stage: stage.to_owned(),
