@@ -34,22 +34,12 @@ if [ -n "${BASELINE_BIN:-}" ]; then
         -n 'baseline: qemu cold (guest OS)' "$BASELINE_BIN run --driver=$baseline,warm=false -- echo hi"
     )
 fi
-. "$root/benches/qemu/host.sh"
+. "$root/benches/qemu/common.sh"
 host_before
 hyperfine --runs "$runs" --warmup 1 --export-json "$out/start.json" "${commands[@]}" >&2
 host_after
 # Medians (and the spread), as a markdown table with the ratio to the first (native) row.
-python3 - "$out/start.json" <<'PY'
-import json, sys
-results = json.load(open(sys.argv[1]))["results"]
-base = results[0]["median"]
-print("| command | median | min … max | vs native |")
-print("|---|---|---|---|")
-for r in results:
-    def t(seconds):
-        return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-    print(f"| {r['command']} | {t(r['median'])} | {t(r['min'])} … {t(r['max'])} | {r['median'] / base:.0f}× |")
-PY
+median_table "$out/start.json" 'command'
 # In-VM numbers (9p throughput, podman overhead, idle VM memory): the driver's own bench.
 cargo bench -q -p ci-exec-qemu --manifest-path "$root/Cargo.toml" --bench vm -- "$runs"
 rm -rf "$out"

@@ -18,7 +18,7 @@ for line in sys.stdin:
         print(message["executable"])')
 # Make (or reuse) the image's saved VM state first, as a user's second run would find it.
 cargo run -q --release -p ci-exec --manifest-path "$root/Cargo.toml" -- run --driver=qemu -- true
-. "$root/benches/qemu/host.sh"
+. "$root/benches/qemu/common.sh"
 host_before
 # The suite checks that cargo's env does not leak into tasks, so it needs that env.
 CI=true CARGO_PKG_NAME=ci-exec-tests hyperfine --runs "$runs" --export-json "$out/suite.json" \
@@ -26,12 +26,4 @@ CI=true CARGO_PKG_NAME=ci-exec-tests hyperfine --runs "$runs" --export-json "$ou
     -n 'qemu (guest OS)' "$tests --quiet conformance::qemu::" \
     -n 'qemu (podman in the guest)' "$tests --quiet conformance::qemu_podman::" >&2
 host_after
-python3 - "$out/suite.json" <<'PY'
-import json, sys
-results = json.load(open(sys.argv[1]))["results"]
-base = results[0]["median"]
-print("| conformance suite (13 cases) | median | min … max | vs native |")
-print("|---|---|---|---|")
-for r in results:
-    print(f"| {r['command']} | {r['median']:.2f} s | {r['min']:.2f} … {r['max']:.2f} s | {r['median'] / base:.0f}× |")
-PY
+median_table "$out/suite.json" 'conformance suite (13 cases)'
