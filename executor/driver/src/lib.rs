@@ -18,6 +18,7 @@
 mod contract;
 mod dsn;
 mod error;
+pub mod leftovers;
 mod registry;
 mod task;
 

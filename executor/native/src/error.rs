@@ -9,6 +9,9 @@ pub enum NativeError {
     #[error("no state directory: set `HOME`, `XDG_STATE_HOME` or the `state_dir` parameter")]
     NoStateDir,
 
+    #[error("another process is removing this namespace (`ci-exec driver close`); run again")]
+    NamespaceRemoved,
+
     #[error("cannot create directory `{path}`")]
     CreateDir {
         path: PathBuf,

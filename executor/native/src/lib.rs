@@ -6,6 +6,9 @@
 //! `~/.local/state/ci-exec/native`): `tasks/{id}/` (`stdout`, `stderr`, `exit`, `pid`, `work/`),
 //! `volumes/{name}/`, `sandboxes/{id}/`. `close` kills every recorded process group and removes
 //! that directory, in this process or a later one, which is how a killed run is cleaned up.
+//! Every driver using the directory holds a shared lock on its `owner.lock`; in generated
+//! namespaces, which nobody can name in `driver close`, the next native run does that cleanup
+//! once no live process holds the lock (`ci_exec_driver::leftovers`).
 //!
 //! It is not a sandbox: tasks run as the calling user on the host and see its file system.
 //! Only the environment is hermetic — a task gets exactly its own variables, plus a default
@@ -20,9 +23,10 @@ mod task;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use async_trait::async_trait;
+use ci_exec_driver::leftovers::{self, OwnerLock};
 use ci_exec_driver::{
     Container, Driver, DriverConfig, DriverError, Sandbox, SandboxExec, Task, Volume, VolumeFiles,
 };
@@ -51,6 +55,71 @@ pub(crate) struct Inner {
     /// `{state_dir}/{namespace}`.
     root: PathBuf,
     tasks: Mutex<HashMap<String, Arc<TaskState>>>,
+    /// Held from the first write to `root` until `close`: tells later runs it is in use.
+    owner: std::sync::Mutex<Option<OwnerLock>>,
+}
+
+impl Inner {
+    /// Before the first write to the namespace directory: removes what killed runs left in
+    /// generated namespaces beside it, creates it, and takes its shared owner lock.
+    pub(crate) fn claim(&self) -> Result<(), DriverError> {
+        let mut owner = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
+        if owner.is_some() {
+            return Ok(());
+        }
+        if let Some(state_dir) = self.root.parent() {
+            leftovers::sweep_abandoned(state_dir, leftovers::SWEEP_MIN_AGE, |dir, had_lock| {
+                // Without a lock file the directory predates owner locks: live tasks in it
+                // may belong to an older `ci-exec` that still runs.
+                if !had_lock && recorded_groups(dir).iter().any(process::PidRecord::alive) {
+                    return false;
+                }
+                remove_namespace(dir)
+                    .inspect_err(
+                        |error| tracing::warn!(%error, "cannot remove a killed run's leftovers"),
+                    )
+                    .is_ok()
+            });
+        }
+        create_dir(&self.root)
+            .map_err(|error| error.into_driver(format!("create namespace `{}`", self.namespace)))?;
+        match leftovers::lock_owner(&self.root, false) {
+            Ok(Some(lock)) => {
+                *owner = Some(lock);
+                Ok(())
+            }
+            Ok(None) => Err(NativeError::NamespaceRemoved
+                .into_driver(format!("use namespace `{}`", self.namespace))),
+            Err(source) => Err(NativeError::CreateDir {
+                path: self.root.join(leftovers::OWNER_LOCK),
+                source,
+            }
+            .into_driver(format!("lock namespace `{}`", self.namespace))),
+        }
+    }
+}
+
+/// The process groups recorded under namespace directory `root`: its tasks and sandboxes,
+/// whichever process started them.
+fn recorded_groups(root: &Path) -> Vec<process::PidRecord> {
+    ["tasks", "sandboxes"]
+        .iter()
+        .filter_map(|kind| std::fs::read_dir(root.join(kind)).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter_map(|entry| {
+            std::fs::read_to_string(entry.path().join(task::PID))
+                .ok()
+                .and_then(|text| process::PidRecord::decode(&text))
+        })
+        .collect()
+}
+
+/// Kills every process group recorded under namespace directory `root` and removes it.
+fn remove_namespace(root: &Path) -> Result<(), NativeError> {
+    for group in recorded_groups(root) {
+        group.kill_group();
+    }
+    remove_all(root)
 }
 
 impl NativeDriver {
@@ -70,6 +139,7 @@ impl NativeDriver {
                 namespace: namespace.to_owned(),
                 root: state_dir.join(namespace),
                 tasks: Mutex::new(HashMap::new()),
+                owner: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -111,6 +181,7 @@ impl Driver for NativeDriver {
         _size_bytes: u64,
     ) -> Result<Box<dyn Volume>, DriverError> {
         check_volume_name(name)?;
+        self.inner.claim()?;
         let dir = self.volumes_dir().join(name);
         create_dir(&dir).map_err(|error| error.into_driver(format!("create volume `{name}`")))?;
         Ok(Box::new(NativeVolume {
@@ -125,6 +196,7 @@ impl Driver for NativeDriver {
         if let Some(state) = tasks.get(&task.id) {
             return Ok(self.container(Arc::clone(state)));
         }
+        self.inner.claim()?;
         let dir = self.tasks_dir().join(&task.id);
         if dir.exists() {
             // Started by an earlier process in this namespace: the same id gives that task.
@@ -151,21 +223,14 @@ impl Driver for NativeDriver {
                 first_error.get_or_insert(error);
             }
         }
-        // Leftovers of other processes (a killed `ci-exec run`, a crashed job).
-        for kind in ["tasks", "sandboxes"] {
-            let Ok(entries) = std::fs::read_dir(self.inner.root.join(kind)) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if let Some(pid) = std::fs::read_to_string(entry.path().join(task::PID))
-                    .ok()
-                    .and_then(|text| process::PidRecord::decode(&text))
-                {
-                    pid.kill_group();
-                }
-            }
-        }
-        if let Err(error) = remove_all(&self.inner.root) {
+        // With the leftovers of other processes (a killed `ci-exec run`, a crashed job).
+        let removed = remove_namespace(&self.inner.root);
+        self.inner
+            .owner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Err(error) = removed {
             let error = error.into_driver(format!("close namespace `{}`", self.inner.namespace));
             tracing::warn!("{error}");
             first_error.get_or_insert(error);
@@ -221,6 +286,7 @@ impl VolumeFiles for NativeDriver {
 #[async_trait]
 impl SandboxExec for NativeDriver {
     async fn start_sandbox(&self, task: Task) -> Result<Box<dyn Sandbox>, DriverError> {
+        self.inner.claim()?;
         Ok(Box::new(NativeSandbox::start(
             Arc::clone(&self.inner),
             task,

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use crate::accel::{self, AccelVerdict};
 use crate::guest::{self, Runner, StdinSource};
 use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec, RamFile};
-use crate::run_dir::{OwnerLock, RunDir};
+use crate::run_dir::RunDir;
 use crate::{QemuConfig, QemuError, image, output, warm};
 
 const DRIVER: &str = "qemu";
@@ -32,7 +32,7 @@ pub struct QemuDriver {
     config: QemuConfig,
     run: RunDir,
     /// Held from the first boot until `close`: tells later runs this namespace is alive.
-    owner: std::sync::Mutex<Option<OwnerLock>>,
+    owner: std::sync::Mutex<Option<ci_exec_driver::leftovers::OwnerLock>>,
     machine: Mutex<Option<Arc<Machine>>>,
     containers: Mutex<HashMap<String, Arc<TaskHandle>>>,
     sandboxes: AtomicU64,
@@ -84,7 +84,7 @@ impl QemuDriver {
         }
         tracing::debug!(accel = %verdict.accel, reason = %verdict.reason, "accelerator");
         // What killed runs left in generated namespaces goes now: nobody will close those.
-        crate::run_dir::sweep_abandoned(&self.config.run_root, crate::run_dir::SWEEP_MIN_AGE);
+        crate::run_dir::sweep_abandoned(&self.config.run_root);
         self.run.create(&self.config.namespace)?;
         {
             let mut owner = self.owner.lock().unwrap_or_else(PoisonError::into_inner);

@@ -3,17 +3,17 @@
 //!
 //! ```text
 //! <run_root>/<namespace>/
-//!   owner.lock                  flock'ed by the driver using the directory, for its life
+//!   owner.lock                  locked by the driver using the directory (`ci_exec_driver::leftovers`)
 //!   qemu.pid  qmp.sock  qga.sock  ctl.sock  console.log  qemu.log  overlay.qcow2
 //!   share/                      the 9p export, `/mnt/ci` in the guest
 //!     volumes/<name>/           a volume (`/mnt/volumes/<name>` in the guest)
 //!     tasks/<id>/               task (or run.sh) stdin stdout stderr exit pid
 //! ```
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use ci_exec_driver::leftovers::{self, OwnerLock};
 
 use crate::QemuError;
 
@@ -21,40 +21,6 @@ use crate::QemuError;
 pub const GUEST_SHARE: &str = "/mnt/ci";
 /// The 9p mount tag of the share.
 pub const SHARE_TAG: &str = "ci";
-/// The run directory's owner lock: the driver that uses the directory holds an exclusive
-/// `flock` on it for as long as it lives. The kernel releases it however that process ends
-/// (`kill -9` included), which is how a later run tells a killed run's directory from a live one.
-const OWNER_LOCK: &str = "owner.lock";
-/// A run directory younger than this is never swept: its owner may be between creating it and
-/// taking its lock.
-pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
-
-/// A held owner lock (see [`OWNER_LOCK`]); dropping it releases the lock.
-#[derive(Debug)]
-pub struct OwnerLock {
-    _file: File,
-}
-
-/// Takes the lock at `path` (creating the file) without waiting; `None` when another open file
-/// holds it: another process, or another driver of this one.
-fn try_lock(path: &Path) -> std::io::Result<Option<OwnerLock>> {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    // SAFETY: flock on a descriptor we own, which stays open for the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(OwnerLock { _file: file }));
-    }
-    let error = std::io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(None)
-    } else {
-        Err(error)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
@@ -134,13 +100,28 @@ impl RunDir {
     /// Takes the directory's owner lock for this driver (after [`RunDir::create`]). Fails when
     /// another live driver, in this process or another, owns the namespace.
     pub fn lock_owner(&self, namespace: &str) -> Result<OwnerLock, QemuError> {
-        let path = self.path.join(OWNER_LOCK);
-        match try_lock(&path) {
-            Ok(Some(lock)) => Ok(lock),
-            Ok(None) => Err(QemuError::NamespaceLocked {
-                namespace: namespace.to_owned(),
-            }),
-            Err(source) => Err(QemuError::CreateDir { path, source }),
+        // A driver of this process that closed the namespace a moment ago may still hold it
+        // for a little while: a child being spawned meanwhile (by any thread) keeps a copy of
+        // every descriptor, and so the lock, until its exec.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match leftovers::lock_owner(&self.path, true) {
+                Ok(Some(lock)) => return Ok(lock),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    return Err(QemuError::NamespaceLocked {
+                        namespace: namespace.to_owned(),
+                    });
+                }
+                Err(source) => {
+                    return Err(QemuError::CreateDir {
+                        path: self.path.join(leftovers::OWNER_LOCK),
+                        source,
+                    });
+                }
+            }
         }
     }
 
@@ -212,43 +193,20 @@ pub fn is_our_qemu(pid: i32, qmp_socket: &Path) -> bool {
             .any(|window| window == needle)
 }
 
-/// Removes what killed runs left under `run_root` in namespaces nobody named (a generated
-/// namespace is never used again, so nothing else would): each directory at least `min_age`
-/// old whose owner lock is free. A directory from before owner locks that still has a live
-/// qemu is left alone: its owner may be an older `ci-exec`. Returns the namespaces removed.
-pub fn sweep_abandoned(run_root: &Path, min_age: Duration) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(run_root) else {
-        return Vec::new();
-    };
-    let mut removed = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let old_enough = entry
-            .metadata()
-            .and_then(|metadata| metadata.modified())
-            .is_ok_and(|modified| modified.elapsed().unwrap_or_default() >= min_age);
-        if !ci_exec_driver::is_generated_namespace(&name) || !old_enough {
-            continue;
-        }
-        let run = RunDir::new(entry.path());
-        let lock_path = run.path.join(OWNER_LOCK);
-        let had_lock = lock_path.exists();
-        let Ok(Some(_lock)) = try_lock(&lock_path) else {
-            continue;
-        };
+/// Removes what killed runs left under `run_root` in generated namespaces (see
+/// [`leftovers::sweep_abandoned`]): their qemu, if one still runs, and their directory. A
+/// directory from before owner locks that still has a live qemu is left alone: its owner may be
+/// an older `ci-exec`.
+pub fn sweep_abandoned(run_root: &Path) -> Vec<String> {
+    leftovers::sweep_abandoned(run_root, leftovers::SWEEP_MIN_AGE, |dir, had_lock| {
+        let run = RunDir::new(dir.to_owned());
         if !had_lock && run.live_qemu().is_some() {
-            let _ = std::fs::remove_file(&lock_path);
-            continue;
+            return false;
         }
-        match run.remove_leftovers() {
-            Ok(()) => {
-                tracing::debug!(namespace = %name, "removed the leftovers of a killed run");
-                removed.push(name);
-            }
-            Err(error) => tracing::warn!(%error, "cannot remove the leftovers of a killed run"),
-        }
-    }
-    removed
+        run.remove_leftovers()
+            .inspect_err(|error| tracing::warn!(%error, "cannot remove a killed run's leftovers"))
+            .is_ok()
+    })
 }
 
 /// Every run directory under `run_root` whose name is `namespace` (there is one per namespace).
@@ -279,58 +237,6 @@ mod tests {
         let pid = std::process::id() as i32;
         assert!(!is_our_qemu(pid, Path::new("/x/qmp.sock")));
         assert!(!is_our_qemu(0, Path::new("/x/qmp.sock")));
-    }
-
-    /// `flock(1)` holding `run`'s owner lock in another process, as a live driver would.
-    fn hold_lock_elsewhere(run: &RunDir) -> std::process::Child {
-        let lock = run.path().join(OWNER_LOCK);
-        // `-o`: `sleep` does not inherit the lock, so killing `flock` releases it.
-        let child = std::process::Command::new("flock")
-            .arg("-o")
-            .arg(&lock)
-            .args(["sleep", "600"])
-            .spawn()
-            .expect("flock(1) from util-linux");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while try_lock(&lock).expect("lock").is_some() {
-            assert!(Instant::now() < deadline, "flock(1) never took the lock");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        child
-    }
-
-    #[test]
-    fn only_killed_runs_in_generated_namespaces_are_swept() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let run = |name: &str| {
-            let run = RunDir::new(root.path().join(name));
-            run.create(name).expect("create");
-            run
-        };
-        let killed = run("ci-00000000000a");
-        let mut owner = hold_lock_elsewhere(&killed);
-        owner.kill().expect("kill -9 the owner");
-        owner.wait().expect("reap");
-        let live = run("ci-00000000000b");
-        let mut live_owner = hold_lock_elsewhere(&live);
-        let named = run("main");
-        let ours = run("ci-00000000000c");
-        let _lock = ours.lock_owner("ci-00000000000c").expect("lock");
-        let young = run("ci-00000000000d");
-
-        assert!(sweep_abandoned(root.path(), Duration::from_secs(3600)).is_empty());
-        let removed = sweep_abandoned(root.path(), Duration::ZERO);
-        live_owner.kill().expect("kill");
-        live_owner.wait().expect("reap");
-        assert_eq!(removed.len(), 2, "{removed:?}");
-        assert!(!killed.path().exists());
-        assert!(!young.path().exists(), "unlocked and old enough");
-        assert!(live.path().exists(), "its owner lives");
-        assert!(ours.path().exists(), "this process owns it");
-        assert!(
-            named.path().exists(),
-            "a named namespace waits for `driver close`"
-        );
     }
 
     #[test]

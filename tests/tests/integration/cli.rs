@@ -583,3 +583,37 @@ fn ctrl_c_and_kill_stop_the_qemu_vm_and_close_removes_the_rest() {
     assert_eq!(code(&close), 0, "{}", stderr(&close));
     assert!(!run_dir.exists(), "{} is left", run_dir.display());
 }
+
+/// A run killed in a generated namespace leaves its task running and its directory behind;
+/// nobody can name that namespace in `driver close`, so the next run removes both once the
+/// killed run's owner lock is free and the directory is old enough (a minute).
+#[test]
+fn the_next_run_removes_what_a_killed_run_left_in_a_generated_namespace() {
+    let cli = Cli::new();
+    let (mut child, task_pid) = start_sleeper(&cli, "--driver=native");
+    child.kill().expect("SIGKILL ci-exec");
+    child.wait().expect("reap");
+    assert!(!gone(task_pid), "the task outlives a killed ci-exec");
+    let left = cli.namespaces();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let run = cli.run(&["run", "--driver=native", "--", "true"]);
+    assert_eq!(code(&run), 0, "{}", stderr(&run));
+    assert_eq!(
+        cli.namespaces(),
+        left,
+        "a fresh leftover may be a run starting up"
+    );
+
+    let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(61);
+    std::fs::File::open(cli.state.path().join(&left[0]))
+        .and_then(|directory| directory.set_modified(a_minute_ago))
+        .expect("age the leftover");
+    let run = cli.run(&["run", "--driver=native", "--", "true"]);
+    assert_eq!(code(&run), 0, "{}", stderr(&run));
+    wait_for(
+        "the orphaned task to be killed",
+        Duration::from_secs(30),
+        || gone(task_pid),
+    );
+    assert!(cli.namespaces().is_empty(), "left {:?}", cli.namespaces());
+}
