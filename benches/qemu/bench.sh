@@ -38,7 +38,6 @@ fi
 host_before
 hyperfine --runs "$runs" --warmup 1 --export-json "$out/start.json" "${commands[@]}" >&2
 host_after
-# Medians (and the spread), as a markdown table with the ratio to the first (native) row.
 median_table "$out/start.json" 'command'
 # In-VM numbers (9p throughput, podman overhead, idle VM memory): the driver's own bench.
 cargo bench -q -p ci-exec-qemu --manifest-path "$root/Cargo.toml" --bench vm -- "$runs"

@@ -52,12 +52,12 @@ pub fn lock_owner(dir: &Path, exclusive: bool) -> io::Result<Option<OwnerLock>> 
 /// Removes what killed runs left under `root` in generated namespaces: each directory at least
 /// `min_age` old whose lock can be taken exclusively (nobody uses it) is handed to `remove`,
 /// with whether it had a lock file (a directory from before owner locks did not), while the
-/// sweep holds its lock. `remove` says whether it removed the directory; the names of those
-/// it did are returned.
-pub fn sweep_abandoned(
+/// sweep holds its lock. `remove` says whether it removed the directory (`Ok(false)`: left
+/// alone); a failure is logged. The names of the directories removed are returned.
+pub fn sweep_abandoned<E: std::fmt::Display>(
     root: &Path,
     min_age: Duration,
-    mut remove: impl FnMut(&Path, bool) -> bool,
+    mut remove: impl FnMut(&Path, bool) -> Result<bool, E>,
 ) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Vec::new();
@@ -77,10 +77,16 @@ pub fn sweep_abandoned(
         let Ok(Some(_lock)) = lock_owner(&dir, true) else {
             continue;
         };
-        if remove(&dir, had_lock) {
-            tracing::debug!(namespace = %name, "removed the leftovers of a killed run");
-            removed.push(name);
-        } else if !had_lock {
+        match remove(&dir, had_lock) {
+            Ok(true) => {
+                tracing::debug!(namespace = %name, "removed the leftovers of a killed run");
+                removed.push(name);
+                continue;
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "cannot remove the leftovers of a killed run"),
+        }
+        if !had_lock {
             let _ = std::fs::remove_file(dir.join(OWNER_LOCK));
         }
     }
@@ -142,7 +148,10 @@ mod tests {
         let mut offered = Vec::new();
         let mut remove = |dir: &Path, had_lock: bool| {
             offered.push((dir.to_owned(), had_lock));
-            dir != kept_by_remove && std::fs::remove_dir_all(dir).is_ok()
+            if dir == kept_by_remove {
+                return Ok(false);
+            }
+            std::fs::remove_dir_all(dir).map(|()| true)
         };
         assert!(sweep_abandoned(root.path(), Duration::from_secs(3600), &mut remove).is_empty());
         let mut removed = sweep_abandoned(root.path(), Duration::ZERO, &mut remove);

@@ -72,13 +72,9 @@ impl Inner {
                 // Without a lock file the directory predates owner locks: live tasks in it
                 // may belong to an older `ci-exec` that still runs.
                 if !had_lock && recorded_groups(dir).iter().any(process::PidRecord::alive) {
-                    return false;
+                    return Ok(false);
                 }
-                remove_namespace(dir)
-                    .inspect_err(
-                        |error| tracing::warn!(%error, "cannot remove a killed run's leftovers"),
-                    )
-                    .is_ok()
+                remove_namespace(dir).map(|()| true)
             });
         }
         create_dir(&self.root)

@@ -21,6 +21,7 @@ use crate::QemuError;
 pub const GUEST_SHARE: &str = "/mnt/ci";
 /// The 9p mount tag of the share.
 pub const SHARE_TAG: &str = "ci";
+
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
@@ -201,11 +202,9 @@ pub fn sweep_abandoned(run_root: &Path) -> Vec<String> {
     leftovers::sweep_abandoned(run_root, leftovers::SWEEP_MIN_AGE, |dir, had_lock| {
         let run = RunDir::new(dir.to_owned());
         if !had_lock && run.live_qemu().is_some() {
-            return false;
+            return Ok(false);
         }
-        run.remove_leftovers()
-            .inspect_err(|error| tracing::warn!(%error, "cannot remove a killed run's leftovers"))
-            .is_ok()
+        run.remove_leftovers().map(|()| true)
     })
 }
 

@@ -501,25 +501,27 @@ fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) 
     }
 }
 
+/// Sends `signal` to the `ci-exec` we started and waits (up to 30 s) for it to exit.
+fn signal_and_wait(child: &mut std::process::Child, signal: i32) -> std::process::ExitStatus {
+    let ci_exec_pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: sends a signal to the child we started.
+    unsafe {
+        libc::kill(ci_exec_pid, signal);
+    }
+    let mut status = None;
+    wait_for("ci-exec to exit", Duration::from_secs(30), || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
 #[test]
 fn ctrl_c_stops_the_task_and_cleans_up() {
     let cli = Cli::new();
     let (mut child, task_pid) = start_sleeper(&cli, "--driver=native");
-    let ci_exec_pid = i32::try_from(child.id()).expect("pid");
-    // SAFETY: sends SIGINT to the child we started.
-    unsafe {
-        libc::kill(ci_exec_pid, libc::SIGINT);
-    }
-    let mut status = None;
-    wait_for(
-        "ci-exec to exit after Ctrl-C",
-        Duration::from_secs(30),
-        || {
-            status = child.try_wait().expect("try_wait");
-            status.is_some()
-        },
-    );
-    assert_eq!(status.and_then(|status| status.code()), Some(130));
+    let status = signal_and_wait(&mut child, libc::SIGINT);
+    assert_eq!(status.code(), Some(130));
     wait_for("the task to be killed", Duration::from_secs(30), || {
         gone(task_pid)
     });
@@ -557,24 +559,15 @@ fn ctrl_c_and_kill_stop_the_qemu_vm_and_close_removes_the_rest() {
     let cli = Cli::new();
     for signal in [libc::SIGINT, libc::SIGKILL] {
         let (mut child, _) = start_sleeper(&cli, &driver);
-        let pid_file = run_dir.join("qemu.pid");
+        let pid_file = ci_exec_qemu::run_dir::RunDir::new(run_dir.clone()).pid_file();
         let qemu: i32 = std::fs::read_to_string(&pid_file)
             .unwrap_or_else(|error| panic!("{}: {error}", pid_file.display()))
             .trim()
             .parse()
-            .expect("a pid in qemu.pid");
-        let ci_exec_pid = i32::try_from(child.id()).expect("pid");
-        // SAFETY: sends a signal to the child we started.
-        unsafe {
-            libc::kill(ci_exec_pid, signal);
-        }
-        let mut status = None;
-        wait_for("ci-exec to exit", Duration::from_secs(30), || {
-            status = child.try_wait().expect("try_wait");
-            status.is_some()
-        });
+            .expect("a pid in the pid file");
+        let status = signal_and_wait(&mut child, signal);
         if signal == libc::SIGINT {
-            assert_eq!(status.and_then(|status| status.code()), Some(130));
+            assert_eq!(status.code(), Some(130));
         }
         wait_for("QEMU to exit", Duration::from_secs(30), || gone(qemu));
     }
