@@ -2,7 +2,8 @@
 # variant into the user cache
 # ($XDG_CACHE_HOME/ci-exec/images) so the VM tests have it; when the cached image is current
 # (same recipe, packages request, mk and init binaries) the build returns at once. Needs the
-# Debian mirror this machine's apt uses. Builds here run as root; the user `ci-exec-builder`
+# Debian mirror this machine's apt uses and, on x86_64, Ubuntu's archive (archive.ubuntu.com)
+# for the guest kernel (`--kernel debian` avoids it). Builds here run as root; the user `ci-exec-builder`
 # (with subordinate id ranges) is made for the test that builds as a normal user through
 # mmdebstrap's unshare mode. Idempotent: quick when everything is present.
 (

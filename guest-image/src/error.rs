@@ -96,6 +96,9 @@ pub enum Error {
     #[error("kernel `{path}` is not a bzImage ({reason})")]
     NotBzImage { path: PathBuf, reason: &'static str },
 
+    #[error("cannot decompress the kernel in `{path}`: {reason}")]
+    Decompress { path: PathBuf, reason: String },
+
     #[error("module `{module}` needed in the initramfs was not found in `{path}`")]
     MissingModule { module: String, path: PathBuf },
 

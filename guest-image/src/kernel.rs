@@ -8,33 +8,54 @@ use std::process::{Command, Stdio};
 /// Writes the ELF kernel contained in the bzImage `kernel` to `vmlinux`.
 ///
 /// The boot protocol header says where the compressed payload sits (`payload_offset`,
-/// `payload_length`, relative to the protected-mode code after the setup sectors); we hand it
-/// to the host's `xz` (Debian's kernels use xz with the x86 BCJ filter, which pure-Rust
-/// decoders lack) and check that an ELF image came out.
+/// `payload_length`, relative to the protected-mode code after the setup sectors). Debian's
+/// kernels compress it with xz and the x86 BCJ filter, which pure-Rust decoders lack, so that
+/// goes to the host's `xz`; Ubuntu's use zstd, which `ruzstd` decodes here.
 pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
     let image = std::fs::read(kernel).map_err(|source| Error::Read {
         path: kernel.to_owned(),
         source,
     })?;
-    let payload = payload(&image).map_err(|reason| Error::NotBzImage {
+    let not_bzimage = |reason| Error::NotBzImage {
         path: kernel.to_owned(),
         reason,
-    })?;
-    if !payload.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Err(Error::NotBzImage {
+    };
+    let payload = payload(&image).map_err(not_bzimage)?;
+    if payload.starts_with(XZ_MAGIC) {
+        decompress_xz(payload, vmlinux)?;
+    } else if payload.starts_with(ZSTD_MAGIC) {
+        decompress_zstd(payload, vmlinux).map_err(|reason| Error::Decompress {
             path: kernel.to_owned(),
-            reason: "payload is not xz-compressed",
-        });
+            reason,
+        })?;
+    } else {
+        return Err(not_bzimage("payload is neither xz- nor zstd-compressed"));
     }
-    let xz = host::find(host::XZ)?;
-    let output_file = std::fs::File::create(vmlinux).map_err(|source| Error::Write {
+    let mut magic = [0; 4];
+    let read = std::fs::File::open(vmlinux)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic));
+    if read.is_err() || &magic != b"\x7fELF" {
+        return Err(not_bzimage("payload did not decompress to an ELF image"));
+    }
+    Ok(())
+}
+
+const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+fn create(vmlinux: &Path) -> Result<std::fs::File, Error> {
+    std::fs::File::create(vmlinux).map_err(|source| Error::Write {
         path: vmlinux.to_owned(),
         source,
-    })?;
+    })
+}
+
+fn decompress_xz(payload: &[u8], vmlinux: &Path) -> Result<(), Error> {
+    let xz = host::find(host::XZ)?;
     let mut child = Command::new(&xz)
         .args(["--decompress", "--stdout", "--single-stream"])
         .stdin(Stdio::piped())
-        .stdout(output_file)
+        .stdout(create(vmlinux)?)
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| Error::Spawn {
@@ -66,15 +87,18 @@ pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
             stderr_tail: String::from_utf8_lossy(&output.stderr).into_owned(),
         });
     }
-    let mut magic = [0; 4];
-    let read = std::fs::File::open(vmlinux)
-        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic));
-    if read.is_err() || &magic != b"\x7fELF" {
-        return Err(Error::NotBzImage {
-            path: kernel.to_owned(),
-            reason: "payload did not decompress to an ELF image",
-        });
-    }
+    Ok(())
+}
+
+/// Decodes the payload's one zstd frame; the bytes after it (the kernel's build appends the
+/// uncompressed size) are not zstd and are left alone.
+fn decompress_zstd(payload: &[u8], vmlinux: &Path) -> Result<(), String> {
+    let mut decoder = ruzstd::decoding::StreamingDecoder::new(payload)
+        .map_err(|error| format!("not a zstd frame: {error}"))?;
+    let mut output = std::io::BufWriter::new(create(vmlinux).map_err(|error| error.to_string())?);
+    std::io::copy(&mut decoder, &mut output)
+        .and_then(|_| output.flush())
+        .map_err(|error| format!("zstd: {error}"))?;
     Ok(())
 }
 
@@ -156,5 +180,36 @@ mod tests {
         let vmlinux = directory.path().join("vmlinux");
         extract_vmlinux(&kernel, &vmlinux).expect("extract");
         assert_eq!(std::fs::read(&vmlinux).expect("read"), elf);
+    }
+
+    #[test]
+    fn extracts_elf_from_zstd_payload_with_trailing_size() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let elf = b"\x7fELF-not-really-but-starts-like-one".repeat(100);
+        let mut compressed = ruzstd::encoding::compress_to_vec(
+            &elf[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        compressed.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+        let kernel = directory.path().join("vmlinuz");
+        std::fs::write(&kernel, fake_bzimage(&compressed)).expect("write kernel");
+        let vmlinux = directory.path().join("vmlinux");
+        extract_vmlinux(&kernel, &vmlinux).expect("extract");
+        assert_eq!(std::fs::read(&vmlinux).expect("read"), elf);
+    }
+
+    #[test]
+    fn a_corrupt_zstd_payload_is_an_error_naming_the_kernel() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut compressed = ruzstd::encoding::compress_to_vec(
+            &b"\x7fELF".repeat(1000)[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        compressed.truncate(compressed.len() / 2);
+        let kernel = directory.path().join("vmlinuz");
+        std::fs::write(&kernel, fake_bzimage(&compressed)).expect("write kernel");
+        let error = extract_vmlinux(&kernel, &directory.path().join("vmlinux"))
+            .expect_err("a truncated frame cannot decode");
+        assert!(error.to_string().contains("vmlinuz"), "{error}");
     }
 }

@@ -27,8 +27,8 @@
 //! The guest: root on `/dev/vda` (ext4), our `ci-exec-init` as PID 1 with `/proc /sys /dev
 //! /dev/pts /dev/shm /run /tmp` and cgroup2 mounted, loopback up, `qemu-ga` on the port named
 //! `org.qemu.guest_agent.0`, podman (crun, overlay storage, `cgroup_manager = "cgroupfs"`) with
-//! `localhost/ci-exec/base:latest` preloaded, modules for 9p/virtio/overlay loaded, and `mk` at
-//! `/usr/local/bin/mk`.
+//! `localhost/ci-exec/base:latest` preloaded, 9p/virtio/overlay built into the kernel or loaded
+//! from the initramfs, and `mk` at `/usr/local/bin/mk`.
 
 pub mod binaries;
 mod cache;
@@ -49,7 +49,7 @@ mod reporter;
 pub use cache::{ImageCache, PruneReport, default_directory};
 pub use clock::tcg_kernel_arguments;
 pub use cloud::{CloudOptions, preparation_seed};
-pub use debian::{BASE_CONTAINER_IMAGE, BuildOptions, PACKAGES, Variant};
+pub use debian::{BASE_CONTAINER_IMAGE, BuildOptions, Kernel, PACKAGES, UBUNTU_MIRROR, Variant};
 pub use disk::create_overlay;
 pub use error::Error;
 pub use kernel::extract_vmlinux;

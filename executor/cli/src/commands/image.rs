@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use ci_exec_guest_image::{
-    BuildOptions, CloudOptions, DEFAULT_IMAGE, ImageCache, Manifest, Reporter, Variant, binaries,
-    catalog,
+    BuildOptions, CloudOptions, DEFAULT_IMAGE, ImageCache, Kernel, Manifest, Reporter,
+    UBUNTU_MIRROR, Variant, binaries, catalog,
 };
 
 use crate::exit::{CliError, SUCCESS};
@@ -30,6 +30,14 @@ pub enum ImageCommand {
         /// Debian mirror URL or sources file (default: this host's Debian sources)
         #[arg(long, value_name = "URL|FILE")]
         mirror: Option<String>,
+        /// The guest kernel of a Debian image: `ubuntu-kvm` (Ubuntu 22.04's kernel for virtual
+        /// machines, the default on x86_64: it boots the guest 0.8 s sooner under TCG) or
+        /// `debian` (Debian's own, the default elsewhere)
+        #[arg(long, value_name = "NAME")]
+        kernel: Option<Kernel>,
+        /// Ubuntu mirror URL, for the `ubuntu-kvm` kernel
+        #[arg(long, value_name = "URL", default_value = UBUNTU_MIRROR)]
+        ubuntu_mirror: String,
         /// Extra guest packages
         #[arg(long = "package", value_name = "NAME")]
         packages: Vec<String>,
@@ -77,6 +85,8 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
             mk,
             init,
             mirror,
+            kernel,
+            ubuntu_mirror,
             packages,
             force,
             cache,
@@ -92,6 +102,8 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
             } else {
                 let mut options = BuildOptions::new(mk, binary(init, "ci-exec-init")?);
                 options.mirror = mirror;
+                options.kernel = kernel.unwrap_or(options.kernel);
+                options.ubuntu_mirror = ubuntu_mirror;
                 options.extra_packages = packages;
                 options.force = force;
                 if name == format!("{}-cloud-init", options.image_name()) {
