@@ -34,6 +34,7 @@ pub fn resolve(image: &str) -> Result<ImageFiles, QemuError> {
         disk: manifest.disk,
         kernel_cmdline: manifest.kernel_cmdline,
         container_images: manifest.container_images,
+        current: true,
     })
 }
 

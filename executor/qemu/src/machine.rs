@@ -44,6 +44,10 @@ pub struct ImageFiles {
     /// Container images preloaded in the guest's podman storage.
     #[serde(default)]
     pub container_images: Vec<String>,
+    /// Resolved by catalog name (the cache's current build) rather than pinned by path: only
+    /// then does saving its warm state remove the states of the name's other builds.
+    #[serde(skip)]
+    pub current: bool,
 }
 
 /// What to start.
@@ -997,6 +1001,7 @@ mod tests {
                 disk: PathBuf::from("/images/disk.qcow2"),
                 kernel_cmdline: "console=ttyS0 quiet".to_owned(),
                 container_images: Vec::new(),
+                current: true,
             },
             run_dir: RunDir::new(PathBuf::from("/run/q/ns")),
             overlay: PathBuf::from("/run/q/ns/overlay.qcow2"),

@@ -151,7 +151,11 @@ pub async fn create(
     let _ = std::fs::write(building.join("image"), image);
     match std::fs::rename(&building, final_dir) {
         Ok(()) => {
-            prune_superseded(parent, &spec.image.name, &spec.image.digest, FORMAT_VERSION);
+            // A pinned older build (`image=<dir>`, e.g. an A/B benchmark) must not evict the
+            // current build's state.
+            if spec.image.current {
+                prune_superseded(parent, &spec.image.name, &spec.image.digest, FORMAT_VERSION);
+            }
             Ok(())
         }
         // Another process published the same state first: use theirs.
