@@ -159,10 +159,22 @@ mod tests {
         assert_eq!(payload(&image), Err("payload lies outside the file"));
     }
 
+    /// Wraps `compressed` in a bzImage, extracts it, and returns the vmlinux written.
+    fn extract_wrapped(compressed: &[u8]) -> Result<Vec<u8>, Error> {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let kernel = directory.path().join("vmlinuz");
+        std::fs::write(&kernel, fake_bzimage(compressed)).expect("write kernel");
+        let vmlinux = directory.path().join("vmlinux");
+        extract_vmlinux(&kernel, &vmlinux)?;
+        Ok(std::fs::read(&vmlinux).expect("read"))
+    }
+
+    fn elf() -> Vec<u8> {
+        b"\x7fELF-not-really-but-starts-like-one".repeat(100)
+    }
+
     #[test]
     fn extracts_elf_from_xz_payload_with_trailing_bytes() {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let elf = b"\x7fELF-not-really-but-starts-like-one".repeat(100);
         let mut xz = Command::new("xz")
             .args(["--compress", "--stdout", "--check=crc32"])
             .stdin(Stdio::piped())
@@ -172,44 +184,30 @@ mod tests {
         xz.stdin
             .take()
             .expect("stdin")
-            .write_all(&elf)
+            .write_all(&elf())
             .expect("write");
         let compressed = xz.wait_with_output().expect("xz output").stdout;
-        let kernel = directory.path().join("vmlinuz");
-        std::fs::write(&kernel, fake_bzimage(&compressed)).expect("write kernel");
-        let vmlinux = directory.path().join("vmlinux");
-        extract_vmlinux(&kernel, &vmlinux).expect("extract");
-        assert_eq!(std::fs::read(&vmlinux).expect("read"), elf);
+        assert_eq!(extract_wrapped(&compressed).expect("extract"), elf());
     }
 
     #[test]
     fn extracts_elf_from_zstd_payload_with_trailing_size() {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let elf = b"\x7fELF-not-really-but-starts-like-one".repeat(100);
         let mut compressed = ruzstd::encoding::compress_to_vec(
-            &elf[..],
+            &elf()[..],
             ruzstd::encoding::CompressionLevel::Fastest,
         );
-        compressed.extend_from_slice(&(elf.len() as u32).to_le_bytes());
-        let kernel = directory.path().join("vmlinuz");
-        std::fs::write(&kernel, fake_bzimage(&compressed)).expect("write kernel");
-        let vmlinux = directory.path().join("vmlinux");
-        extract_vmlinux(&kernel, &vmlinux).expect("extract");
-        assert_eq!(std::fs::read(&vmlinux).expect("read"), elf);
+        compressed.extend_from_slice(&(elf().len() as u32).to_le_bytes());
+        assert_eq!(extract_wrapped(&compressed).expect("extract"), elf());
     }
 
     #[test]
     fn a_corrupt_zstd_payload_is_an_error_naming_the_kernel() {
-        let directory = tempfile::tempdir().expect("tempdir");
         let mut compressed = ruzstd::encoding::compress_to_vec(
-            &b"\x7fELF".repeat(1000)[..],
+            &elf()[..],
             ruzstd::encoding::CompressionLevel::Fastest,
         );
         compressed.truncate(compressed.len() / 2);
-        let kernel = directory.path().join("vmlinuz");
-        std::fs::write(&kernel, fake_bzimage(&compressed)).expect("write kernel");
-        let error = extract_vmlinux(&kernel, &directory.path().join("vmlinux"))
-            .expect_err("a truncated frame cannot decode");
+        let error = extract_wrapped(&compressed).expect_err("a truncated frame cannot decode");
         assert!(error.to_string().contains("vmlinuz"), "{error}");
     }
 }
