@@ -327,7 +327,7 @@ pub(crate) fn build(
         (base_result, root_result)
     });
     base_result?;
-    root_result?;
+    root_result.map_err(|error| with_hook_reason(out, error))?;
     keep_packages(&out.join("debs"), apt_cache)?;
 
     reporter.step("building the initramfs");
@@ -481,6 +481,12 @@ finish() {{
   exit "$status"
 }}
 trap finish EXIT
+# A failure the user can act on: its reason becomes the build's error (`failure`).
+fail() {{
+  printf '%s\n' "$1" > "$work/failure"
+  echo "$1" >&2
+  exit 1
+}}
 
 {kernel}release=$(ls "$root/lib/modules" | head -n 1)
 printf '%s\n' "$release" > "$work/kernel-release"
@@ -523,8 +529,7 @@ CONF
 waited=0
 until [ -e "$work/base.ok" ]; do
   if [ -e "$work/base.failed" ] || [ "$waited" -gt 3000 ]; then
-    echo "the container base image bootstrap failed or took over 10 minutes" >&2
-    exit 1
+    fail "the container base image bootstrap failed or took over 10 minutes"
   fi
   sleep 0.2
   waited=$((waited + 1))
@@ -604,12 +609,11 @@ for pocket in jammy-updates jammy-security; do
   printf 'deb [signed-by=%s/archive.asc] %s %s main\n' "$ubuntu" {mirror} "$pocket"
 done > "$root$ubuntu/sources.list"
 apt_ubuntu="-o Dir::Etc::SourceList=$ubuntu/sources.list -o Dir::Etc::SourceParts=$ubuntu/parts -o Dir::Etc::Preferences=$ubuntu/none -o Dir::Etc::PreferencesParts=$ubuntu/parts -o Dir::State::Lists=$ubuntu/lists -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o Acquire::Languages=none"
-chroot "$root" apt-get $apt_ubuntu update >&2
+chroot "$root" apt-get $apt_ubuntu --error-on=any update >&2 ||
+  fail "cannot fetch jammy's indexes from Ubuntu's archive at {mirror} for the guest kernel: pass \`--ubuntu-mirror URL\` or build with \`--kernel debian\`"
 image=$(chroot "$root" apt-cache $apt_ubuntu depends linux-image-kvm | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {{ print $2; exit }}')
-if [ -z "$image" ]; then
-  echo "Ubuntu's archive at {mirror} has no linux-image-kvm for jammy; build with \`--kernel debian\`" >&2
-  exit 1
-fi
+[ -n "$image" ] ||
+  fail "Ubuntu's archive at {mirror} has no linux-image-kvm for jammy: build with \`--kernel debian\`"
 modules="linux-modules-${{image#linux-image-}}"
 chroot "$root" sh -c "cd /var/cache/apt/archives && apt-get $apt_ubuntu download $image $modules" >&2
 rm -rf "$root$ubuntu"
@@ -629,6 +633,17 @@ fn debian_arch() -> &'static str {
     match std::env::consts::ARCH {
         "aarch64" => "arm64",
         _ => "amd64",
+    }
+}
+
+/// The reason the hook gave for failing (its `fail`), if it gave one, in place of mmdebstrap's
+/// exit status and log tail.
+fn with_hook_reason(exchange: &Path, error: Error) -> Error {
+    match std::fs::read_to_string(exchange.join("failure")) {
+        Ok(reason) if !reason.trim().is_empty() => Error::Build {
+            reason: reason.trim().to_owned(),
+        },
+        _ => error,
     }
 }
 
@@ -788,6 +803,7 @@ mod tests {
             "{ubuntu}"
         );
         assert!(ubuntu.contains("linux-image-kvm"), "{ubuntu}");
+        assert!(ubuntu.contains("--error-on=any update"), "{ubuntu}");
         options.kernel = Kernel::Debian;
         let debian = kernel_script(&options);
         assert!(
@@ -798,6 +814,23 @@ mod tests {
         assert!(
             String::from_utf8_lossy(UBUNTU_ARCHIVE_KEY)
                 .starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+        );
+    }
+
+    #[test]
+    fn the_hooks_reason_replaces_mmdebstraps_exit_status() {
+        let exchange = tempfile::tempdir().expect("tempdir");
+        let failed = || Error::MissingOutput {
+            path: PathBuf::from("disk.qcow2"),
+        };
+        assert!(matches!(
+            with_hook_reason(exchange.path(), failed()),
+            Error::MissingOutput { .. }
+        ));
+        std::fs::write(exchange.path().join("failure"), "no kernel: use X\n").expect("write");
+        assert_eq!(
+            with_hook_reason(exchange.path(), failed()).to_string(),
+            "the image build failed: no kernel: use X"
         );
     }
 

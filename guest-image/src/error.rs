@@ -90,6 +90,10 @@ pub enum Error {
         stderr_tail: String,
     },
 
+    /// The build's own script stopped with a reason the user can act on.
+    #[error("the image build failed: {reason}")]
+    Build { reason: String },
+
     #[error("the image build did not produce `{path}`")]
     MissingOutput { path: PathBuf },
 
