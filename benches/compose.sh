@@ -9,13 +9,13 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 
 Every number below comes from a benchmark script in `benches/` (never from a timed test), run on
 the project's shared 2-core / 24 GiB development machine: QEMU runs under TCG there (its
-`/dev/kvm` is a paravirtual KVM that cannot run a stock guest). While these were taken, five
-engineers were building and testing at once (load average 10–18 on 2 cores), so absolute times
-are pessimistic; each comparison ran its baseline in the same invocation, so the **ratios** are
-the figures to read. Each section names the command that produced it; re-run them on a quiet
-machine with `mk bench` (the project's own mkfile). In the commands, `$TARGET` is the cargo
-target directory used and `$PREVIOUS` a release build of the commit compared against. Sections
-measured on a quiet machine say so.
+`/dev/kvm` is a paravirtual KVM that cannot run a stock guest). The host is shared: the
+earliest sections were taken while five engineers built and tested at once (load average 10–18
+on 2 cores), later ones on a quieter host, and each section states its load. Each comparison ran
+its baseline in the same invocation, so the **ratios** are the figures to read. Each section
+names the command that produced it; re-run them with `mk bench` (the project's own mkfile). In
+the commands, `$TARGET` is the cargo target directory used and `$PREVIOUS` a release build of
+the commit compared against.
 
 HEAD
   for area in job native mk qemu image docker; do
