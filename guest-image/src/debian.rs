@@ -98,8 +98,8 @@ pub enum Kernel {
     Debian,
     /// Ubuntu 22.04's `kvm` flavour (x86_64 only), a kernel configured for virtual machines:
     /// virtio, ext4 and 9p are built in, so nothing is loaded before the agent starts and
-    /// there are half as many initcalls. Measured here under TCG, the guest is ready 0.8 s
-    /// sooner than with Debian's (BENCHMARKS.md). Ubuntu publishes its updates in
+    /// there are half as many initcalls. Measured here under TCG, the guest is ready about
+    /// 0.6 s sooner than with Debian's (BENCHMARKS.md). Ubuntu publishes its updates in
     /// `jammy-updates` until April 2027; after that, `Debian` is the kernel to choose.
     UbuntuKvm,
 }
@@ -583,16 +583,19 @@ mount --bind "$root" "$work/rootview"
 /// with our own. Writes `kernel-package` (name, tab, version) for the manifest.
 fn kernel_script(options: &BuildOptions) -> String {
     // tar must keep /lib a symlink to usr/lib (merged /usr); `dpkg-deb --extract` would
-    // replace it.
+    // replace it. `record` writes the image package's name and version.
     let unpack = r#"unpack() {
   chroot "$root" sh -c "dpkg-deb --fsys-tarfile '/var/cache/apt/archives/$1' | tar -x --keep-directory-symlink -C /"
+}
+record() {
+  chroot "$root" dpkg-deb --field "/var/cache/apt/archives/$1" Package Version | sed 's/^[A-Za-z]*: //' | paste - - > "$work/kernel-package"
 }
 "#;
     match options.kernel {
         Kernel::Debian => format!(
             r#"{unpack}chroot "$root" apt-get install --download-only --yes --no-install-recommends linux-image-{arch} >&2
 deb=$(ls "$root"/var/cache/apt/archives/linux-image-[0-9]*.deb | head -n 1)
-chroot "$root" dpkg-deb --field "/var/cache/apt/archives/${{deb##*/}}" Package Version | sed 's/^[A-Za-z]*: //' | paste - - > "$work/kernel-package"
+record "${{deb##*/}}"
 unpack "${{deb##*/}}"
 "#,
             arch = debian_arch(),
@@ -621,7 +624,7 @@ for package in "$modules" "$image"; do
   deb=$(ls "$root"/var/cache/apt/archives/"$package"_*.deb | head -n 1)
   unpack "${{deb##*/}}"
 done
-chroot "$root" dpkg-deb --field "/var/cache/apt/archives/${{deb##*/}}" Package Version | sed 's/^[A-Za-z]*: //' | paste - - > "$work/kernel-package"
+record "${{deb##*/}}"
 "#,
             mirror = shell_quote(Path::new(&options.ubuntu_mirror)),
         ),

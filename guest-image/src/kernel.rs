@@ -24,10 +24,7 @@ pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
     if payload.starts_with(XZ_MAGIC) {
         decompress_xz(payload, vmlinux)?;
     } else if payload.starts_with(ZSTD_MAGIC) {
-        decompress_zstd(payload, vmlinux).map_err(|reason| Error::Decompress {
-            path: kernel.to_owned(),
-            reason,
-        })?;
+        decompress_zstd(payload, kernel, vmlinux)?;
     } else {
         return Err(not_bzimage("payload is neither xz- nor zstd-compressed"));
     }
@@ -92,13 +89,17 @@ fn decompress_xz(payload: &[u8], vmlinux: &Path) -> Result<(), Error> {
 
 /// Decodes the payload's one zstd frame; the bytes after it (the kernel's build appends the
 /// uncompressed size) are not zstd and are left alone.
-fn decompress_zstd(payload: &[u8], vmlinux: &Path) -> Result<(), String> {
+fn decompress_zstd(payload: &[u8], kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
+    let decompress = |reason| Error::Decompress {
+        path: kernel.to_owned(),
+        reason,
+    };
     let mut decoder = ruzstd::decoding::StreamingDecoder::new(payload)
-        .map_err(|error| format!("not a zstd frame: {error}"))?;
-    let mut output = std::io::BufWriter::new(create(vmlinux).map_err(|error| error.to_string())?);
+        .map_err(|error| decompress(format!("not a zstd frame: {error}")))?;
+    let mut output = std::io::BufWriter::new(create(vmlinux)?);
     std::io::copy(&mut decoder, &mut output)
         .and_then(|_| output.flush())
-        .map_err(|error| format!("zstd: {error}"))?;
+        .map_err(|error| decompress(format!("zstd: {error}")))?;
     Ok(())
 }
 

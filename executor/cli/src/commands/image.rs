@@ -31,7 +31,7 @@ pub enum ImageCommand {
         #[arg(long, value_name = "URL|FILE")]
         mirror: Option<String>,
         /// The guest kernel of a Debian image: `ubuntu-kvm` (Ubuntu 22.04's kernel for virtual
-        /// machines, the default on x86_64: it boots the guest 0.8 s sooner under TCG) or
+        /// machines, the default on x86_64: it boots the guest about 0.6 s sooner under TCG) or
         /// `debian` (Debian's own, the default elsewhere)
         #[arg(long, value_name = "NAME")]
         kernel: Option<Kernel>,
