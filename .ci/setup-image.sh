@@ -1,31 +1,40 @@
-# Sourced by .ci/run. Builds the default guest image (`debian-bookworm`) and its cloud-init
-# variant into the user cache
-# ($XDG_CACHE_HOME/ci-exec/images) so the VM tests have it; when the cached image is current
-# (same recipe, packages request, mk and init binaries) the build returns at once. Needs the
-# Debian mirror this machine's apt uses and, on x86_64, Ubuntu's archive (archive.ubuntu.com)
-# for the guest kernel (`--kernel debian` avoids it). Builds here run as root; the user `ci-exec-builder`
-# (with subordinate id ranges) is made for the test that builds as a normal user through
-# mmdebstrap's unshare mode. Idempotent: quick when everything is present.
+# Builds the default guest image (`debian-bookworm`) into the user cache
+# ($XDG_CACHE_HOME/ci-exec/images): README's first command runs it, and .ci/run sources it so
+# the VM tests have the image. When the cached image is current (same recipe, packages request,
+# mk and init binaries) the build returns at once. Needs the Debian mirror this machine's apt
+# uses and, on x86_64, Ubuntu's archive (archive.ubuntu.com) for the guest kernel
+# (`--kernel debian` avoids it). Idempotent: quick when everything is present.
+#
+# Every step that fails stops the script with its own message and a non-zero status. No `||`
+# after the subshell: bash ignores `set -e` inside a command whose status is tested.
 (
     set -euo pipefail
-    packages=""
-    for tool in mmdebstrap:mmdebstrap qemu-img:qemu-utils qemu-system-x86_64:qemu-system-x86 \
-        mkfs.ext4:e2fsprogs xz:xz-utils podman:podman fsck.vfat:dosfstools blkid:util-linux \
-        newuidmap:uidmap runuser:util-linux; do
-        PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 || packages="$packages ${tool##*:}"
-    done
+    trap 'echo "error: .ci/setup-image.sh: line $LINENO failed; the default guest image was not built" >&2' ERR
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+    tools="mmdebstrap:mmdebstrap qemu-img:qemu-utils qemu-system-x86_64:qemu-system-x86
+        mkfs.ext4:e2fsprogs xz:xz-utils podman:podman fsck.vfat:dosfstools blkid:util-linux
+        newuidmap:uidmap runuser:util-linux"
+    missing() {
+        local tool packages=""
+        for tool in $tools; do
+            PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 || packages="$packages ${tool##*:}"
+        done
+        echo "$packages"
+    }
+    packages="$(missing)"
     if [ -n "$packages" ]; then
+        # qemu-system-x86 and qemu-utils come from one source package and must have the same
+        # version: a qemu-utils from backports is removed when Debian's qemu-system-x86 is
+        # installed, so both are always installed together.
+        case "$packages" in *qemu-*) packages="$packages qemu-utils qemu-system-x86" ;; esac
         $sudo apt-get update -qq
         # shellcheck disable=SC2086 # the list is split on purpose
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages
-    fi
-    builder=ci-exec-builder
-    if ! id -u "$builder" >/dev/null 2>&1; then
-        $sudo useradd --create-home --shell /usr/sbin/nologin "$builder"
-    fi
-    if ! grep -q "^$builder:" /etc/subuid || ! grep -q "^$builder:" /etc/subgid; then
-        $sudo usermod --add-subuids 300000-365535 --add-subgids 300000-365535 "$builder"
+        still="$(missing)"
+        if [ -n "$still" ]; then
+            echo "error: .ci/setup-image.sh: still missing after apt-get install:$still" >&2
+            exit 1
+        fi
     fi
     if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
         rustup target add x86_64-unknown-linux-musl
@@ -35,10 +44,6 @@
     musl="$target/x86_64-unknown-linux-musl/release"
     started=$(date +%s)
     cargo build --quiet -p ci-exec-guest-image --example build_image
-    example="$target/debug/examples/build_image"
-    "$example" "$musl/mk" "$musl/ci-exec-init" default >/dev/null
+    "$target/debug/examples/build_image" "$musl/mk" "$musl/ci-exec-init" default >/dev/null
     echo "setup-image: default guest image ready ($(( $(date +%s) - started )) s)" >&2
-    # The variant with systemd and Debian's cloud-init, for the NoCloud seed boot test.
-    "$example" "$musl/mk" "$musl/ci-exec-init" cloud-init >/dev/null
-    echo "setup-image: cloud-init variant ready ($(( $(date +%s) - started )) s)" >&2
-) || { echo "error: .ci/setup-image.sh failed to build the default guest image" >&2; false; }
+)

@@ -11,6 +11,21 @@ pub const BUILD_HINT: &str =
 /// from `target/release` finds `target/x86_64-unknown-linux-musl/release/mk`), then in
 /// `/usr/local/lib/ci-exec` and `/usr/lib/ci-exec`.
 pub fn locate(name: &str) -> Option<PathBuf> {
+    candidates(name).find(|path| path.is_file())
+}
+
+/// Like [`locate`], but only a statically linked executable is taken: a dynamically linked
+/// `mk` (the one `cargo build --release` puts beside `ci-exec`) does not start in a busybox or
+/// musl container image ("exec …: no such file or directory").
+pub fn locate_static(name: &str) -> Option<PathBuf> {
+    candidates(name).find(|path| {
+        path.is_file()
+            && std::fs::read(path)
+                .is_ok_and(|bytes| crate::host::elf_static_problem(&bytes).is_none())
+    })
+}
+
+fn candidates(name: &str) -> impl Iterator<Item = PathBuf> {
     let mut candidates = Vec::new();
     if let Some(directory) = std::env::var_os("CI_EXEC_GUEST_BIN") {
         candidates.push(PathBuf::from(directory));
@@ -22,10 +37,10 @@ pub fn locate(name: &str) -> Option<PathBuf> {
     }
     candidates.push(PathBuf::from("/usr/local/lib/ci-exec"));
     candidates.push(PathBuf::from("/usr/lib/ci-exec"));
+    let name = name.to_owned();
     candidates
         .into_iter()
-        .map(|directory| directory.join(name))
-        .find(|path| path.is_file())
+        .map(move |directory| directory.join(&name))
 }
 
 /// `dir` itself and, walking up to the cargo target directory, its musl release directory.

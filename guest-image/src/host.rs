@@ -174,7 +174,7 @@ pub fn require_static(path: &Path, package: &'static str) -> Result<Vec<u8>, Err
 }
 
 /// `None` when `bytes` is a 64-bit little-endian x86-64 ELF executable with no interpreter.
-fn elf_static_problem(bytes: &[u8]) -> Option<&'static str> {
+pub(crate) fn elf_static_problem(bytes: &[u8]) -> Option<&'static str> {
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Some("not an ELF file");
     }

@@ -27,6 +27,7 @@ pub mod exec;
 pub mod expand;
 pub mod graph;
 pub mod lexer;
+pub mod outline;
 pub mod parser;
 pub mod plan;
 
@@ -36,6 +37,7 @@ pub use error::{Error, Location, Warning};
 pub use exec::{Command, HostRunner, Outcome, Runner, RunnerError, Status};
 pub use expand::Variables;
 pub use graph::COMMAND_LINE_TARGET;
+pub use outline::Outline;
 pub use parser::{Attributes, Rule};
 pub use plan::{BuildOptions, BuildReport, Job, Plan};
 

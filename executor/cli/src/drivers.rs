@@ -7,6 +7,9 @@ use crate::exit::CliError;
 
 /// The driver a resolved DSN names.
 pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>> {
+    if ci_exec_driver::driver_spec(&config.driver).is_some_and(|spec| !spec.available) {
+        return Err(not_available(&config.driver).into());
+    }
     let driver: Box<dyn Driver> = match config.driver.as_str() {
         "native" => Box::new(ci_exec_native::NativeDriver::new(config)?),
         #[cfg(feature = "qemu")]
@@ -34,8 +37,20 @@ fn bad_parameter(error: impl std::error::Error) -> CliError {
         .hint("`ci-exec drivers` lists every driver and its parameters")
 }
 
-/// A registered driver whose implementation this binary lacks.
+/// A registered driver that ci-exec does not implement yet.
+fn not_available(name: &str) -> CliError {
+    CliError::usage(format!(
+        "driver `{name}` is not available yet in ci-exec {}",
+        env!("CARGO_PKG_VERSION")
+    ))
+    .hint("`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`)")
+}
+
+/// An available driver this binary was built without (its cargo feature was off).
 fn not_built(name: &str) -> CliError {
-    CliError::infrastructure(format!("driver `{name}` is not built into this binary yet"))
-        .hint("use `--driver=native`, or a build with that driver's cargo feature")
+    // podman shares the docker driver's crate and feature.
+    let feature = if name == "podman" { "docker" } else { name };
+    CliError::usage(format!("driver `{name}` is not built into this binary")).hint(format!(
+        "rebuild with its cargo feature: `cargo build --release -p ci-exec --features {feature}`"
+    ))
 }

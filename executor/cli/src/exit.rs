@@ -6,6 +6,7 @@ use std::fmt;
 use std::io::IsTerminal;
 
 use ci_exec_driver::{DriverError, DsnError, ExitClass};
+use ci_exec_job::JobError;
 
 /// Success.
 pub const SUCCESS: u8 = 0;
@@ -67,6 +68,17 @@ impl fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// A reader that goes away (`ci-exec drivers | head -1`) ends the process as it ends `ls`,
+/// silently, instead of a panic in the next `println!`. Only for commands that just print
+/// ([`crate::commands::Command::only_prints`]).
+pub fn end_quietly_on_closed_output() {
+    // SAFETY: restoring the default disposition of SIGPIPE (Rust's runtime ignores it) has no
+    // preconditions; no other thread runs yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// The exit code for `error`: the first error in its chain that knows one, else 125.
 pub fn code(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
@@ -75,6 +87,13 @@ pub fn code(error: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<DsnError>().is_some() {
             return USAGE;
+        }
+        if let Some(error) = cause.downcast_ref::<JobError>() {
+            return if error.is_usage() {
+                USAGE
+            } else {
+                INFRASTRUCTURE
+            };
         }
         if let Some(error) = cause.downcast_ref::<DriverError>() {
             return match error.exit_class() {
@@ -92,6 +111,9 @@ pub fn hint(error: &anyhow::Error) -> Option<String> {
     for cause in error.chain() {
         if let Some(error) = cause.downcast_ref::<CliError>() {
             return error.hint.clone();
+        }
+        if let Some(error) = cause.downcast_ref::<JobError>() {
+            return error.hint();
         }
         if let Some(error) = cause.downcast_ref::<DsnError>() {
             return match error {

@@ -18,6 +18,9 @@ struct Cli {
 fn main() {
     // clap exits 2 on a usage error and 0 for --help / --version.
     let cli = Cli::parse();
+    if cli.command.only_prints() {
+        exit::end_quietly_on_closed_output();
+    }
     exit::init_logging();
     // `run` writes its output straight to fds 1 and 2, so nothing of it waits in the runtime;
     // the other commands write through tokio's stdout, whose last writes the runtime's

@@ -552,7 +552,10 @@ fn mkfile_syntax_error_prints_mks_diagnostic() {
     let output = repo.test("native", &[], &[]);
     assert_exit(&output, 2);
     let stderr = text(&output.stderr);
-    assert!(stderr.starts_with("mk: error:"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot read the mkfile\ncaused by: mk: error:"),
+        "{stderr}"
+    );
     assert!(stderr.contains("mkfile:3"), "{stderr}");
 }
 

@@ -16,7 +16,8 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use ci_exec_driver::{
-    Container, Driver, DriverError, SandboxExec, Stdin, Task, Volume, VolumeFiles, resource_name,
+    Container, Driver, DriverError, JobSupport, MkSource, SandboxExec, Stdin, Task, Volume,
+    VolumeFiles, resource_name,
 };
 
 use crate::config::{DockerConfig, Engine};
@@ -661,6 +662,39 @@ impl Driver for DockerDriver {
 
     fn namespace(&self) -> &str {
         self.inner.namespace()
+    }
+
+    /// The id of the base image on this engine (`sha256:…`, the hash of its configuration),
+    /// pulled first if the engine lacks it: a tag moved to another build gives another id.
+    async fn environment_digest(&self) -> Result<String, DriverError> {
+        let inner = &self.inner;
+        let image = inner.config.image.clone();
+        let docker = inner.docker().await?;
+        let inspected = match docker.inspect_image(&image).await {
+            Err(error) if status_code(&error) == Some(404) => {
+                inner.pull(&image).await?;
+                docker.inspect_image(&image).await
+            }
+            other => other,
+        };
+        let inspected = inspected
+            .map_err(|source| inner.backend(format!("inspect image `{image}`"), source))?;
+        inspected.id.ok_or_else(|| {
+            inner.backend(
+                format!("inspect image `{image}`"),
+                "the engine reported no image id",
+            )
+        })
+    }
+
+    fn job_support(&self) -> JobSupport {
+        JobSupport {
+            mk: MkSource::Upload,
+            test_in_container: true,
+            // The base image, unless the mkfile names one.
+            default_test_image: String::new(),
+            shares_host_run_dir: false,
+        }
     }
 
     async fn create_volume(

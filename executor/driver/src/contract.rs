@@ -39,12 +39,15 @@ pub trait Driver: Send + Sync + Debug {
     /// error is returned.
     async fn close(&self) -> Result<(), DriverError>;
 
-    /// Identifies the environment tasks with an empty image run in — the guest image digest for
-    /// VM drivers — so results recorded on one are not replayed for another. `None` when the
-    /// driver cannot tell (the host itself, for the native driver).
-    fn environment_digest(&self) -> Option<String> {
-        None
-    }
+    /// Identifies the environment tasks with an empty image run in — the guest image digest
+    /// for VM drivers, the base image's id for container engines, an identity of the host for
+    /// host processes — so a result recorded in one is never replayed for another. It is an
+    /// input of every result key, so each driver must say what it is.
+    async fn environment_digest(&self) -> Result<String, DriverError>;
+
+    /// How the job flow (`ci-exec test`) uses this driver: where `mk` comes from in the base
+    /// OS, where `mk test` runs, which test image is the default.
+    fn job_support(&self) -> JobSupport;
 
     /// Reading files back out of a volume, if this driver can.
     fn as_volume_files(&self) -> Option<&dyn VolumeFiles> {
@@ -55,6 +58,33 @@ pub trait Driver: Send + Sync + Debug {
     fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
         None
     }
+}
+
+/// Where the base OS of a driver (the OS of image-less tasks) gets our `mk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MkSource {
+    /// The base OS carries it (our guest images put the static `mk` on the `PATH`).
+    BaseOs,
+    /// The job uploads our static `mk` (a stock container image has none).
+    Upload,
+    /// The base OS is this host: the job puts the `mk` built beside `ci-exec` on the `PATH`.
+    Host,
+}
+
+/// What the job flow needs to know of a driver, declared by the driver itself so that the
+/// flow and the CLI never branch on a driver's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSupport {
+    pub mk: MkSource,
+    /// `mk test` runs in the test image (`CONTAINERIMAGE`) as a task with that image; when
+    /// false it runs in the base OS (host processes have no container runtime).
+    pub test_in_container: bool,
+    /// The test image when the mkfile names none; empty means the driver's own default image
+    /// (the one image-less tasks run in).
+    pub default_test_image: String,
+    /// Image-less tasks share one machine-wide `/var/run/ci` (host processes): the flow gives
+    /// each of its steps a private one.
+    pub shares_host_run_dir: bool,
 }
 
 /// A started task.

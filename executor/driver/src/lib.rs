@@ -18,13 +18,15 @@
 mod contract;
 mod dsn;
 mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod leftovers;
 mod registry;
 mod task;
 
 pub use contract::{
-    Container, ContainerStatus, Driver, FollowLogs, LogSink, Sandbox, SandboxExec, SandboxOutput,
-    Volume, VolumeFiles, wait_for_exit,
+    Container, ContainerStatus, Driver, FollowLogs, JobSupport, LogSink, MkSource, Sandbox,
+    SandboxExec, SandboxOutput, Volume, VolumeFiles, wait_for_exit,
 };
 pub use dsn::{
     DriverConfig, DsnError, ParamSource, ParamValue, REDACTED, ResolvedParam, generate_namespace,

@@ -11,6 +11,9 @@ pub struct DriverSpec {
     /// The name written in a DSN (`qemu`, `native`, …).
     pub name: &'static str,
     pub description: &'static str,
+    /// Implemented in this version of ci-exec. A driver that is not is still listed (its DSN
+    /// parses and resolves), and using it is a usage error that says so.
+    pub available: bool,
     pub params: &'static [ParamSpec],
 }
 
@@ -237,6 +240,7 @@ static DRIVERS: &[DriverSpec] = &[
         name: "k8s",
         description: "Kubernetes Jobs and PVCs; the Kubernetes namespace is the DSN namespace \
                       (`k8s://NS` or `k8s:namespace=NS`), `default` when none is given",
+        available: false,
         params: &[param("kubeconfig", Text, "path to the kubeconfig file")
             .env("KUBECONFIG")
             .default("~/.kube/config")],
@@ -244,6 +248,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "docker",
         description: "containers on a Docker Engine (local socket, tcp:// or ssh://)",
+        available: true,
         params: &[
             param(
                 "host",
@@ -257,6 +262,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "podman",
         description: "containers on podman's Docker-compatible API socket",
+        available: true,
         params: &[
             param(
                 "host",
@@ -270,6 +276,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "native",
         description: "host processes, no isolation: the fast path for trusted local runs",
+        available: true,
         params: &[param(
             "state_dir",
             Text,
@@ -281,6 +288,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "digitalocean",
         description: "an on-demand DigitalOcean droplet running Docker, reached over SSH",
+        available: false,
         params: &[
             param("token", Text, "DigitalOcean API token")
                 .env("DIGITALOCEAN_TOKEN")
@@ -316,6 +324,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "hetzner",
         description: "an on-demand Hetzner Cloud server running Docker, reached over SSH",
+        available: false,
         params: &[
             param("token", Text, "Hetzner Cloud API token")
                 .env("HETZNER_TOKEN")
@@ -365,6 +374,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "fly",
         description: "Fly Machines on Fly.io, in an existing or an ephemeral app",
+        available: false,
         params: &[
             param("token", Text, "Fly API token")
                 .env("FLY_API_TOKEN")
@@ -391,6 +401,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "qemu",
         description: "a local QEMU virtual machine per job (KVM/HVF when usable, else TCG)",
+        available: true,
         params: &[
             param("memory", Integer { min: 64 }, "VM memory in MB")
                 .default("2048")
@@ -437,6 +448,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "vz",
         description: "a local VM on Apple's Virtualization.framework (macOS only)",
+        available: false,
         params: &[
             param("memory", Integer { min: 64 }, "VM memory in MB")
                 .default("2048")

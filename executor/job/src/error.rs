@@ -26,8 +26,11 @@ pub enum JobError {
     #[error("no `mkfile` is committed at the root of `{path}`")]
     NoMkfile { path: PathBuf },
 
-    #[error("{diagnostic}")]
-    BadMkfile { diagnostic: String },
+    #[error("cannot read the mkfile")]
+    BadMkfile {
+        #[source]
+        diagnostic: MkDiagnostic,
+    },
 
     #[error("the mkfile of `{path}` has no `test` target")]
     NoTestTarget { path: PathBuf },
@@ -76,6 +79,15 @@ pub enum JobError {
 
     #[error("no result with key `{key}` in the store")]
     UnknownResult { key: String },
+
+    #[error("the `{driver}` driver needs our {} `mk` on this host", if *upload { "static" } else { "own" })]
+    NoMk { driver: &'static str, upload: bool },
+
+    #[error("`mk --outline` could not read the mkfile where the job runs (exit status {code})")]
+    OutlineFailed { code: i32 },
+
+    #[error("`mk --outline` printed an unreadable outline: {reason}")]
+    OutlineUnreadable { reason: String },
 }
 
 impl JobError {
@@ -91,6 +103,8 @@ impl JobError {
                 | JobError::NoTestTarget { .. }
                 | JobError::MissingEnv { .. }
                 | JobError::UnknownResult { .. }
+                | JobError::NoMk { .. }
+                | JobError::OutlineFailed { .. }
         )
     }
 
@@ -113,6 +127,17 @@ impl JobError {
             }
             JobError::MissingEnv { name, .. } => Some(format!("export `{name}` before running")),
             JobError::UnknownResult { .. } => Some("list keys with `ci-exec results list`".into()),
+            JobError::NoMk { upload: true, .. } => Some(
+                "build it with `cargo build --release --target x86_64-unknown-linux-musl -p mkrunner` (a dynamically linked `mk` does not start in every image)"
+                    .into(),
+            ),
+            JobError::NoMk { upload: false, .. } => Some(
+                "build it with `cargo build --release -p mkrunner` (it is found beside `ci-exec`)".into(),
+            ),
+            JobError::OutlineFailed { .. } | JobError::OutlineUnreadable { .. } => Some(
+                "mk's message is above; a base OS whose `mk` predates `--outline` needs a newer one (`ci-exec image build` for the qemu guest image)"
+                    .into(),
+            ),
             JobError::PrivateRunDir { .. } => Some(
                 "run as root, or allow unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`), or use `--driver=qemu`"
                     .into(),
@@ -121,3 +146,15 @@ impl JobError {
         }
     }
 }
+
+/// mk's own diagnostic (`mk: error: …`, the source line and a caret), shown as it renders it.
+#[derive(Debug)]
+pub struct MkDiagnostic(pub String);
+
+impl std::fmt::Display for MkDiagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.trim_end())
+    }
+}
+
+impl std::error::Error for MkDiagnostic {}

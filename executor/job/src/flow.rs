@@ -5,17 +5,17 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ci_exec_driver::{Driver, DriverError, LogSink, Stdin, Task, wait_for_exit};
+use ci_exec_driver::{
+    Driver, DriverError, JobSupport, LogSink, MkSource, Stdin, Task, wait_for_exit,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::output::Stream;
-use crate::plan::{ARTIFACTS_DIR, CACHE_DIR, ENV_DIR, JobPlan};
+use crate::plan::{ARTIFACTS_DIR, CACHE_DIR, ENV_DIR, HostPlan, JobPlan, PLAN_VARIABLES};
 use crate::store::{Artifact, ResultRecord, ResultStore, StepTiming, unix_now};
 use crate::{JobError, KeyInputs, Snapshot};
 
-/// The test image on the qemu driver when the mkfile names none (preloaded in the guest image).
-pub const DEFAULT_CONTAINER_IMAGE: &str = "localhost/ci-exec/base:latest";
 /// Where the committed tree is unpacked, in the base OS and in the test container.
 pub const SOURCE_PATH: &str = "/src";
 /// Where ci-exec's own tools (the static `mk`) appear inside the test container.
@@ -43,11 +43,6 @@ pub struct JobOptions {
     pub fresh: bool,
     /// Copy artifacts here (on a run and on a replay).
     pub artifacts_dir: Option<PathBuf>,
-    /// Prepended to `PATH` in base-OS steps (where our `mk` lives on the native driver).
-    pub tools_path: Option<String>,
-    /// Our static `mk`, uploaded into the job for drivers whose base OS has none (docker,
-    /// podman: their base container is a stock image). VM images carry their own.
-    pub mk_upload: Option<PathBuf>,
 }
 
 /// What `--report` writes.
@@ -57,6 +52,9 @@ pub struct JobReport {
     pub replayed: bool,
     pub exit_code: i32,
     pub driver: String,
+    /// What the driver's base environment is (guest image digest, base image id, host OS):
+    /// an input of the key.
+    pub environment: Option<String>,
     pub image: Option<String>,
     pub artifacts: Vec<ReportArtifact>,
     pub steps: Vec<StepTiming>,
@@ -90,7 +88,9 @@ impl std::fmt::Debug for Terminal {
 #[derive(Debug)]
 pub struct PreparedJob {
     pub snapshot: Snapshot,
-    pub plan: JobPlan,
+    /// The plan, when the mkfile could be read without running a command; otherwise it is
+    /// planned in the base OS when the job runs.
+    pub plan: HostPlan,
     options: JobOptions,
     inputs: Vec<(String, Option<String>)>,
     secrets: Vec<(String, String)>,
@@ -125,6 +125,7 @@ impl PreparedJob {
             .chain(secrets.iter().cloned())
             .collect();
         let plan = JobPlan::read(scratch.path(), &visible)?;
+        drop(scratch);
         let repository_id =
             hex::encode(Sha256::digest(snapshot.root.as_os_str().as_encoded_bytes()))[..16]
                 .to_owned();
@@ -138,9 +139,41 @@ impl PreparedJob {
         })
     }
 
-    /// The result key of this job on `driver`.
-    pub fn key(&self, driver: &dyn Driver) -> String {
-        KeyInputs {
+    /// Ties the job to `driver`: reads what its key depends on there (the driver's base
+    /// environment, our `mk` when the job brings it) and computes the key. `mk` is our `mk`
+    /// on this host, required by drivers whose base OS has none ([`MkSource`]).
+    pub async fn bind<'a>(
+        &'a self,
+        driver: &'a dyn Driver,
+        mk: Option<PathBuf>,
+    ) -> Result<BoundJob<'a>, JobError> {
+        let support = driver.job_support();
+        let mk = match (support.mk, mk) {
+            (MkSource::BaseOs, _) => None,
+            (_, Some(path)) => {
+                let content = std::fs::read(&path).map_err(|source| JobError::Io {
+                    action: "read our `mk` at",
+                    path: path.clone(),
+                    source,
+                })?;
+                let digest = hex::encode(Sha256::digest(&content));
+                Some(HostMk { path, digest })
+            }
+            (source, None) => {
+                return Err(JobError::NoMk {
+                    driver: driver.name(),
+                    upload: source == MkSource::Upload,
+                });
+            }
+        };
+        let environment = driver
+            .environment_digest()
+            .await
+            .map_err(|source| JobError::Driver {
+                step: "identify the base environment".into(),
+                source,
+            })?;
+        let key = KeyInputs {
             tree: self.snapshot.tree.clone(),
             mkfile: self.snapshot.mkfile.clone(),
             // An unset input hashes differently from an empty one.
@@ -154,33 +187,85 @@ impl PreparedJob {
                     )
                 })
                 .collect(),
-            environment_digest: driver.environment_digest(),
+            environment_digest: Some(environment.clone()),
+            tools: mk.as_ref().map(|mk| mk.digest.clone()),
             driver: driver.name().to_owned(),
             salt: self.options.salt.clone(),
         }
-        .key()
+        .key();
+        Ok(BoundJob {
+            job: self,
+            driver,
+            support,
+            environment,
+            mk,
+            key,
+        })
+    }
+}
+
+/// Our `mk` on this host and its sha256 (an input of the key: it decides how the mkfile
+/// reads).
+#[derive(Debug, Clone)]
+struct HostMk {
+    path: PathBuf,
+    digest: String,
+}
+
+/// A job tied to a driver, with its result key.
+#[derive(Debug)]
+pub struct BoundJob<'a> {
+    job: &'a PreparedJob,
+    driver: &'a dyn Driver,
+    support: JobSupport,
+    environment: String,
+    mk: Option<HostMk>,
+    key: String,
+}
+
+impl BoundJob<'_> {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The driver's base environment, as its key holds it.
+    pub fn environment(&self) -> &str {
+        &self.environment
     }
 
     /// Replays the recorded successful result of `key`, if the store holds an intact one.
-    /// A damaged record is discarded with a warning and `None` is returned, so the job runs.
+    /// A damaged record is moved aside with a warning and `None` is returned, so the job runs.
     pub fn replay(
         &self,
         store: &ResultStore,
-        key: &str,
         terminal: &mut Terminal,
     ) -> Result<Option<JobReport>, JobError> {
-        if self.options.no_replay {
+        let key = self.key.as_str();
+        if self.job.options.no_replay {
             return Ok(None);
         }
-        let Some(record) = store.get(key)? else {
-            return Ok(None);
+        let record = match store.get(key) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(None),
+            Err(JobError::DamagedRecord { path, source }) => {
+                let moved = store.quarantine(key)?;
+                let _ = writeln!(
+                    terminal.status,
+                    "warning: result record `{}` is damaged ({source}); moved it to `{}` and running the job",
+                    path.display(),
+                    moved.display()
+                );
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
         };
         if let Err(damage) = store.verify(&record) {
+            let moved = store.quarantine(key)?;
             let _ = writeln!(
                 terminal.status,
-                "warning: {damage}: discarding it and running the job"
+                "warning: {damage}: moved its record to `{}` and running the job",
+                moved.display()
             );
-            store.discard(key)?;
             return Ok(None);
         }
         let when = humantime::format_rfc3339_seconds(
@@ -203,7 +288,7 @@ impl PreparedJob {
             .stderr
             .write_all(&stderr)
             .and_then(|()| terminal.stderr.flush());
-        if let Some(dir) = &self.options.artifacts_dir {
+        if let Some(dir) = &self.job.options.artifacts_dir {
             restore_artifacts(store, &record.artifacts, dir)?;
         }
         Ok(Some(report(&record, true)))
@@ -212,21 +297,22 @@ impl PreparedJob {
     /// Runs the job on `driver` and records the result under `key`.
     pub async fn run(
         &self,
-        driver: &dyn Driver,
         store: &ResultStore,
-        key: &str,
         terminal: Terminal,
     ) -> Result<JobReport, JobError> {
+        let key = self.key.as_str();
+        let driver = self.driver;
         let mut terminal = terminal;
-        let _lock = lock_repository(store, &self.repository_id, &mut *terminal.status)?;
+        let _lock = lock_repository(store, &self.job.repository_id, &mut *terminal.status)?;
         let secrets: Vec<Vec<u8>> = self
+            .job
             .secrets
             .iter()
             .map(|(_, v)| v.clone().into_bytes())
             .collect();
         let mut run = Run {
             driver,
-            private_run_dir: driver.name() == "native",
+            private_run_dir: self.support.shares_host_run_dir,
             job: format!("job-{}-{}", &key[..12], std::process::id()),
             stdout: Stream::new(terminal.stdout, &secrets),
             stderr: Stream::new(terminal.stderr, &secrets),
@@ -245,12 +331,12 @@ impl PreparedJob {
             exit_code,
             created_unix: unix_now(),
             driver: driver.name().to_owned(),
-            environment_digest: driver.environment_digest(),
+            environment_digest: Some(self.environment.clone()),
             image,
             host: host_name(),
             ci_exec_version: env!("CARGO_PKG_VERSION").to_owned(),
-            commit: self.snapshot.commit.clone(),
-            tree: self.snapshot.tree.clone(),
+            commit: self.job.snapshot.commit.clone(),
+            tree: self.job.snapshot.tree.clone(),
             stdout,
             stderr,
             artifacts,
@@ -258,7 +344,7 @@ impl PreparedJob {
         };
         store.put_record(&record)?;
         if exit_code == 0
-            && let Some(dir) = &self.options.artifacts_dir
+            && let Some(dir) = &self.job.options.artifacts_dir
         {
             restore_artifacts(store, &record.artifacts, dir)?;
         }
@@ -281,21 +367,28 @@ impl PreparedJob {
             "unpack source",
             &["sh", "-c", UNPACK],
             &env,
-            Some(self.snapshot.archive.clone()),
+            Some(self.job.snapshot.archive.clone()),
         )
         .await
         .and_then(|code| expect_success("unpack source", code))?;
 
-        if let Some(mk) = &self.options.mk_upload {
-            let archive = single_file_archive("mk", mk)?;
+        if self.support.mk == MkSource::Upload
+            && let Some(mk) = &self.mk
+        {
+            let archive = single_file_archive("mk", &mk.path)?;
             let script = format!("mkdir -p {TOOLS_PATH} && tar -x -f - -C {TOOLS_PATH}");
             run.base("upload mk", &["sh", "-c", &script], &env, Some(archive))
                 .await
                 .and_then(|code| expect_success("upload mk", code))?;
         }
 
-        if !self.options.fresh
-            && let Some(cache) = store.get_cache(&self.repository_id)
+        let plan = match &self.job.plan {
+            HostPlan::Known(plan) => plan.clone(),
+            HostPlan::NeedsCommands => self.plan_in_base_os(run, &env).await?,
+        };
+
+        if !self.job.options.fresh
+            && let Some(cache) = store.get_cache(&self.job.repository_id)
         {
             let script = format!("mkdir -p {CACHE_DIR} && tar -x -f - -C {CACHE_DIR}");
             run.base("restore cache", &["sh", "-c", &script], &env, Some(cache))
@@ -303,7 +396,7 @@ impl PreparedJob {
                 .and_then(|code| expect_success("restore cache", code))?;
         }
 
-        if self.plan.prepare_runtime {
+        if plan.prepare_runtime {
             let code = run.mk_base(&["prepare-runtime"], &env).await?;
             if code != 0 {
                 return Ok((code, Vec::new(), None));
@@ -311,8 +404,8 @@ impl PreparedJob {
         }
 
         let mut test_env = BTreeMap::new();
-        if !self.plan.env_targets.is_empty() {
-            let targets: Vec<&str> = self.plan.env_targets.iter().map(String::as_str).collect();
+        if !plan.env_targets.is_empty() {
+            let targets: Vec<&str> = plan.env_targets.iter().map(String::as_str).collect();
             let code = run.mk_base(&targets, &env).await?;
             if code != 0 {
                 return Ok((code, Vec::new(), None));
@@ -330,29 +423,21 @@ impl PreparedJob {
             .get("CONTAINERIMAGE")
             .filter(|image| !image.is_empty())
             .cloned()
-            .unwrap_or_else(|| {
-                // The guest image preloads our base image; container drivers default to their
-                // own base image (an empty image), which the base-OS steps used too.
-                if run.driver.name() == "qemu" {
-                    DEFAULT_CONTAINER_IMAGE.to_owned()
-                } else {
-                    String::new()
-                }
-            });
+            .unwrap_or_else(|| self.support.default_test_image.clone());
 
-        // The native driver has no container runtime of its own: the test runs on the host.
-        let in_container = run.driver.name() != "native";
+        let in_container = self.support.test_in_container;
         if !in_container && test_env.contains_key("CONTAINERIMAGE") {
             let _ = writeln!(
                 run.status,
-                "warning: the `native` driver runs `mk test` directly on this host; `CONTAINERIMAGE={image}` is not used"
+                "warning: the `{}` driver runs `mk test` in its base OS; `CONTAINERIMAGE={image}` is not used",
+                run.driver.name()
             );
         }
         let mut task_env = env.clone();
         task_env.extend(test_env);
         let code = if in_container {
-            if self.options.mk_upload.is_none() {
-                // The guest OS has our static mk: share it with the test container.
+            if self.support.mk != MkSource::Upload {
+                // The base OS has our mk: share it with the test container.
                 let install =
                     format!("mkdir -p {TOOLS_PATH} && cp \"$(command -v mk)\" {TOOLS_PATH}/mk");
                 run.base("install mk", &["sh", "-c", &install], &env, None)
@@ -374,13 +459,8 @@ impl PreparedJob {
         }
 
         let mut artifacts = Vec::new();
-        if !self.plan.artifact_targets.is_empty() {
-            let targets: Vec<&str> = self
-                .plan
-                .artifact_targets
-                .iter()
-                .map(String::as_str)
-                .collect();
+        if !plan.artifact_targets.is_empty() {
+            let targets: Vec<&str> = plan.artifact_targets.iter().map(String::as_str).collect();
             let code = run.mk_base(&targets, &env).await?;
             if code != 0 {
                 return Ok((code, Vec::new(), Some(image)));
@@ -403,8 +483,8 @@ impl PreparedJob {
             }
         }
 
-        if !self.plan.cache_targets.is_empty() {
-            let targets: Vec<&str> = self.plan.cache_targets.iter().map(String::as_str).collect();
+        if !plan.cache_targets.is_empty() {
+            let targets: Vec<&str> = plan.cache_targets.iter().map(String::as_str).collect();
             let code = run.mk_base(&targets, &env).await?;
             if code == 0 {
                 let archive = run
@@ -414,7 +494,7 @@ impl PreparedJob {
                         &env,
                     )
                     .await?;
-                store.put_cache(&self.repository_id, &archive)?;
+                store.put_cache(&self.job.repository_id, &archive)?;
             } else {
                 let _ = writeln!(
                     run.status,
@@ -423,7 +503,7 @@ impl PreparedJob {
             }
         }
 
-        if self.plan.post_test {
+        if plan.post_test {
             let code = run.mk_base(&["post-test"], &env).await?;
             if code != 0 {
                 return Ok((code, artifacts, Some(image)));
@@ -436,19 +516,44 @@ impl PreparedJob {
     /// nothing else from this host.
     fn base_env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
-        let path = match (&self.options.tools_path, &self.options.mk_upload) {
-            (Some(tools), _) => format!("{tools}:{DEFAULT_PATH}"),
-            (None, Some(_)) => format!("{TOOLS_PATH}:{DEFAULT_PATH}"),
-            (None, None) => DEFAULT_PATH.to_owned(),
+        let host_tools = self
+            .mk
+            .as_ref()
+            .and_then(|mk| mk.path.parent())
+            .map(|dir| dir.display().to_string());
+        let path = match (self.support.mk, host_tools) {
+            (MkSource::Host, Some(tools)) => format!("{tools}:{DEFAULT_PATH}"),
+            (MkSource::Upload, _) => format!("{TOOLS_PATH}:{DEFAULT_PATH}"),
+            _ => DEFAULT_PATH.to_owned(),
         };
         env.insert("PATH".to_owned(), path);
-        for (name, value) in &self.inputs {
+        for (name, value) in &self.job.inputs {
             if let Some(value) = value {
                 env.insert(name.clone(), value.clone());
             }
         }
-        env.extend(self.secrets.iter().cloned());
+        env.extend(self.job.secrets.iter().cloned());
         env
+    }
+
+    /// Plans an mkfile that runs commands while it is read: our `mk --outline` reads it in
+    /// the base OS, where its commands may run, and prints what it defines.
+    async fn plan_in_base_os(
+        &self,
+        run: &mut Run<'_>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<JobPlan, JobError> {
+        let variables = PLAN_VARIABLES.join(",");
+        let mut task = run.base_task("plan", &["mk", "--outline", &variables], None);
+        task.env = env.clone();
+        let mut listing = Vec::new();
+        let code = run.execute("plan", task, Some(&mut listing)).await?;
+        if code != 0 {
+            return Err(JobError::OutlineFailed { code });
+        }
+        let outline = mkrunner::Outline::parse(&String::from_utf8_lossy(&listing))
+            .map_err(|reason| JobError::OutlineUnreadable { reason })?;
+        JobPlan::from_outline(&outline, Path::new(SOURCE_PATH))
     }
 }
 
@@ -747,6 +852,7 @@ fn report(record: &ResultRecord, replayed: bool) -> JobReport {
         replayed,
         exit_code: record.exit_code,
         driver: record.driver.clone(),
+        environment: record.environment_digest.clone(),
         image: record.image.clone(),
         artifacts: record
             .artifacts
@@ -836,3 +942,6 @@ fn lock_repository(
     }
     Ok(file)
 }
+
+#[cfg(test)]
+mod tests;

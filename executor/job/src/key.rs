@@ -2,7 +2,7 @@ use sha2::{Digest, Sha256};
 
 /// Bumped whenever what a result holds, or how its key is computed, changes: old results are
 /// then simply never matched again.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything a result depends on. Secrets are deliberately absent: they are injected into the
 /// job but never hashed, stored or printed.
@@ -16,6 +16,9 @@ pub struct KeyInputs {
     pub env: Vec<(String, String)>,
     /// The driver's base environment (the guest image digest), if it has one.
     pub environment_digest: Option<String>,
+    /// The sha256 of the `mk` ci-exec brings into the job (uploaded, or on the host), when
+    /// the base OS does not carry its own.
+    pub tools: Option<String>,
     pub driver: String,
     pub salt: Option<String>,
 }
@@ -44,6 +47,7 @@ impl KeyInputs {
             "environment",
             self.environment_digest.as_deref().unwrap_or("").as_bytes(),
         );
+        field("tools", self.tools.as_deref().unwrap_or("").as_bytes());
         field("driver", self.driver.as_bytes());
         field("salt", self.salt.as_deref().unwrap_or("").as_bytes());
         hex::encode(hasher.finalize())
@@ -60,6 +64,7 @@ mod tests {
             mkfile: b"test:V:\n\techo ok\n".to_vec(),
             env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
             environment_digest: Some("sha256:abc".into()),
+            tools: None,
             driver: "qemu".into(),
             salt: None,
         }
@@ -83,6 +88,8 @@ mod tests {
             Box::new(|k| k.env[0].1 = "other".into()),
             Box::new(|k| k.env.push(("C".into(), String::new()))),
             Box::new(|k| k.environment_digest = None),
+            Box::new(|k| k.environment_digest = Some("sha256:abd".into())),
+            Box::new(|k| k.tools = Some("0".repeat(64))),
             Box::new(|k| k.driver = "native".into()),
             Box::new(|k| k.salt = Some("x".into())),
         ];

@@ -18,10 +18,9 @@ pub mod store;
 
 pub use error::JobError;
 pub use flow::{
-    DEFAULT_CONTAINER_IMAGE, JobOptions, JobReport, PreparedJob, ReportArtifact, SOURCE_PATH,
-    TOOLS_PATH, Terminal,
+    BoundJob, JobOptions, JobReport, PreparedJob, ReportArtifact, SOURCE_PATH, TOOLS_PATH, Terminal,
 };
 pub use key::KeyInputs;
-pub use plan::JobPlan;
+pub use plan::{HostPlan, JobPlan};
 pub use source::Snapshot;
 pub use store::{ResultRecord, ResultStore};

@@ -227,16 +227,25 @@ impl ResultStore {
         Ok(())
     }
 
-    /// Drops the replayable record of `key` (after [`ResultStore::verify`] found it damaged).
-    pub fn discard(&self, key: &str) -> Result<(), JobError> {
+    /// Moves the replayable record of `key` aside, to `damaged/` (after it failed to parse
+    /// or [`ResultStore::verify`] found it damaged), so the job runs and records anew while
+    /// the bad record stays for inspection. Returns where it went.
+    pub fn quarantine(&self, key: &str) -> Result<PathBuf, JobError> {
         let path = self.root.join("ok").join(format!("{key}.json"));
-        match fs::remove_file(&path) {
+        let dir = self.root.join("damaged");
+        fs::create_dir_all(&dir).map_err(|source| JobError::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        let moved = dir.join(format!("{key}-{}.json", unix_now()));
+        match fs::rename(&path, &moved) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(JobError::Io {
-                action: "remove",
+                action: "move aside the damaged record",
                 path,
                 source: error,
             }),
-            _ => Ok(()),
+            _ => Ok(moved),
         }
     }
 
@@ -403,7 +412,8 @@ mod tests {
         std::fs::write(store.blob_path(&r.artifacts[0].sha256), b"tampered").expect("write");
         let damage = store.verify(&got).expect_err("damaged");
         assert_eq!(damage.problem, "corrupted");
-        store.discard("abc").expect("discard");
+        let moved = store.quarantine("abc").expect("quarantine");
+        assert!(moved.exists(), "{}", moved.display());
         assert!(store.get("abc").expect("get").is_none());
         // Recording the same content again repairs the damaged blob.
         store.put_blob(b"artifact").expect("blob");

@@ -28,7 +28,8 @@ use std::sync::{Arc, PoisonError};
 use async_trait::async_trait;
 use ci_exec_driver::leftovers::{self, OwnerLock};
 use ci_exec_driver::{
-    Container, Driver, DriverConfig, DriverError, Sandbox, SandboxExec, Task, Volume, VolumeFiles,
+    Container, Driver, DriverConfig, DriverError, JobSupport, MkSource, Sandbox, SandboxExec, Task,
+    Volume, VolumeFiles,
 };
 use tokio::sync::Mutex;
 
@@ -210,6 +211,33 @@ impl Driver for NativeDriver {
         Ok(self.container(state))
     }
 
+    /// The host's OS release and architecture, e.g. `native:debian-12/x86_64`.
+    ///
+    /// What a job sees on the host is the whole machine, which nothing cheap can hash; the OS
+    /// release and architecture are what a repository's `prepare-runtime` and test tools
+    /// depend on most, and change when the host is upgraded or replaced. The `mk` the job
+    /// runs is hashed by the job itself (it is a tool ci-exec supplies). The kernel release
+    /// is left out: it changes with every security update without changing what a job sees.
+    async fn environment_digest(&self) -> Result<String, DriverError> {
+        let release = std::fs::read_to_string("/etc/os-release")
+            .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+            .unwrap_or_default();
+        Ok(format!(
+            "native:{}/{}",
+            os_release_identity(&release),
+            std::env::consts::ARCH
+        ))
+    }
+
+    fn job_support(&self) -> JobSupport {
+        JobSupport {
+            mk: MkSource::Host,
+            test_in_container: false,
+            default_test_image: String::new(),
+            shares_host_run_dir: true,
+        }
+    }
+
     async fn close(&self) -> Result<(), DriverError> {
         let owned: Vec<_> = self.inner.tasks.lock().await.drain().collect();
         let mut first_error = None;
@@ -306,5 +334,39 @@ impl Volume for NativeVolume {
     async fn cleanup(&self) -> Result<(), DriverError> {
         remove_all(&self.dir)
             .map_err(|error| error.into_driver(format!("remove volume `{}`", self.name)))
+    }
+}
+
+/// `ID-VERSION_ID` of an os-release file (`debian-12`), `unknown` when it says nothing; a
+/// rolling release without `VERSION_ID` is its `ID` alone.
+fn os_release_identity(release: &str) -> String {
+    let field = |name: &str| {
+        release.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix('=')?;
+            Some(value.trim().trim_matches(['"', '\'']).to_owned())
+        })
+    };
+    match (field("ID"), field("VERSION_ID")) {
+        (Some(id), Some(version)) => format!("{id}-{version}"),
+        (Some(id), None) => id,
+        _ => "unknown".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::os_release_identity;
+
+    #[test]
+    fn os_release_gives_id_and_version() {
+        let debian =
+            "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nVERSION_ID=\"12\"\nID=debian\n";
+        assert_eq!(os_release_identity(debian), "debian-12");
+        assert_eq!(os_release_identity("ID=arch\n"), "arch");
+        assert_eq!(os_release_identity(""), "unknown");
+        assert_eq!(
+            os_release_identity("ID_LIKE=debian\nID='alpine'\nVERSION_ID=3.22.1\n"),
+            "alpine-3.22.1"
+        );
     }
 }

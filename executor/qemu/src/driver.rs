@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ci_exec_driver::{
-    Container, ContainerStatus, Driver, DriverError, FollowLogs, LogSink, Sandbox, SandboxExec,
-    SandboxOutput, Stdin, Task, Volume, VolumeFiles,
+    Container, ContainerStatus, Driver, DriverError, FollowLogs, JobSupport, LogSink, MkSource,
+    Sandbox, SandboxExec, SandboxOutput, Stdin, Task, Volume, VolumeFiles,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
@@ -21,6 +21,8 @@ use crate::run_dir::RunDir;
 use crate::{QemuConfig, QemuError, image, output, warm};
 
 const DRIVER: &str = "qemu";
+/// The test image of jobs whose mkfile names none: our guest images preload it.
+pub const DEFAULT_TEST_IMAGE: &str = "localhost/ci-exec/base:latest";
 
 fn backend(action: impl Into<String>, error: QemuError) -> DriverError {
     DriverError::backend(DRIVER, action, error)
@@ -373,6 +375,23 @@ impl Driver for QemuDriver {
 
     fn namespace(&self) -> &str {
         &self.config.namespace
+    }
+
+    /// The guest image's digest (kernel, initramfs, root disk and the preloaded test image):
+    /// the same `image=` rebuilt from other packages gives another digest.
+    async fn environment_digest(&self) -> Result<String, DriverError> {
+        let image = image::resolve(&self.config.image)
+            .map_err(|error| backend("find its guest image", error))?;
+        Ok(image.digest)
+    }
+
+    fn job_support(&self) -> JobSupport {
+        JobSupport {
+            mk: MkSource::BaseOs,
+            test_in_container: true,
+            default_test_image: DEFAULT_TEST_IMAGE.to_owned(),
+            shares_host_run_dir: false,
+        }
     }
 
     async fn create_volume(

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use mkrunner::{BuildOptions, HostRunner, Mkfile, ParseOptions, Source};
 
-const USAGE: &str =
-    "usage: mk [-f file] [-n] [-a] [-e] [-t] [-k] [-i] [-s] [-w files] [targets ...]";
+const USAGE: &str = "usage: mk [-f file] [-n] [-a] [-e] [-t] [-k] [-i] [-s] [-w files] [targets ...]\n       mk [-f file] --outline NAME,... [assignments ...]";
 
 fn main() -> ExitCode {
     // mk recurses as deep as the dependency graph; give it room.
@@ -26,9 +25,27 @@ fn run() -> ExitCode {
     let mut options = BuildOptions::default();
     let mut files: Vec<String> = Vec::new();
     let mut flags: Vec<String> = Vec::new();
+    // Our extension (9base has no long options): print the mkfile's outline instead of
+    // building, with the values of the listed variables (`mkrunner::outline`).
+    let mut outline: Option<Vec<String>> = None;
     let mut index = 0;
     while index < arguments.len() && arguments[index].starts_with('-') {
         let argument = &arguments[index];
+        if argument == "--outline" {
+            index += 1;
+            let Some(names) = arguments.get(index) else {
+                return usage("`--outline` needs a comma-separated list of variable names");
+            };
+            outline = Some(
+                names
+                    .split(',')
+                    .filter(|name| !name.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            );
+            index += 1;
+            continue;
+        }
         flags.push(argument.clone());
         match argument.as_bytes().get(1) {
             Some(b'a') => options.all = true,
@@ -107,6 +124,14 @@ fn run() -> ExitCode {
     };
     for warning in mkfile.warnings() {
         eprint!("{}", warning.render());
+    }
+    if let Some(names) = outline {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let text = mkrunner::Outline::of(&mkfile, &names).render();
+        return match std::io::stdout().lock().write_all(text.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
     }
     let stdout = std::io::stdout();
     let mut output = stdout.lock();

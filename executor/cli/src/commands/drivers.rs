@@ -28,6 +28,7 @@ fn driver_json(driver: &DriverSpec) -> serde_json::Value {
     serde_json::json!({
         "name": driver.name,
         "description": driver.description,
+        "available": driver.available,
         "params": params,
     })
 }
@@ -50,7 +51,16 @@ fn table() -> String {
          `namespace=` names the namespace (generated when absent). DSN > env var > default.\n",
     );
     for driver in drivers() {
-        let _ = write!(text, "\n{}  {}\n", driver.name, driver.description);
+        let availability = if driver.available {
+            ""
+        } else {
+            " (not yet available)"
+        };
+        let _ = write!(
+            text,
+            "\n{}{availability}  {}\n",
+            driver.name, driver.description
+        );
         if driver.params.is_empty() {
             text.push_str("  (no parameters)\n");
         }

@@ -119,8 +119,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                         .into());
                 }
                 cache.build_default(&options, &reporter)
-            }
-            .map_err(|error| CliError::infrastructure(chain(&error)))?;
+            }?;
             reporter.finish();
             if json {
                 print_json(serde_json::to_string_pretty(&manifest)?)?;
@@ -136,9 +135,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
         }
         ImageCommand::List { cache, json } => {
             let cache = open(cache)?;
-            let images = cache
-                .list()
-                .map_err(|error| CliError::infrastructure(chain(&error)))?;
+            let images = cache.list()?;
             if json {
                 print_json(serde_json::to_string_pretty(&images)?)?;
             } else if images.is_empty() {
@@ -188,9 +185,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
         }
         ImageCommand::Prune { all, cache, json } => {
             let cache = open(cache)?;
-            let report = cache
-                .prune(all)
-                .map_err(|error| CliError::infrastructure(chain(&error)))?;
+            let report = cache.prune(all)?;
             if json {
                 print_json(serde_json::to_string_pretty(&report)?)?;
             } else {
@@ -214,21 +209,18 @@ fn print_json(mut text: String) -> anyhow::Result<()> {
     }
 }
 
-fn open(cache: Option<PathBuf>) -> Result<ImageCache, CliError> {
-    ImageCache::open(cache).map_err(|error| CliError::infrastructure(chain(&error)))
+fn open(cache: Option<PathBuf>) -> anyhow::Result<ImageCache> {
+    Ok(ImageCache::open(cache)?)
 }
 
-fn found(cache: &ImageCache, name: &str) -> Result<Manifest, CliError> {
-    cache
-        .get(name)
-        .map_err(|error| CliError::infrastructure(chain(&error)))?
-        .ok_or_else(|| {
-            CliError::usage(format!(
-                "image `{name}` is not in the cache `{}`",
-                cache.root().display()
-            ))
-            .hint(format!("build it with `ci-exec image build {name}`"))
-        })
+fn found(cache: &ImageCache, name: &str) -> anyhow::Result<Manifest> {
+    Ok(cache.get(name)?.ok_or_else(|| {
+        CliError::usage(format!(
+            "image `{name}` is not in the cache `{}`",
+            cache.root().display()
+        ))
+        .hint(format!("build it with `ci-exec image build {name}`"))
+    })?)
 }
 
 fn binary(given: Option<PathBuf>, name: &str) -> Result<PathBuf, CliError> {
@@ -238,17 +230,6 @@ fn binary(given: Option<PathBuf>, name: &str) -> Result<PathBuf, CliError> {
             binaries::BUILD_HINT
         ))
     })
-}
-
-/// The error and its causes on one line each (the library's messages never repeat a source).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!("\ncaused by: {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 fn short(digest: &str) -> &str {

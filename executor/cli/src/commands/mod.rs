@@ -33,6 +33,20 @@ pub enum Command {
     Results(results::ResultsCommand),
 }
 
+impl Command {
+    /// Commands whose only effect is what they print: a reader that goes away (`| head -1`)
+    /// may simply end them, as it ends `ls`. The others manage VMs, containers and files,
+    /// which a signal must not cut short: they ignore a closed output.
+    pub fn only_prints(&self) -> bool {
+        match self {
+            Command::Drivers(_) | Command::Results(_) | Command::Doctor(_) => true,
+            Command::Driver(command) => matches!(command, driver::DriverCommand::Show { .. }),
+            Command::Image(command) => !matches!(command, image::ImageCommand::Build { .. }),
+            Command::Run(_) | Command::Test(_) => false,
+        }
+    }
+}
+
 /// The async runtime `command` runs on. `run` takes a single-threaded one: it only waits on
 /// one task, and starting worker threads is a measurable part of its per-task overhead
 /// (benches/native). Everything else gets the multi-threaded default.

@@ -3,12 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use ci_exec_driver::{Driver, DriverConfig};
-use ci_exec_job::{JobError, JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
+use ci_exec_driver::{Driver, DriverConfig, MkSource};
+use ci_exec_job::{JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
 
 use super::run::interrupted;
 use crate::drivers::new_driver;
-use crate::exit::{CliError, INTERRUPTED, SUCCESS, TEST_FAILED, USAGE};
+use crate::exit::{INTERRUPTED, SUCCESS, TEST_FAILED};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -61,7 +61,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         );
     }
     let config = DriverConfig::parse(&args.driver)?;
-    let mut options = JobOptions {
+    let options = JobOptions {
         path: args.path.clone(),
         inputs,
         secrets: args.secrets.clone(),
@@ -69,68 +69,44 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         no_replay: args.no_replay,
         fresh: args.fresh,
         artifacts_dir: args.artifacts.clone(),
-        tools_path: (config.driver == "native")
-            .then(mk_beside_us)
-            .flatten()
-            .map(|dir| dir.display().to_string()),
-        mk_upload: None,
     };
-    // Stock base images (docker, podman, cloud drivers) have no mk: upload ours. Native uses
-    // the host's; VM images carry their own.
-    if !matches!(config.driver.as_str(), "native" | "qemu" | "vz") {
-        let mk = ci_exec_guest_image::binaries::locate("mk").ok_or_else(|| {
-            CliError::usage(format!(
-                "the `{}` driver needs our static `mk` to upload",
-                config.driver
-            ))
-            .hint(format!(
-                "build it with `{}`",
-                ci_exec_guest_image::binaries::BUILD_HINT
-            ))
-        })?;
-        options.mk_upload = Some(mk);
-    }
-    let job = match PreparedJob::prepare(options) {
-        Ok(job) => job,
-        Err(JobError::BadMkfile { diagnostic }) => {
-            // mk's own diagnostic, with its source line and caret, says it best.
-            eprint!("{diagnostic}");
-            if !diagnostic.ends_with('\n') {
-                eprintln!();
-            }
-            return Ok(USAGE);
-        }
-        Err(error) => return Err(job_error(error)),
-    };
+    // Usage errors (no repository, no mkfile, a bad mkfile) before any driver starts.
+    let job = PreparedJob::prepare(options)?;
     for submodule in &job.snapshot.skipped_submodules {
         eprintln!("warning: submodule `{submodule}` is not part of the committed tree; skipped");
     }
-    if config.driver == "native" && mk_beside_us().is_none() && !on_default_path("mk") {
-        return Err(CliError::usage("no `mk` for the native driver")
-            .hint(
-                "build it with `cargo build --release -p mkrunner` (it is found beside `ci-exec`)",
-            )
-            .into());
-    }
 
-    let store = ResultStore::open(None).map_err(job_error)?;
+    let store = ResultStore::open(None)?;
     let driver = new_driver(&config).await?;
-    let key = job.key(&*driver);
+    let mk = match driver.job_support().mk {
+        MkSource::BaseOs => None,
+        // Stock base images (docker, podman) have no mk, and may have no libc either.
+        MkSource::Upload => ci_exec_guest_image::binaries::locate_static("mk"),
+        MkSource::Host => mk_beside_us().or_else(|| on_default_path("mk")),
+    };
+    let bound = match job.bind(&*driver, mk).await {
+        Ok(bound) => bound,
+        Err(error) => {
+            let _ = driver.close().await;
+            return Err(error.into());
+        }
+    };
     let mut terminal = terminal();
-    let outcome = match job.replay(&store, &key, &mut terminal).map_err(job_error)? {
-        Some(report) => Ok(Some(report)),
-        None => {
+    let outcome = match bound.replay(&store, &mut terminal) {
+        Ok(Some(report)) => Ok(Some(report)),
+        Ok(None) => {
             tokio::select! {
-                result = job.run(&*driver, &store, &key, terminal) => result.map(Some),
+                result = bound.run(&store, terminal) => result.map(Some),
                 () = interrupted() => Ok(None),
             }
         }
+        Err(error) => Err(error),
     };
     let keep = args.keep || config.namespace_given;
     if !keep && let Err(error) = driver.close().await {
         tracing::warn!("cannot close namespace `{}`: {error}", config.namespace);
     }
-    let report = match outcome.map_err(job_error)? {
+    let report = match outcome? {
         Some(report) => report,
         None => {
             eprintln!("ci-exec: interrupted; the job was stopped and its resources removed");
@@ -213,33 +189,14 @@ impl std::io::Write for StatusLine {
     }
 }
 
-/// A job error as the CLI reports it: usage problems exit 2 with a hint, the rest 125.
-fn job_error(error: JobError) -> anyhow::Error {
-    let hint = error.hint();
-    if error.is_usage() {
-        let mut cli = CliError::usage(error.to_string());
-        cli.hint = hint;
-        cli.into()
-    } else {
-        let mut message = format!("{error}");
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            message.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
-        let mut cli = CliError::infrastructure(message);
-        cli.hint = hint;
-        cli.into()
-    }
-}
-
-/// The directory of this executable, when our `mk` was built beside it.
+/// Our `mk` when it was built beside this executable.
 fn mk_beside_us() -> Option<PathBuf> {
-    let dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
-    dir.join("mk").is_file().then_some(dir)
+    let mk = std::env::current_exe().ok()?.parent()?.join("mk");
+    mk.is_file().then_some(mk)
 }
 
-fn on_default_path(program: &str) -> bool {
+/// `program` in the default `PATH` every job step gets.
+fn on_default_path(program: &str) -> Option<PathBuf> {
     [
         "/usr/local/sbin",
         "/usr/local/bin",
@@ -249,5 +206,6 @@ fn on_default_path(program: &str) -> bool {
         "/bin",
     ]
     .iter()
-    .any(|dir| Path::new(dir).join(program).is_file())
+    .map(|dir| Path::new(dir).join(program))
+    .find(|path| path.is_file())
 }
