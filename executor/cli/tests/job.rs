@@ -453,6 +453,121 @@ job_test!(
     }
 );
 
+job_test!(
+    a_truncated_record_is_moved_aside_and_the_job_runs,
+    [native],
+    |driver| {
+        let repo = Repo::example("hello");
+        assert_exit(&repo.test(driver, &[], &[]), 0);
+        let ok = repo.store.path().join("ok");
+        for record in walk(&ok) {
+            let json = std::fs::read(&record).expect("record");
+            std::fs::write(&record, &json[..json.len() / 2]).expect("truncate");
+        }
+        let output = repo.test(driver, &[], &[]);
+        assert_exit(&output, 0);
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("is damaged"), "{stderr}");
+        assert!(
+            stderr.contains("==> mk test"),
+            "the job ran for real: {stderr}"
+        );
+        assert_eq!(
+            walk(&repo.store.path().join("damaged")).len(),
+            1,
+            "moved aside"
+        );
+        let again = repo.test(driver, &[], &[]);
+        assert!(
+            text(&again.stderr).contains("replaying"),
+            "a new record was made"
+        );
+    }
+);
+
+job_test!(
+    mkfile_commands_never_run_on_the_host,
+    [qemu, docker, podman],
+    |driver| {
+        let host = tempfile::tempdir().expect("tempdir");
+        let marker = |name: &str| host.path().join("never").join(name);
+        let repo = Repo::empty();
+        repo.git(&["init", "-q"]);
+        repo.write(
+            "mkfile",
+            &format!(
+                "X=`{{mkdir -p {dir} && touch {backquote} && echo computed-where-the-job-runs}}\n\
+                 <|mkdir -p {dir} && touch {include} && echo Y=from-an-include\n\
+                 ARTIFACTS=/var/run/ci/artifacts/x-$X\n\
+                 test:V:\n\techo X=$X Y=$Y\n\
+                 /var/run/ci/artifacts/x-$X:\n\techo $Y > $target\n",
+                dir = marker("").display(),
+                backquote = marker("backquote").display(),
+                include = marker("include").display(),
+            ),
+        );
+        repo.commit("commands");
+        let output = repo.test(driver, &["--artifacts", "out"], &[]);
+        assert_exit(&output, 0);
+        assert!(
+            !host.path().join("never").exists(),
+            "the mkfile's commands ran on the host"
+        );
+        let stdout = text(&output.stdout);
+        assert!(
+            stdout.contains("X=computed-where-the-job-runs Y=from-an-include"),
+            "{stdout}"
+        );
+        assert_eq!(
+            std::fs::read(repo.path().join("out/x-computed-where-the-job-runs"))
+                .expect("the artifact the guest's plan named"),
+            b"from-an-include\n"
+        );
+    }
+);
+
+job_test!(the_guest_image_digest_is_in_the_key, [qemu], |_driver| {
+    // The same image under another digest (a rebuilt image) must not replay the first result.
+    let repo = Repo::example("hello");
+    let images = tempfile::tempdir().expect("tempdir");
+    let current = Command::new(BINARY)
+        .args(["image", "path", "--json"])
+        .output()
+        .expect("image path");
+    // `image path --json` holds every field a pinned `image=DIR` manifest needs.
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&current.stdout).expect("image path --json");
+    let real = manifest["digest"].as_str().expect("digest").to_owned();
+    manifest["digest"] = serde_json::Value::from("0".repeat(64));
+    manifest["name"] = serde_json::Value::from("key-test");
+    std::fs::write(
+        images.path().join("manifest.json"),
+        serde_json::to_vec(&manifest).expect("json"),
+    )
+    .expect("write manifest");
+
+    let first = repo.test("qemu", &["--report", "first.json"], &[]);
+    assert_exit(&first, 0);
+    let other = format!("qemu:warm=false,image={}", images.path().display());
+    let second = repo.test(&other, &["--report", "second.json"], &[]);
+    assert_exit(&second, 0);
+    assert!(
+        !text(&second.stderr).contains("replaying"),
+        "another image replayed the first result: {}",
+        text(&second.stderr)
+    );
+    let report = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(repo.path().join(name)).expect("report"))
+            .expect("json")
+    };
+    assert_eq!(report("first.json")["environment"], real.as_str());
+    assert_eq!(
+        report("second.json")["environment"],
+        "0".repeat(64).as_str()
+    );
+    assert_ne!(report("first.json")["key"], report("second.json")["key"]);
+});
+
 /// The 12-character key prefix a replay names on stderr.
 fn key_of(output: &Output) -> String {
     let stderr = text(&output.stderr);

@@ -445,6 +445,11 @@ impl FollowLogs for DockerContainer {
         );
         followed?;
         self.has_ended(ended)?;
+        // A followed log can end with the task before the engine has handed over its last
+        // records (seen as a truncated tar stream from a task that wrote one): read the log
+        // to its end once more; the cursor skips what was already written.
+        self.write_logs(LogRead::Complete, &mut cursor, stdout, stderr)
+            .await?;
         Ok(())
     }
 }

@@ -172,6 +172,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                     "vmlinux": manifest.vmlinux,
                     "initrd": manifest.initrd,
                     "kernel_cmdline": manifest.kernel_cmdline,
+                    "container_images": manifest.container_images,
                 }))?)?;
             } else {
                 println!("disk     {}", manifest.disk.display());
