@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use crate::Mkfile;
 use crate::error::{Error, Warning};
 use crate::exec::{Command, Outcome, Runner, RunnerError};
-use crate::expand::echo_text;
+use crate::expand::{Quoting, echo_text_with};
 use crate::graph::{
     BEING_MADE, CAN_PRETEND, DELETE, Graph, MADE, NO_RECIPE, NOT_MADE, NodeId, PRETENDING, READY,
     VIRTUAL,
@@ -227,6 +227,13 @@ impl<'a, 'm> Build<'a, 'm> {
     }
 
     fn make_all(&mut self, targets: &[String], up_to_date: &mut Vec<String>) -> Result<(), Error> {
+        // mk skips empty arguments: under rc `mk $MKFLAGS $target` passes one when there
+        // are no flags, and it must not become a target a metarule could match.
+        let targets: Vec<String> = targets
+            .iter()
+            .filter(|target| !target.is_empty())
+            .cloned()
+            .collect();
         if targets.is_empty() {
             let defaults = self.mkfile.default_targets.clone();
             if defaults.is_empty() {
@@ -236,11 +243,11 @@ impl<'a, 'm> Build<'a, 'm> {
                 self.mk(target, up_to_date)?;
             }
         } else if self.options.separately || targets.len() == 1 {
-            for target in targets {
+            for target in &targets {
                 self.mk(target, up_to_date)?;
             }
         } else {
-            self.graph.add_command_line_rule(targets);
+            self.graph.add_command_line_rule(&targets);
             self.mk(crate::graph::COMMAND_LINE_TARGET, up_to_date)?;
         }
         Ok(())
@@ -742,7 +749,12 @@ impl<'a, 'm> Build<'a, 'm> {
         Ok(true)
     }
 
-    fn echo(&self, recipe: &str, internal: &[(&'static str, Vec<String>)]) -> String {
+    fn echo(
+        &self,
+        recipe: &str,
+        internal: &[(&'static str, Vec<String>)],
+        quoting: Quoting,
+    ) -> String {
         let variables = &self.mkfile.variables;
         let lookup = |name: &str| -> Option<String> {
             if let Some((_, value)) = internal.iter().find(|(key, _)| *key == name) {
@@ -754,7 +766,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
             variables.get(name).map(|words| words.join(" "))
         };
-        echo_text(recipe, &lookup)
+        echo_text_with(recipe, &lookup, quoting)
     }
 
     /// mk's `sched()`: start the next queued job.
@@ -766,9 +778,13 @@ impl<'a, 'm> Build<'a, 'm> {
         if let Some(entry) = pending.internal.iter_mut().find(|(k, _)| *k == "nproc") {
             entry.1 = vec![slot.to_string()];
         }
-        let echo = self.echo(&pending.job.recipe, &pending.internal);
-        pending.job.echo = echo.clone();
         let rule = self.graph.rule(pending.rule).clone();
+        let echo = self.echo(
+            &pending.job.recipe,
+            &pending.internal,
+            Quoting::of_shell(&rule.shell),
+        );
+        pending.job.echo = echo.clone();
         if !self.options.touch && (self.options.dry_run || !rule.attributes.quiet) {
             self.print(&echo);
         }
@@ -938,9 +954,7 @@ fn front(recipe: &str) -> String {
 
 /// Whether a shell command is Plan 9's rc (lists are exported differently).
 fn is_rc(shell: &[String]) -> bool {
-    shell
-        .first()
-        .is_some_and(|program| program == "rc" || program.ends_with("/rc"))
+    Quoting::of_shell(shell) == Quoting::Rc
 }
 
 fn atoi(text: &str) -> i64 {
