@@ -75,6 +75,8 @@ pub enum Error {
     },
     #[error("nothing to mk: the mkfile has no rule without `%` and no target was given")]
     NothingToMk,
+    #[error("`NPROC` is `{value}`: mk can run at most {most} jobs at once")]
+    BadNproc { value: String, most: i32 },
     #[error("cycle in graph detected at target `{target}`")]
     Cycle { target: String },
     #[error("ambiguous recipes for `{target}`: {}", rules.join(", "))]

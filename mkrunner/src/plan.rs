@@ -137,7 +137,7 @@ impl Mkfile {
             let result = build.make_all(targets, up_to_date);
             // mk waits for running recipes before it exits, whatever happened.
             build.drain();
-            let _ = build.output.flush();
+            build.flush();
             result.map(|()| build.report)
         })
     }
@@ -172,6 +172,8 @@ struct Build<'a, 'm> {
     limit: usize,
     run_errors: usize,
     report: BuildReport,
+    /// What [`Build::print`] wrote and nothing has flushed yet.
+    buffer: Vec<u8>,
     program_cache: std::collections::HashMap<(String, String), bool>,
 }
 
@@ -213,6 +215,7 @@ impl<'a, 'm> Build<'a, 'm> {
             limit: 1,
             run_errors: 0,
             report: BuildReport::default(),
+            buffer: Vec::with_capacity(OUTPUT_BUFFER),
             program_cache: std::collections::HashMap::new(),
         }
     }
@@ -221,9 +224,37 @@ impl<'a, 'm> Build<'a, 'm> {
         self.options.make_intermediates || self.options.all
     }
 
+    /// Write to mk's buffered standard output (9base's `bout`): echoes, notices, "up to
+    /// date". Like libbio, a full buffer is written out when more text comes.
     fn print(&mut self, text: &str) {
+        let mut bytes = text.as_bytes();
+        while !bytes.is_empty() {
+            if self.buffer.len() == OUTPUT_BUFFER {
+                self.write_buffer();
+            }
+            let take = bytes.len().min(OUTPUT_BUFFER - self.buffer.len());
+            self.buffer.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+    }
+
+    /// Write past the buffer, as 9base's `fprint(1, …)` does for `-e` explanations: they
+    /// come out before echoes still buffered (all of them first under `-n`).
+    fn print_direct(&mut self, text: &str) {
         // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
         let _ = self.output.write_all(text.as_bytes());
+        let _ = self.output.flush();
+    }
+
+    fn write_buffer(&mut self) {
+        let _ = self.output.write_all(&self.buffer);
+        self.buffer.clear();
+    }
+
+    /// 9base's `Bflush(&bout)`: before a recipe or a `P` program starts, and at the end.
+    fn flush(&mut self) {
+        self.write_buffer();
+        let _ = self.output.flush();
     }
 
     fn make_all(&mut self, targets: &[String], up_to_date: &mut Vec<String>) -> Result<(), Error> {
@@ -253,23 +284,23 @@ impl<'a, 'm> Build<'a, 'm> {
         Ok(())
     }
 
-    fn nproc(&mut self) {
-        let limit = self
+    /// mk's `nproc()`: read `NPROC` (set in the mkfile, on the command line or in the
+    /// environment). Job slots are not allocated here: they grow with the jobs running.
+    fn nproc(&mut self) -> Result<(), Error> {
+        let word = self
             .mkfile
             .variables
             .get("NPROC")
             .and_then(|words| words.first())
-            .filter(|word| !word.is_empty())
-            .map(|word| atoi(word))
-            .unwrap_or(self.limit as i64);
-        self.limit = limit.max(1) as usize;
-        if self.slots.len() < self.limit {
-            self.slots.resize_with(self.limit, || None);
+            .filter(|word| !word.is_empty());
+        if let Some(word) = word {
+            self.limit = nproc_limit(word)?;
         }
+        Ok(())
     }
 
     fn mk(&mut self, target: &str, up_to_date: &mut Vec<String>) -> Result<(), Error> {
-        self.nproc();
+        self.nproc()?;
         self.run_errors = 0;
         let node = self.graph.graph(target)?;
         self.clear_made(node, &mut std::collections::HashSet::new());
@@ -339,7 +370,7 @@ impl<'a, 'm> Build<'a, 'm> {
                     self.graph.nodes[parent_node].name,
                     self.graph.nodes[parent_node].time
                 );
-                self.print(&text);
+                self.print_direct(&text);
             }
             self.unpretend(node);
         }
@@ -434,7 +465,7 @@ impl<'a, 'm> Build<'a, 'm> {
                     "pretending {} has time {}\n",
                     self.graph.nodes[node].name, self.graph.nodes[node].time
                 );
-                self.print(&text);
+                self.print_direct(&text);
             }
             return Ok(did);
         }
@@ -505,7 +536,7 @@ impl<'a, 'm> Build<'a, 'm> {
             let mut argv = self.graph.rule(rule).shell.clone();
             argv.push("-c".to_string());
             argv.push(format!("{} '{}' '{}'\n", program, key.0, key.1));
-            let _ = self.output.flush();
+            self.flush();
             let outcome = self
                 .runner
                 .run(&Command {
@@ -681,7 +712,7 @@ impl<'a, 'm> Build<'a, 'm> {
                                     name,
                                     self.graph.nodes[child].time
                                 );
-                                self.print(&text);
+                                self.print_direct(&text);
                             }
                             if seen_new.insert(child) {
                                 new_prereqs.push(name);
@@ -692,7 +723,7 @@ impl<'a, 'm> Build<'a, 'm> {
                         if self.options.explain {
                             let text =
                                 format!("{} has no prerequisites\n", self.graph.nodes[n].name);
-                            self.print(&text);
+                            self.print_direct(&text);
                         }
                     }
                 }
@@ -774,7 +805,13 @@ impl<'a, 'm> Build<'a, 'm> {
         let Some(mut pending) = self.queue.pop_front() else {
             return Ok(());
         };
-        let slot = self.slots.iter().position(Option::is_none).unwrap_or(0);
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
         if let Some(entry) = pending.internal.iter_mut().find(|(k, _)| *k == "nproc") {
             entry.1 = vec![slot.to_string()];
         }
@@ -804,7 +841,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
             return Ok(());
         }
-        let _ = self.output.flush();
+        self.flush();
         let mut argv = rule.shell.clone();
         if !rule.attributes.continue_on_error {
             argv.push("-e".to_string());
@@ -919,6 +956,9 @@ impl<'a, 'm> Build<'a, 'm> {
     }
 }
 
+/// libbio's buffer size (`Bsize`): 9base's standard output is written in blocks this big.
+const OUTPUT_BUFFER: usize = 8192;
+
 const STEMS: [&str; 10] = [
     "stem0", "stem1", "stem2", "stem3", "stem4", "stem5", "stem6", "stem7", "stem8", "stem9",
 ];
@@ -957,14 +997,35 @@ fn is_rc(shell: &[String]) -> bool {
     Quoting::of_shell(shell) == Quoting::Rc
 }
 
-fn atoi(text: &str) -> i64 {
-    let trimmed = text.trim_start();
-    let (sign, digits) = match trimmed.strip_prefix('-') {
-        Some(rest) => (-1, rest),
-        None => (1, trimmed.strip_prefix('+').unwrap_or(trimmed)),
+/// The most jobs 9base can keep: it sizes its job table as `NPROC` times 16 bytes in a C
+/// `int`, and a larger table overflows and fails (`mk: cannot alloc`, exit 1).
+const MOST_JOBS: i32 = i32::MAX / 16;
+
+/// `NPROC` read as 9base reads it: C's `atoi` (leading blanks, a sign, digits, the rest
+/// ignored; a number past `long` saturates) truncated to a 32-bit `int`, and at least 1.
+/// What 9base cannot run with is an error rather than a huge allocation.
+fn nproc_limit(word: &str) -> Result<usize, Error> {
+    let trimmed = word.trim_start();
+    let (negative, digits) = match trimmed.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, trimmed.strip_prefix('+').unwrap_or(trimmed)),
     };
-    let number: String = digits.chars().take_while(char::is_ascii_digit).collect();
-    sign * number.parse::<i64>().unwrap_or(0)
+    let mut number: i64 = 0;
+    for digit in digits.chars().map_while(|c| c.to_digit(10)) {
+        number = number.saturating_mul(10).saturating_add(i64::from(digit));
+    }
+    if negative {
+        number = -number;
+    }
+    // 9base keeps NPROC in a C int: the truncation is what decides its behaviour.
+    let limit = number as i32;
+    if limit > MOST_JOBS {
+        return Err(Error::BadNproc {
+            value: word.to_string(),
+            most: MOST_JOBS,
+        });
+    }
+    Ok(usize::try_from(limit.max(1)).unwrap_or(1))
 }
 
 fn current_directory(directory: &std::path::Path) -> String {
@@ -972,4 +1033,32 @@ fn current_directory(directory: &std::path::Path) -> String {
         .unwrap_or_else(|_| directory.to_path_buf())
         .display()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nproc_limit_table() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("4", Some(4)),
+            ("4x", Some(4)),
+            (" +3", Some(3)),
+            ("abc", Some(1)),
+            ("-5", Some(1)),
+            ("0", Some(1)),
+            ("30000000", Some(30_000_000)),
+            ("134217727", Some(134_217_727)),
+            ("134217728", None),
+            ("2147483647", None),
+            ("99999999999", None),
+            ("3000000000", Some(1)),
+            ("999999999999999999", Some(1)),
+            ("99999999999999999999999", Some(1)),
+        ];
+        for (word, expected) in cases {
+            assert_eq!(nproc_limit(word).ok(), *expected, "NPROC={word}");
+        }
+    }
 }
