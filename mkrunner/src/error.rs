@@ -75,6 +75,8 @@ pub enum Error {
     },
     #[error("nothing to mk: the mkfile has no rule without `%` and no target was given")]
     NothingToMk,
+    #[error("`{name}` names a member of a file that is not an archive")]
+    NotAnArchive { name: String },
     #[error("`NPROC` is `{value}`: mk can run at most {most} jobs at once")]
     BadNproc { value: String, most: i32 },
     #[error("cycle in graph detected at target `{target}`")]

@@ -22,6 +22,7 @@
 //! }
 //! ```
 
+mod archive;
 pub mod error;
 pub mod exec;
 pub mod expand;

@@ -251,6 +251,12 @@ impl<'a, 'm> Build<'a, 'm> {
         self.buffer.clear();
     }
 
+    fn print_notices(&mut self) {
+        for notice in std::mem::take(&mut self.graph.notices) {
+            self.print(&notice);
+        }
+    }
+
     /// 9base's `Bflush(&bout)`: before a recipe or a `P` program starts, and at the end.
     fn flush(&mut self) {
         self.write_buffer();
@@ -302,7 +308,9 @@ impl<'a, 'm> Build<'a, 'm> {
     fn mk(&mut self, target: &str, up_to_date: &mut Vec<String>) -> Result<(), Error> {
         self.nproc()?;
         self.run_errors = 0;
-        let node = self.graph.graph(target)?;
+        let node = self.graph.graph(target);
+        self.print_notices();
+        let node = node?;
         self.clear_made(node, &mut std::collections::HashSet::new());
         let mut did = false;
         while self.graph.nodes[node].flags & NOT_MADE != 0 {
@@ -568,6 +576,8 @@ impl<'a, 'm> Build<'a, 'm> {
         let name = self.graph.nodes[node].name.clone();
         if self.graph.nodes[node].flags & VIRTUAL == 0 && self.graph.exists(&name) {
             let time = self.graph.time_of(&name, true);
+            self.print_notices();
+            let time = time?;
             let n = &mut self.graph.nodes[node];
             n.time = time;
             n.flags &= !(CAN_PRETEND | PRETENDING);
