@@ -115,7 +115,58 @@ impl Mkfile {
         self.run_build(targets, options, runner, output, &mut up_to_date)
     }
 
+    /// The planner recurses once per level of the dependency graph (as mk's `work()` does),
+    /// so it runs on a thread of its own with a stack as big as the `mk` binary's, whatever
+    /// stack the caller has; what it prints comes back to the caller's `output`.
     fn run_build(
+        &self,
+        targets: &[String],
+        options: &BuildOptions,
+        runner: &dyn Runner,
+        output: &mut dyn Write,
+        up_to_date: &mut Vec<String>,
+    ) -> Result<BuildReport, Error> {
+        let (sender, receiver) = mpsc::channel::<Printed>();
+        std::thread::scope(|scope| {
+            let planner = std::thread::Builder::new()
+                .name("mk planner".to_string())
+                .stack_size(PLANNER_STACK)
+                .spawn_scoped(scope, move || {
+                    let mut forward = Forward { sender };
+                    let mut made_already = Vec::new();
+                    let result = self.run_build_here(
+                        targets,
+                        options,
+                        runner,
+                        &mut forward,
+                        &mut made_already,
+                    );
+                    (result, made_already)
+                })
+                .map_err(|source| Error::PlannerThread { source })?;
+            for printed in receiver {
+                // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
+                match printed {
+                    Printed::Text(bytes) => {
+                        let _ = output.write_all(&bytes);
+                    }
+                    Printed::Flush(done) => {
+                        let _ = output.flush();
+                        let _ = done.send(());
+                    }
+                }
+            }
+            match planner.join() {
+                Ok((result, made_already)) => {
+                    up_to_date.extend(made_already);
+                    result
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    fn run_build_here(
         &self,
         targets: &[String],
         options: &BuildOptions,
@@ -140,6 +191,40 @@ impl Mkfile {
             build.flush();
             result.map(|()| build.report)
         })
+    }
+}
+
+/// The planner thread's stack: as much as the `mk` binary gives its own (only the pages a
+/// deep graph touches are used).
+const PLANNER_STACK: usize = 256 << 20;
+
+/// What the planner thread prints, for the caller's thread to write.
+enum Printed {
+    Text(Vec<u8>),
+    /// Flush, then say so: a recipe must not start before mk's echo of it is out.
+    Flush(mpsc::Sender<()>),
+}
+
+/// A writer that hands everything to the caller's thread.
+struct Forward {
+    sender: mpsc::Sender<Printed>,
+}
+
+impl Write for Forward {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.sender
+            .send(Printed::Text(bytes.to_vec()))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let (done, wait) = mpsc::channel();
+        self.sender
+            .send(Printed::Flush(done))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        wait.recv()
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 }
 
