@@ -29,6 +29,39 @@ pub const INTERNAL_VARIABLES: &[&str] = &[
     "stem9",
 ];
 
+/// Whose quoting rules mk reads a line with: the shell of the file it is in (`MKSHELL`).
+///
+/// Under sh, `'…'`, `"…"` and `\x` quote. Under rc only `'…'` quotes, a doubled `''`
+/// inside stands for one `'`, and `"` and `\` are ordinary characters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Quoting {
+    #[default]
+    Sh,
+    Rc,
+}
+
+impl Quoting {
+    /// The quoting of a shell command line: rc's when the program's name starts with `rc`
+    /// (as mk's `rcmatchname` decides), sh's for anything else.
+    pub fn of_shell(shell: &[String]) -> Quoting {
+        let program = shell.first().map_or("", String::as_str);
+        let name = program.rsplit('/').next().unwrap_or(program);
+        if name.starts_with("rc") {
+            Quoting::Rc
+        } else {
+            Quoting::Sh
+        }
+    }
+
+    /// Whether `c` opens a quoted or escaped token under these rules.
+    pub fn is_quote(self, c: char) -> bool {
+        match self {
+            Quoting::Sh => matches!(c, '\\' | '\'' | '"'),
+            Quoting::Rc => c == '\'',
+        }
+    }
+}
+
 /// True for a character that may appear in a variable name.
 pub fn is_word_char(c: char) -> bool {
     c > ' ' && !"!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~".contains(c)
@@ -123,14 +156,21 @@ impl ExpandProblem {
 #[derive(Debug)]
 pub struct Expander<'a> {
     variables: &'a Variables,
+    quoting: Quoting,
     /// Non-fatal problems seen so far.
     pub warnings: Vec<ExpandProblem>,
 }
 
 impl<'a> Expander<'a> {
+    /// An expander with sh's quoting.
     pub fn new(variables: &'a Variables) -> Self {
+        Expander::with_quoting(variables, Quoting::Sh)
+    }
+
+    pub fn with_quoting(variables: &'a Variables, quoting: Quoting) -> Self {
         Expander {
             variables,
+            quoting,
             warnings: Vec::new(),
         }
     }
@@ -178,13 +218,12 @@ impl<'a> Expander<'a> {
                 *position += c.len_utf8();
                 match c {
                     ' ' | '\t' | '\n' => break,
-                    '\\' | '\'' | '"' => {
+                    '\\' | '\'' | '"' if self.quoting.is_quote(c) => {
                         empty = false;
-                        *position = expand_quote(text, *position, c, &mut current).ok_or(
-                            ExpandProblem::MissingClosingQuote {
+                        *position = expand_quote(text, *position, c, self.quoting, &mut current)
+                            .ok_or(ExpandProblem::MissingClosingQuote {
                                 offset: base + start,
-                            },
-                        )?;
+                            })?;
                     }
                     '$' => {
                         let value = self.substitute(text, position, base)?;
@@ -259,7 +298,8 @@ impl<'a> Expander<'a> {
                 return Ok(None);
             }
             let pattern_start = *position + 1;
-            let Some(end) = char_in(&text[pattern_start..], "}").map(|end| end + pattern_start)
+            let Some(end) = char_in_with(&text[pattern_start..], "}", self.quoting)
+                .map(|end| end + pattern_start)
             else {
                 return Err(ExpandProblem::MissingClosingBrace {
                     offset: base + dollar,
@@ -364,7 +404,7 @@ impl<'a> Expander<'a> {
         base: usize,
     ) -> Result<(Option<Vec<String>>, usize), ExpandProblem> {
         let rest = &pattern[start..];
-        match char_in(rest, terminators) {
+        match char_in_with(rest, terminators, self.quoting) {
             Some(0) => Ok((None, start)),
             Some(offset) => Ok((
                 Some(self.words_at(&rest[..offset], base + start)?),
@@ -407,8 +447,28 @@ fn variable_name(text: &str, position: &mut usize) -> Option<String> {
 
 /// Copy a quoted token into `out`. `position` points past the opening `quote`; returns the
 /// position after the token, or `None` when a quote is never closed.
-fn expand_quote(text: &str, mut position: usize, quote: char, out: &mut String) -> Option<usize> {
+fn expand_quote(
+    text: &str,
+    mut position: usize,
+    quote: char,
+    quoting: Quoting,
+    out: &mut String,
+) -> Option<usize> {
     let mut chars = text[position..].chars();
+    if quoting == Quoting::Rc {
+        while let Some(c) = chars.next() {
+            position += c.len_utf8();
+            if c == '\'' {
+                if !text[position..].starts_with('\'') {
+                    return Some(position);
+                }
+                chars.next();
+                position += 1;
+            }
+            out.push(c);
+        }
+        return None;
+    }
     if quote == '\\' {
         if let Some(c) = chars.next() {
             out.push(c);
@@ -435,6 +495,11 @@ fn expand_quote(text: &str, mut position: usize, quote: char, out: &mut String) 
 /// Find the first character of `set` in `text` that is not escaped, quoted, or inside a
 /// `${…}`. Returns its byte offset. An unclosed quote ends the search with `None`.
 pub fn char_in(text: &str, set: &str) -> Option<usize> {
+    char_in_with(text, set, Quoting::Sh)
+}
+
+/// [`char_in`] under the given shell's quoting.
+pub fn char_in_with(text: &str, set: &str, quoting: Quoting) -> Option<usize> {
     let bytes = text.as_bytes();
     let mut in_braces = false;
     let mut index = 0;
@@ -442,13 +507,13 @@ pub fn char_in(text: &str, set: &str) -> Option<usize> {
         let c = text[index..].chars().next()?;
         let mut width = c.len_utf8();
         match c {
-            '\\' => {
+            '\\' if quoting == Quoting::Sh => {
                 if let Some(next) = text[index + 1..].chars().next() {
                     width += next.len_utf8();
                 }
             }
-            '\'' | '"' => {
-                let close = skip_quoted(text, index + 1, c)?;
+            '\'' | '"' if quoting.is_quote(c) => {
+                let close = skip_quoted(text, index + 1, c, quoting)?;
                 index = close + 1;
                 continue;
             }
@@ -476,11 +541,19 @@ pub fn char_in(text: &str, set: &str) -> Option<usize> {
 }
 
 /// The offset of the quote that closes one opened before `start`, skipping escapes.
-fn skip_quoted(text: &str, mut index: usize, quote: char) -> Option<usize> {
+fn skip_quoted(text: &str, mut index: usize, quote: char, quoting: Quoting) -> Option<usize> {
     while index < text.len() {
         let c = text[index..].chars().next()?;
         if c == quote {
+            if quoting == Quoting::Rc && text[index + 1..].starts_with('\'') {
+                index += 2;
+                continue;
+            }
             return Some(index);
+        }
+        if quoting == Quoting::Rc {
+            index += c.len_utf8();
+            continue;
         }
         index += c.len_utf8();
         if c == '\\'
@@ -495,16 +568,26 @@ fn skip_quoted(text: &str, mut index: usize, quote: char) -> Option<usize> {
 /// The text mk echoes for a recipe: `$name` and `${name}` are replaced when the name is one
 /// mk set (assigned in the mkfile or internal), and quoted strings are copied untouched.
 pub fn echo_text(recipe: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    echo_text_with(recipe, lookup, Quoting::Sh)
+}
+
+/// [`echo_text`] for a recipe whose shell quotes as `quoting` says.
+pub fn echo_text_with(
+    recipe: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    quoting: Quoting,
+) -> String {
     let mut out = String::with_capacity(recipe.len());
     let mut index = 0;
     while let Some(c) = recipe[index..].chars().next() {
         if c == '$' {
             let name_start = index + 1;
-            let (name_end, resume) = if recipe[name_start..].starts_with('{') {
+            let braced = recipe[name_start..].starts_with('{');
+            let (name_from, name_end, mut resume) = if braced {
                 let inner = name_start + 1;
                 match recipe[inner..].find('}') {
-                    Some(close) => (inner + close, inner + close + 1),
-                    None => (recipe.len(), recipe.len()),
+                    Some(close) => (inner, inner + close, inner + close + 1),
+                    None => (inner, recipe.len(), recipe.len()),
                 }
             } else {
                 let length: usize = recipe[name_start..]
@@ -512,13 +595,14 @@ pub fn echo_text(recipe: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Strin
                     .take_while(|&c| is_word_char(c))
                     .map(char::len_utf8)
                     .sum();
-                (name_start + length, name_start + length)
+                (name_start, name_start + length, name_start + length)
             };
-            let name_from = if recipe[name_start..].starts_with('{') {
-                name_start + 1
-            } else {
-                name_start
-            };
+            // mk's `vexpand` steps over a `}` that ends a plain `$name` too, so the echo of
+            // `@{cd dir; mk $target}` loses its `}` when `$target` is expanded (9base,
+            // plan9port and 9front all do this; the shell still gets the whole recipe).
+            if !braced && recipe[name_end..].starts_with('}') {
+                resume += 1;
+            }
             match lookup(&recipe[name_from..name_end]) {
                 Some(value) => out.push_str(&value),
                 None => out.push_str(&recipe[index..resume]),
@@ -528,13 +612,20 @@ pub fn echo_text(recipe: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Strin
         }
         out.push(c);
         index += c.len_utf8();
-        index = copy_quoted(recipe, index, c, &mut out);
+        index = copy_quoted(recipe, index, c, quoting, &mut out);
     }
     out
 }
 
-/// mk's `copyq`: after a quote character, copy through its closing quote.
-fn copy_quoted(text: &str, mut index: usize, quote: char, out: &mut String) -> usize {
+/// mk's `copyq`: after a quote character, copy through its closing quote. A backquote runs
+/// to the next backquote under sh, to the next `}` under rc (`` `{command} ``).
+fn copy_quoted(
+    text: &str,
+    mut index: usize,
+    quote: char,
+    quoting: Quoting,
+    out: &mut String,
+) -> usize {
     let copy_single = |index: &mut usize, quote: char, out: &mut String| {
         while let Some(c) = text[*index..].chars().next() {
             *index += c.len_utf8();
@@ -544,21 +635,23 @@ fn copy_quoted(text: &str, mut index: usize, quote: char, out: &mut String) -> u
             }
         }
     };
-    match quote {
-        '\'' | '"' => copy_single(&mut index, quote, out),
-        '`' => {
-            while let Some(c) = text[index..].chars().next() {
-                index += c.len_utf8();
-                out.push(c);
-                if c == '`' {
-                    break;
-                }
-                if c == '\'' || c == '"' {
-                    copy_single(&mut index, c, out);
-                }
+    let (closing, quotes): (char, &[char]) = match quoting {
+        Quoting::Sh => ('`', &['\'', '"']),
+        Quoting::Rc => ('}', &['\'']),
+    };
+    if quotes.contains(&quote) {
+        copy_single(&mut index, quote, out);
+    } else if quote == '`' {
+        while let Some(c) = text[index..].chars().next() {
+            index += c.len_utf8();
+            out.push(c);
+            if c == closing {
+                break;
+            }
+            if quotes.contains(&c) {
+                copy_single(&mut index, c, out);
             }
         }
-        _ => {}
     }
     index
 }
@@ -638,6 +731,48 @@ mod tests {
             let mut expander = Expander::new(&vars);
             let got = expander.words(input).expect("expands");
             assert_eq!(got, *expected, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn rc_words_table() {
+        let vars = variables(&[("D", &["\"astro\""])]);
+        let cases: &[(&str, &[&str])] = &[
+            ("'it''s' x", &["it's", "x"]),
+            ("\"a b\"", &["\"a", "b\""]),
+            ("a\\b", &["a\\b"]),
+            ("'-DD='$D", &["-DD=\"astro\""]),
+            ("'a:b'", &["a:b"]),
+        ];
+        for (input, expected) in cases {
+            let mut expander = Expander::with_quoting(&vars, Quoting::Rc);
+            let got = expander.words(input).expect("expands");
+            assert_eq!(got, *expected, "input {input:?}");
+        }
+        assert_eq!(char_in_with("\"a:b\"", ":", Quoting::Rc), Some(2));
+        assert_eq!(char_in_with("'a''b:'c:", ":", Quoting::Rc), Some(8));
+    }
+
+    #[test]
+    fn echo_drops_a_brace_after_an_expanded_name() {
+        let lookup = |name: &str| (name == "target").then(|| "t".to_string());
+        let cases: &[(&str, Quoting, &str)] = &[
+            ("@{cd d; mk $target}", Quoting::Sh, "@{cd d; mk t"),
+            ("{$other}", Quoting::Sh, "{$other}"),
+            ("${target}}", Quoting::Sh, "t}"),
+            ("`{echo $target} $target", Quoting::Rc, "`{echo $target} t"),
+            (
+                "`{echo $target} $target",
+                Quoting::Sh,
+                "`{echo $target} $target",
+            ),
+        ];
+        for (recipe, quoting, expected) in cases {
+            assert_eq!(
+                echo_text_with(recipe, &lookup, *quoting),
+                *expected,
+                "{recipe:?}"
+            );
         }
     }
 

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::archive;
 use crate::error::Error;
 use crate::expand::{match_pattern, substitute_stem};
 use crate::parser::{Attributes, Rule, RuleSet};
@@ -70,6 +71,14 @@ pub(crate) struct Graph<'m> {
     directory: PathBuf,
     cycle_free: HashSet<NodeId>,
     checked: HashSet<NodeId>,
+    /// Per archive, its modification time when its members were last read.
+    archives: HashMap<String, u64>,
+    /// `archive(member)` → the member's date in the archive.
+    member_times: HashMap<String, u64>,
+    /// Missing archives already announced.
+    announced: HashSet<String>,
+    /// Lines for mk's standard output, printed by the caller (the archive notice).
+    pub notices: Vec<String>,
 }
 
 impl<'m> Graph<'m> {
@@ -84,6 +93,10 @@ impl<'m> Graph<'m> {
             directory: directory.to_path_buf(),
             cycle_free: HashSet::new(),
             checked: HashSet::new(),
+            archives: HashMap::new(),
+            member_times: HashMap::new(),
+            announced: HashSet::new(),
+            notices: Vec::new(),
         }
     }
 
@@ -132,8 +145,15 @@ impl<'m> Graph<'m> {
             .map_or(0, |duration| duration.as_secs())
     }
 
-    /// mk's `timeof`: cached unless `force`.
-    pub fn time_of(&mut self, name: &str, force: bool) -> u64 {
+    /// mk's `timeof`: cached unless `force`; an archive member's is its date in the archive.
+    pub fn time_of(&mut self, name: &str, force: bool) -> Result<u64, Error> {
+        if let Some((archive, member)) = archive::split(name) {
+            return self.member_time(name, archive, member, force);
+        }
+        Ok(self.file_time(name, force))
+    }
+
+    fn file_time(&mut self, name: &str, force: bool) -> u64 {
         if force {
             return self.mtime(name);
         }
@@ -145,6 +165,47 @@ impl<'m> Graph<'m> {
             self.times.insert(name.to_string(), time);
         }
         time
+    }
+
+    /// mk's `atimeof`: read the archive's member dates when it is new to us or has changed
+    /// (or `force`), then look the member up (0 when the archive lacks it).
+    fn member_time(
+        &mut self,
+        name: &str,
+        archive: &str,
+        member: &str,
+        force: bool,
+    ) -> Result<u64, Error> {
+        let path = self.path(archive);
+        match archive::kind(&path) {
+            archive::Kind::Missing => {
+                if !archive.ends_with(".a") && self.announced.insert(archive.to_string()) {
+                    self.notices.push(format!(
+                        "{archive} doesn't exist: assuming it will be an archive\n"
+                    ));
+                }
+            }
+            archive::Kind::Archive => {}
+            archive::Kind::NotAnArchive => {
+                return Err(Error::NotAnArchive {
+                    name: name.to_string(),
+                });
+            }
+        }
+        let time = self.mtime(archive);
+        let stale = match self.archives.get(archive) {
+            Some(&read_at) => force || time > read_at,
+            None => true,
+        };
+        if stale {
+            for (member, date) in archive::member_dates(&path) {
+                self.member_times
+                    .insert(format!("{archive}({member})"), date);
+            }
+            self.archives.insert(archive.to_string(), time);
+        }
+        let key = format!("{archive}({member})");
+        Ok(self.member_times.get(&key).copied().unwrap_or(0))
     }
 
     /// `-w`: pretend these files were just modified.
@@ -161,7 +222,7 @@ impl<'m> Graph<'m> {
     /// Build (or find) the graph for `target` and prepare it as mk's `graph()` does.
     pub fn graph(&mut self, target: &str) -> Result<NodeId, Error> {
         let mut in_use = vec![0u8; self.rules.rules.len() + self.extra.len()];
-        let node = self.apply_rules(target, &mut in_use);
+        let node = self.apply_rules(target, &mut in_use)?;
         self.check_cycles(node, &mut Vec::new())?;
         self.nodes[node].flags |= PROBABLE;
         self.vacuous(node);
@@ -171,8 +232,8 @@ impl<'m> Graph<'m> {
         Ok(node)
     }
 
-    fn new_node(&mut self, name: &str) -> NodeId {
-        let time = self.time_of(name, false);
+    fn new_node(&mut self, name: &str) -> Result<NodeId, Error> {
+        let time = self.time_of(name, false)?;
         let id = self.nodes.len();
         self.nodes.push(Node {
             name: name.to_string(),
@@ -182,14 +243,14 @@ impl<'m> Graph<'m> {
             next: None,
         });
         self.by_name.insert(name.to_string(), id);
-        id
+        Ok(id)
     }
 
-    fn apply_rules(&mut self, target: &str, in_use: &mut [u8]) -> NodeId {
+    fn apply_rules(&mut self, target: &str, in_use: &mut [u8]) -> Result<NodeId, Error> {
         if let Some(&node) = self.by_name.get(target) {
-            return node;
+            return Ok(node);
         }
-        let node = self.new_node(target);
+        let node = self.new_node(target)?;
         let mut arcs: Vec<Arc> = Vec::new();
         let chain: Vec<usize> = self
             .rules
@@ -212,7 +273,7 @@ impl<'m> Graph<'m> {
                 arcs.push(arc(None, index, String::new(), Vec::new()));
             } else {
                 for prereq in prereqs {
-                    let child = self.apply_rules(&prereq, in_use);
+                    let child = self.apply_rules(&prereq, in_use)?;
                     arcs.push(arc(Some(child), index, String::new(), Vec::new()));
                 }
             }
@@ -261,7 +322,7 @@ impl<'m> Graph<'m> {
                     } else {
                         substitute_stem(&stem, prereq)
                     };
-                    let child = self.apply_rules(&name, in_use);
+                    let child = self.apply_rules(&name, in_use)?;
                     arcs.push(arc(Some(child), index, stem.clone(), matches.clone()));
                 }
             }
@@ -269,7 +330,7 @@ impl<'m> Graph<'m> {
         }
         arcs.append(&mut self.nodes[node].arcs);
         self.nodes[node].arcs = arcs;
-        node
+        Ok(node)
     }
 
     fn check_cycles(&mut self, node: NodeId, path: &mut Vec<NodeId>) -> Result<(), Error> {

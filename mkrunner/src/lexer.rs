@@ -6,6 +6,7 @@
 //! line that starts with a blank (which is dropped) or a `#` (which is kept).
 
 use crate::error::{Error, Location};
+use crate::expand::Quoting;
 
 /// One logical line of an mkfile, with a map back to where its characters came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,8 @@ pub struct Lexer<'a> {
     position: usize,
     line: usize,
     column: usize,
+    /// The quoting of the file's current shell; `MKSHELL=` in the file changes it.
+    pub quoting: Quoting,
 }
 
 /// Runs a backquoted command for the lexer and returns its output.
@@ -82,6 +85,7 @@ impl<'a> Lexer<'a> {
             position: 0,
             line: 1,
             column: 1,
+            quoting: Quoting::Sh,
         }
     }
 
@@ -167,7 +171,7 @@ impl<'a> Lexer<'a> {
                         return Ok(Some(out));
                     }
                 }
-                '\\' | '\'' | '"' => {
+                '\\' | '\'' | '"' if self.quoting.is_quote(c) => {
                     out.push(c, line, column);
                     self.escaped_token(&mut out, c, line, column)?;
                 }
@@ -215,9 +219,16 @@ impl<'a> Lexer<'a> {
         while let Some((c, l, col)) = self.next_rune(false) {
             out.push(c, l, col);
             if c == quote {
+                // Under rc a doubled quote stands for one and the string goes on.
+                if self.quoting == Quoting::Rc && self.peek() == Some('\'') {
+                    let (l, col) = (self.line, self.column);
+                    self.bump();
+                    out.push('\'', l, col);
+                    continue;
+                }
                 return Ok(());
             }
-            if c == '\\' {
+            if c == '\\' && self.quoting == Quoting::Sh {
                 let (l, col) = (self.line, self.column);
                 let mut next = self.bump();
                 if next == Some('\r') {
@@ -266,7 +277,7 @@ impl<'a> Lexer<'a> {
                 break;
             }
             command.push(c, l, col);
-            if c == '\'' || c == '"' || c == '\\' {
+            if self.quoting.is_quote(c) {
                 self.escaped_token(&mut command, c, l, col)?;
             }
         }

@@ -22,6 +22,7 @@
 //! }
 //! ```
 
+mod archive;
 pub mod error;
 pub mod exec;
 pub mod expand;
@@ -143,10 +144,12 @@ impl Mkfile {
             }
             parser.parse_text("command line args", &text, true)?;
         }
-        parser
-            .variables
-            .set("MKFLAGS", vec![options.mkflags.clone()]);
-        parser.variables.set("MKARGS", vec![options.mkargs.clone()]);
+        // mk splits both into words as it splits a line (`stow`): under rc `$#MKFLAGS` counts
+        // the flags, and no flags at all is one empty word.
+        let mkflags = split_words(&parser.variables, &options.mkflags);
+        let mkargs = split_words(&parser.variables, &options.mkargs);
+        parser.variables.set("MKFLAGS", mkflags);
+        parser.variables.set("MKARGS", mkargs);
         for source in &options.sources {
             match source {
                 Source::File(path) => {
@@ -237,6 +240,14 @@ pub fn process_environment() -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// Split command-line text into words as mk does; text with an unclosed quote is split at
+/// blanks instead.
+fn split_words(variables: &Variables, text: &str) -> Vec<String> {
+    expand::Expander::new(variables)
+        .words(text)
+        .unwrap_or_else(|_| text.split_whitespace().map(str::to_string).collect())
 }
 
 fn assignments(variables: &[(String, String)]) -> Vec<String> {

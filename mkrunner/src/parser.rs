@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Location, Warning};
 use crate::exec::{Command, Runner};
-use crate::expand::{ExpandProblem, Expander, Variables, char_in};
+use crate::expand::{ExpandProblem, Expander, Quoting, Variables, char_in_with};
 use crate::lexer::{Lexer, LogicalLine};
 
 /// The attributes of a rule (`target:VQ: prereqs`).
@@ -146,9 +146,27 @@ impl<'r> Parser<'r> {
     }
 
     /// Parse mkfile text. `command_line` marks assignments that later ones cannot change.
+    ///
+    /// As mk(1) says, every file starts with sh: a file's `MKSHELL=` holds for the rest of
+    /// that file only, and `$MKSHELL` is the includer's shell again after an include.
     pub fn parse_text(&mut self, name: &str, text: &str, command_line: bool) -> Result<(), Error> {
+        let outer = std::mem::replace(&mut self.shell, vec!["sh".to_string()]);
+        self.variables.set("MKSHELL", self.shell.clone());
+        let result = self.parse_lines(name, text, command_line);
+        self.variables.set("MKSHELL", outer.clone());
+        self.shell = outer;
+        result
+    }
+
+    /// The quoting rules of the shell in force.
+    fn quoting(&self) -> Quoting {
+        Quoting::of_shell(&self.shell)
+    }
+
+    fn parse_lines(&mut self, name: &str, text: &str, command_line: bool) -> Result<(), Error> {
         let mut lexer = Lexer::new(name, text);
         loop {
+            lexer.quoting = self.quoting();
             let runner = self.runner;
             let directory = self.directory.clone();
             let shell = self.shell.clone();
@@ -193,7 +211,7 @@ impl<'r> Parser<'r> {
         text: &str,
         base: usize,
     ) -> Result<Vec<String>, Error> {
-        let mut expander = Expander::new(&self.variables);
+        let mut expander = Expander::with_quoting(&self.variables, self.quoting());
         let result = expander.words(text);
         let warnings = std::mem::take(&mut expander.warnings);
         for warning in warnings {
@@ -232,7 +250,8 @@ impl<'r> Parser<'r> {
         command_line: bool,
     ) -> Result<(), Error> {
         let text = line.text.as_str();
-        let Some(at) = char_in(text, ":=<") else {
+        let quoting = self.quoting();
+        let Some(at) = char_in_with(text, ":=<", quoting) else {
             return Err(Error::ExpectedRuleOrAssignment {
                 location: self.location(lexer, line, 0),
             });
@@ -251,7 +270,13 @@ impl<'r> Parser<'r> {
         let mut not_exported = false;
         match separator {
             Separator::Equals => {
-                if let Some(end) = char_in(&text[rest..], "\"'= \t").map(|i| i + rest)
+                // mk's `termchars`: the quotes of the shell, `=` and blanks.
+                let terminators = match quoting {
+                    Quoting::Sh => "\"'= \t",
+                    Quoting::Rc => "'= \t",
+                };
+                if let Some(end) =
+                    char_in_with(&text[rest..], terminators, quoting).map(|i| i + rest)
                     && text.as_bytes()[end] == b'='
                 {
                     for (offset, c) in text[rest..end].char_indices() {
@@ -449,10 +474,11 @@ impl<'r> Parser<'r> {
             self.default_targets = Some(head.clone());
         }
         let prereqs = if tail[0].is_empty() { Vec::new() } else { tail };
+        let quoting = self.quoting();
         self.recipes += 1;
         let recipe_id = self.recipes;
         for target in &head {
-            let is_meta = attributes.regex || char_in(target, "%&").is_some();
+            let is_meta = attributes.regex || char_in_with(target, "%&", quoting).is_some();
             let regex = if attributes.regex {
                 Some(compile_regex(target).map_err(|source| Error::BadRegex {
                     pattern: target.clone(),

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use crate::Mkfile;
 use crate::error::{Error, Warning};
 use crate::exec::{Command, Outcome, Runner, RunnerError};
-use crate::expand::echo_text;
+use crate::expand::{Quoting, echo_text_with};
 use crate::graph::{
     BEING_MADE, CAN_PRETEND, DELETE, Graph, MADE, NO_RECIPE, NOT_MADE, NodeId, PRETENDING, READY,
     VIRTUAL,
@@ -115,7 +115,58 @@ impl Mkfile {
         self.run_build(targets, options, runner, output, &mut up_to_date)
     }
 
+    /// The planner recurses once per level of the dependency graph (as mk's `work()` does),
+    /// so it runs on a thread of its own with a stack as big as the `mk` binary's, whatever
+    /// stack the caller has; what it prints comes back to the caller's `output`.
     fn run_build(
+        &self,
+        targets: &[String],
+        options: &BuildOptions,
+        runner: &dyn Runner,
+        output: &mut dyn Write,
+        up_to_date: &mut Vec<String>,
+    ) -> Result<BuildReport, Error> {
+        let (sender, receiver) = mpsc::channel::<Printed>();
+        std::thread::scope(|scope| {
+            let planner = std::thread::Builder::new()
+                .name("mk planner".to_string())
+                .stack_size(PLANNER_STACK)
+                .spawn_scoped(scope, move || {
+                    let mut forward = Forward { sender };
+                    let mut made_already = Vec::new();
+                    let result = self.run_build_here(
+                        targets,
+                        options,
+                        runner,
+                        &mut forward,
+                        &mut made_already,
+                    );
+                    (result, made_already)
+                })
+                .map_err(|source| Error::PlannerThread { source })?;
+            for printed in receiver {
+                // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
+                match printed {
+                    Printed::Text(bytes) => {
+                        let _ = output.write_all(&bytes);
+                    }
+                    Printed::Flush(done) => {
+                        let _ = output.flush();
+                        let _ = done.send(());
+                    }
+                }
+            }
+            match planner.join() {
+                Ok((result, made_already)) => {
+                    up_to_date.extend(made_already);
+                    result
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    fn run_build_here(
         &self,
         targets: &[String],
         options: &BuildOptions,
@@ -137,9 +188,43 @@ impl Mkfile {
             let result = build.make_all(targets, up_to_date);
             // mk waits for running recipes before it exits, whatever happened.
             build.drain();
-            let _ = build.output.flush();
+            build.flush();
             result.map(|()| build.report)
         })
+    }
+}
+
+/// The planner thread's stack: as much as the `mk` binary gives its own (only the pages a
+/// deep graph touches are used).
+const PLANNER_STACK: usize = 256 << 20;
+
+/// What the planner thread prints, for the caller's thread to write.
+enum Printed {
+    Text(Vec<u8>),
+    /// Flush, then say so: a recipe must not start before mk's echo of it is out.
+    Flush(mpsc::Sender<()>),
+}
+
+/// A writer that hands everything to the caller's thread.
+struct Forward {
+    sender: mpsc::Sender<Printed>,
+}
+
+impl Write for Forward {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.sender
+            .send(Printed::Text(bytes.to_vec()))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let (done, wait) = mpsc::channel();
+        self.sender
+            .send(Printed::Flush(done))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        wait.recv()
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 }
 
@@ -172,6 +257,8 @@ struct Build<'a, 'm> {
     limit: usize,
     run_errors: usize,
     report: BuildReport,
+    /// What [`Build::print`] wrote and nothing has flushed yet.
+    buffer: Vec<u8>,
     program_cache: std::collections::HashMap<(String, String), bool>,
 }
 
@@ -213,6 +300,7 @@ impl<'a, 'm> Build<'a, 'm> {
             limit: 1,
             run_errors: 0,
             report: BuildReport::default(),
+            buffer: Vec::with_capacity(OUTPUT_BUFFER),
             program_cache: std::collections::HashMap::new(),
         }
     }
@@ -221,12 +309,53 @@ impl<'a, 'm> Build<'a, 'm> {
         self.options.make_intermediates || self.options.all
     }
 
+    /// Write to mk's buffered standard output (9base's `bout`): echoes, notices, "up to
+    /// date". Like libbio, a full buffer is written out when more text comes.
     fn print(&mut self, text: &str) {
+        let mut bytes = text.as_bytes();
+        while !bytes.is_empty() {
+            if self.buffer.len() == OUTPUT_BUFFER {
+                self.write_buffer();
+            }
+            let take = bytes.len().min(OUTPUT_BUFFER - self.buffer.len());
+            self.buffer.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+    }
+
+    /// Write past the buffer, as 9base's `fprint(1, …)` does for `-e` explanations: they
+    /// come out before echoes still buffered (all of them first under `-n`).
+    fn print_direct(&mut self, text: &str) {
         // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
         let _ = self.output.write_all(text.as_bytes());
+        let _ = self.output.flush();
+    }
+
+    fn write_buffer(&mut self) {
+        let _ = self.output.write_all(&self.buffer);
+        self.buffer.clear();
+    }
+
+    fn print_notices(&mut self) {
+        for notice in std::mem::take(&mut self.graph.notices) {
+            self.print(&notice);
+        }
+    }
+
+    /// 9base's `Bflush(&bout)`: before a recipe or a `P` program starts, and at the end.
+    fn flush(&mut self) {
+        self.write_buffer();
+        let _ = self.output.flush();
     }
 
     fn make_all(&mut self, targets: &[String], up_to_date: &mut Vec<String>) -> Result<(), Error> {
+        // mk skips empty arguments: under rc `mk $MKFLAGS $target` passes one when there
+        // are no flags, and it must not become a target a metarule could match.
+        let targets: Vec<String> = targets
+            .iter()
+            .filter(|target| !target.is_empty())
+            .cloned()
+            .collect();
         if targets.is_empty() {
             let defaults = self.mkfile.default_targets.clone();
             if defaults.is_empty() {
@@ -236,35 +365,37 @@ impl<'a, 'm> Build<'a, 'm> {
                 self.mk(target, up_to_date)?;
             }
         } else if self.options.separately || targets.len() == 1 {
-            for target in targets {
+            for target in &targets {
                 self.mk(target, up_to_date)?;
             }
         } else {
-            self.graph.add_command_line_rule(targets);
+            self.graph.add_command_line_rule(&targets);
             self.mk(crate::graph::COMMAND_LINE_TARGET, up_to_date)?;
         }
         Ok(())
     }
 
-    fn nproc(&mut self) {
-        let limit = self
+    /// mk's `nproc()`: read `NPROC` (set in the mkfile, on the command line or in the
+    /// environment). Job slots are not allocated here: they grow with the jobs running.
+    fn nproc(&mut self) -> Result<(), Error> {
+        let word = self
             .mkfile
             .variables
             .get("NPROC")
             .and_then(|words| words.first())
-            .filter(|word| !word.is_empty())
-            .map(|word| atoi(word))
-            .unwrap_or(self.limit as i64);
-        self.limit = limit.max(1) as usize;
-        if self.slots.len() < self.limit {
-            self.slots.resize_with(self.limit, || None);
+            .filter(|word| !word.is_empty());
+        if let Some(word) = word {
+            self.limit = nproc_limit(word)?;
         }
+        Ok(())
     }
 
     fn mk(&mut self, target: &str, up_to_date: &mut Vec<String>) -> Result<(), Error> {
-        self.nproc();
+        self.nproc()?;
         self.run_errors = 0;
-        let node = self.graph.graph(target)?;
+        let node = self.graph.graph(target);
+        self.print_notices();
+        let node = node?;
         self.clear_made(node, &mut std::collections::HashSet::new());
         let mut did = false;
         while self.graph.nodes[node].flags & NOT_MADE != 0 {
@@ -332,7 +463,7 @@ impl<'a, 'm> Build<'a, 'm> {
                     self.graph.nodes[parent_node].name,
                     self.graph.nodes[parent_node].time
                 );
-                self.print(&text);
+                self.print_direct(&text);
             }
             self.unpretend(node);
         }
@@ -427,7 +558,7 @@ impl<'a, 'm> Build<'a, 'm> {
                     "pretending {} has time {}\n",
                     self.graph.nodes[node].name, self.graph.nodes[node].time
                 );
-                self.print(&text);
+                self.print_direct(&text);
             }
             return Ok(did);
         }
@@ -498,7 +629,7 @@ impl<'a, 'm> Build<'a, 'm> {
             let mut argv = self.graph.rule(rule).shell.clone();
             argv.push("-c".to_string());
             argv.push(format!("{} '{}' '{}'\n", program, key.0, key.1));
-            let _ = self.output.flush();
+            self.flush();
             let outcome = self
                 .runner
                 .run(&Command {
@@ -530,6 +661,8 @@ impl<'a, 'm> Build<'a, 'm> {
         let name = self.graph.nodes[node].name.clone();
         if self.graph.nodes[node].flags & VIRTUAL == 0 && self.graph.exists(&name) {
             let time = self.graph.time_of(&name, true);
+            self.print_notices();
+            let time = time?;
             let n = &mut self.graph.nodes[node];
             n.time = time;
             n.flags &= !(CAN_PRETEND | PRETENDING);
@@ -674,7 +807,7 @@ impl<'a, 'm> Build<'a, 'm> {
                                     name,
                                     self.graph.nodes[child].time
                                 );
-                                self.print(&text);
+                                self.print_direct(&text);
                             }
                             if seen_new.insert(child) {
                                 new_prereqs.push(name);
@@ -685,7 +818,7 @@ impl<'a, 'm> Build<'a, 'm> {
                         if self.options.explain {
                             let text =
                                 format!("{} has no prerequisites\n", self.graph.nodes[n].name);
-                            self.print(&text);
+                            self.print_direct(&text);
                         }
                     }
                 }
@@ -742,7 +875,12 @@ impl<'a, 'm> Build<'a, 'm> {
         Ok(true)
     }
 
-    fn echo(&self, recipe: &str, internal: &[(&'static str, Vec<String>)]) -> String {
+    fn echo(
+        &self,
+        recipe: &str,
+        internal: &[(&'static str, Vec<String>)],
+        quoting: Quoting,
+    ) -> String {
         let variables = &self.mkfile.variables;
         let lookup = |name: &str| -> Option<String> {
             if let Some((_, value)) = internal.iter().find(|(key, _)| *key == name) {
@@ -754,7 +892,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
             variables.get(name).map(|words| words.join(" "))
         };
-        echo_text(recipe, &lookup)
+        echo_text_with(recipe, &lookup, quoting)
     }
 
     /// mk's `sched()`: start the next queued job.
@@ -762,13 +900,23 @@ impl<'a, 'm> Build<'a, 'm> {
         let Some(mut pending) = self.queue.pop_front() else {
             return Ok(());
         };
-        let slot = self.slots.iter().position(Option::is_none).unwrap_or(0);
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
         if let Some(entry) = pending.internal.iter_mut().find(|(k, _)| *k == "nproc") {
             entry.1 = vec![slot.to_string()];
         }
-        let echo = self.echo(&pending.job.recipe, &pending.internal);
-        pending.job.echo = echo.clone();
         let rule = self.graph.rule(pending.rule).clone();
+        let echo = self.echo(
+            &pending.job.recipe,
+            &pending.internal,
+            Quoting::of_shell(&rule.shell),
+        );
+        pending.job.echo = echo.clone();
         if !self.options.touch && (self.options.dry_run || !rule.attributes.quiet) {
             self.print(&echo);
         }
@@ -788,7 +936,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
             return Ok(());
         }
-        let _ = self.output.flush();
+        self.flush();
         let mut argv = rule.shell.clone();
         if !rule.attributes.continue_on_error {
             argv.push("-e".to_string());
@@ -903,6 +1051,9 @@ impl<'a, 'm> Build<'a, 'm> {
     }
 }
 
+/// libbio's buffer size (`Bsize`): 9base's standard output is written in blocks this big.
+const OUTPUT_BUFFER: usize = 8192;
+
 const STEMS: [&str; 10] = [
     "stem0", "stem1", "stem2", "stem3", "stem4", "stem5", "stem6", "stem7", "stem8", "stem9",
 ];
@@ -938,19 +1089,38 @@ fn front(recipe: &str) -> String {
 
 /// Whether a shell command is Plan 9's rc (lists are exported differently).
 fn is_rc(shell: &[String]) -> bool {
-    shell
-        .first()
-        .is_some_and(|program| program == "rc" || program.ends_with("/rc"))
+    Quoting::of_shell(shell) == Quoting::Rc
 }
 
-fn atoi(text: &str) -> i64 {
-    let trimmed = text.trim_start();
-    let (sign, digits) = match trimmed.strip_prefix('-') {
-        Some(rest) => (-1, rest),
-        None => (1, trimmed.strip_prefix('+').unwrap_or(trimmed)),
+/// The most jobs 9base can keep: it sizes its job table as `NPROC` times 16 bytes in a C
+/// `int`, and a larger table overflows and fails (`mk: cannot alloc`, exit 1).
+const MOST_JOBS: i32 = i32::MAX / 16;
+
+/// `NPROC` read as 9base reads it: C's `atoi` (leading blanks, a sign, digits, the rest
+/// ignored; a number past `long` saturates) truncated to a 32-bit `int`, and at least 1.
+/// What 9base cannot run with is an error rather than a huge allocation.
+fn nproc_limit(word: &str) -> Result<usize, Error> {
+    let trimmed = word.trim_start();
+    let (negative, digits) = match trimmed.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, trimmed.strip_prefix('+').unwrap_or(trimmed)),
     };
-    let number: String = digits.chars().take_while(char::is_ascii_digit).collect();
-    sign * number.parse::<i64>().unwrap_or(0)
+    let mut number: i64 = 0;
+    for digit in digits.chars().map_while(|c| c.to_digit(10)) {
+        number = number.saturating_mul(10).saturating_add(i64::from(digit));
+    }
+    if negative {
+        number = -number;
+    }
+    // 9base keeps NPROC in a C int: the truncation is what decides its behaviour.
+    let limit = number as i32;
+    if limit > MOST_JOBS {
+        return Err(Error::BadNproc {
+            value: word.to_string(),
+            most: MOST_JOBS,
+        });
+    }
+    Ok(usize::try_from(limit.max(1)).unwrap_or(1))
 }
 
 fn current_directory(directory: &std::path::Path) -> String {
@@ -958,4 +1128,32 @@ fn current_directory(directory: &std::path::Path) -> String {
         .unwrap_or_else(|_| directory.to_path_buf())
         .display()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nproc_limit_table() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("4", Some(4)),
+            ("4x", Some(4)),
+            (" +3", Some(3)),
+            ("abc", Some(1)),
+            ("-5", Some(1)),
+            ("0", Some(1)),
+            ("30000000", Some(30_000_000)),
+            ("134217727", Some(134_217_727)),
+            ("134217728", None),
+            ("2147483647", None),
+            ("99999999999", None),
+            ("3000000000", Some(1)),
+            ("999999999999999999", Some(1)),
+            ("99999999999999999999999", Some(1)),
+        ];
+        for (word, expected) in cases {
+            assert_eq!(nproc_limit(word).ok(), *expected, "NPROC={word}");
+        }
+    }
 }

@@ -187,3 +187,29 @@ fn includes_and_recipes_resolve_against_the_mkfile_directory() {
     let made = std::fs::read_to_string(directory.path().join("out")).expect("made in place");
     assert_eq!(made, "include\n");
 }
+
+/// Regression: the planner recursed once per dependency level, so a long chain overflowed
+/// the 8 MiB stack a library caller's thread typically has (the `mk` binary gives itself a
+/// bigger one, which hid it).
+#[test]
+fn a_20000_rule_chain_plans_on_an_8_mib_stack() {
+    const LINKS: usize = 20_000;
+    let mut text = String::new();
+    for link in 0..LINKS {
+        text.push_str(&format!("t{link}:V: t{}\n", link + 1));
+    }
+    text.push_str(&format!("t{LINKS}:V:\n\techo end\n"));
+    let planned = std::thread::Builder::new()
+        .stack_size(8 << 20)
+        .spawn(move || {
+            let mkfile = Mkfile::parse_str("mkfile", &text, &[]).expect("parses");
+            let plan = mkfile
+                .plan(&["t0"], &BuildOptions::default(), &HostRunner)
+                .expect("plans");
+            plan.jobs().len()
+        })
+        .expect("spawn a thread")
+        .join()
+        .expect("the planner does not overflow its stack");
+    assert_eq!(planned, 1);
+}

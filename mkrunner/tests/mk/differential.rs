@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! === name of the case
-//! --- args            (optional: one argument per line)
+//! --- args            (optional: one argument per line; `''` is an empty argument)
 //! --- env             (optional: NAME=value lines, added to a clean environment)
 //! --- setup           (optional: sh script run first in the directory)
 //! --- mkfile          (the mkfile, verbatim)
@@ -54,9 +54,12 @@ fn parse_cases(file: &str, text: &str) -> Vec<Case> {
             continue;
         };
         match section.as_str() {
-            "args" => case
-                .args
-                .extend(Some(line.trim_end_matches('\n').to_string()).filter(|l| !l.is_empty())),
+            "args" => match line.trim_end_matches('\n') {
+                "" => {}
+                // An argument cannot be an empty line, so `''` stands for one.
+                "''" => case.args.push(String::new()),
+                argument => case.args.push(argument.to_string()),
+            },
             "env" => {
                 if let Some((name, value)) = line.trim_end_matches('\n').split_once('=') {
                     case.env.push((name.to_string(), value.to_string()));
