@@ -479,12 +479,16 @@ mod tests {
         let directory = tempfile::tempdir().expect("tempdir");
         let path = directory.path().join("seed.img");
         sample().write_image(&path).expect("write");
-        let Ok(blkid) = std::process::Command::new("blkid")
+        let blkid = std::process::Command::new("blkid")
             .args(["-p", "-o", "export"])
             .arg(&path)
-            .output()
-        else {
-            eprintln!("skipping: blkid not installed");
+            .output();
+        let Ok(blkid) = blkid else {
+            let _ = ci_exec_prerequisite::require(
+                "host_tools_accept_the_image",
+                Some("blkid is not installed".to_owned()),
+                "apt-get install util-linux (.ci/setup-image.sh does)",
+            );
             return;
         };
         let output = String::from_utf8_lossy(&blkid.stdout);

@@ -39,12 +39,12 @@ mod tests {
 
     #[test]
     fn overlay_points_at_its_base() {
-        if host::find(host::QEMU_IMG).is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "qemu-img is required in CI: run .ci/setup-image.sh"
-            );
-            eprintln!("skipping: qemu-img not installed (apt-get install qemu-utils)");
+        if !ci_exec_prerequisite::require_that(
+            "overlay_points_at_its_base",
+            host::find(host::QEMU_IMG).is_ok(),
+            "qemu-img is not installed",
+            "apt-get install qemu-utils (.ci/setup-image.sh does)",
+        ) {
             return;
         }
         let directory = tempfile::tempdir().expect("tempdir");

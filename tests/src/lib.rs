@@ -12,18 +12,16 @@ use std::time::{Duration, Instant};
 
 use ci_exec_driver::{Container, Driver, Task, wait_for_exit};
 
-/// Whether we run in CI, where a missing prerequisite is a failure, not a skip.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| value == "true")
-}
+pub use ci_exec_prerequisite::ci;
 
 /// Reports a missing prerequisite of `driver`: fails under `CI=true`, otherwise prints why
 /// the driver's tests are skipped. Constructors return this.
 pub fn missing_prerequisite<T>(driver: &str, reason: &str) -> Option<T> {
-    if ci() {
-        panic!("driver `{driver}` cannot be tested: {reason} (CI=true makes this a failure)");
-    }
-    eprintln!("skipping `{driver}` tests: {reason} (set CI=true to make this a failure)");
+    let _ = ci_exec_prerequisite::require(
+        &format!("the `{driver}` driver's tests"),
+        Some(reason.to_owned()),
+        "bash .ci/run installs and starts every driver's prerequisites",
+    );
     None
 }
 
@@ -60,6 +58,35 @@ pub fn unique_namespace(prefix: &str) -> String {
 pub struct Subject {
     pub driver: Arc<dyn Driver>,
     pub image: &'static str,
+    pub capabilities: Capabilities,
+}
+
+/// What a driver declares it can do where it joins the suite. A case that needs a declared
+/// capability fails when the driver turns out not to have it; a capability a driver does
+/// not declare is reported as such and its case passes without testing it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capabilities {
+    /// [`ci_exec_driver::Driver::as_volume_files`].
+    pub volume_files: bool,
+    /// [`ci_exec_driver::Container::as_follow`].
+    pub follow: bool,
+    /// `Task::user` as a numeric uid (the native driver needs root for it).
+    pub user: bool,
+    /// `Task::privileged` grants `CAP_SYS_ADMIN` and an unprivileged task lacks it.
+    pub privileged: bool,
+}
+
+impl Subject {
+    /// Whether the driver declared `capability`; says so on stderr when it did not.
+    pub fn declares(&self, capability: &str, declared: bool) -> bool {
+        if !declared {
+            eprintln!(
+                "driver `{}` does not declare `{capability}`: not tested",
+                self.driver.name()
+            );
+        }
+        declared
+    }
 }
 
 impl Subject {
@@ -128,8 +155,13 @@ pub async fn logs(container: &dyn Container) -> (Vec<u8>, Vec<u8>) {
 /// Runs one conformance case against the driver `constructor` makes, then closes the driver
 /// even when the case failed. Skips (or, under `CI=true`, fails) when the constructor found a
 /// prerequisite missing.
-pub async fn run_case<C, F, Fut>(driver: &str, constructor: C, image: &'static str, case: F)
-where
+pub async fn run_case<C, F, Fut>(
+    driver: &str,
+    constructor: C,
+    image: &'static str,
+    capabilities: Capabilities,
+    case: F,
+) where
     C: Future<Output = Option<Box<dyn Driver>>>,
     F: FnOnce(Subject) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -143,6 +175,7 @@ where
     let subject = Subject {
         driver: Arc::from(built),
         image,
+        capabilities,
     };
     let outcome = tokio::spawn(tokio::time::timeout(
         Duration::from_secs(900),

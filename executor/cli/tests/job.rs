@@ -124,16 +124,12 @@ fn available(driver: &str) -> bool {
         "docker" | "podman" => engine_missing(driver),
         other => Some(format!("no prerequisite check for driver `{other}`")),
     };
-    match missing {
-        None => true,
-        Some(reason) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("driver `{driver}` cannot run the job tests under CI: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("skipped on `{driver}`: {reason}");
-            false
-        }
-    }
+    ci_exec_prerequisite::require(
+        &format!("the job tests on `{driver}`"),
+        missing,
+        "bash .ci/run installs and starts every driver's prerequisites",
+    )
+    .is_ok()
 }
 
 fn qemu_missing() -> Option<String> {

@@ -243,15 +243,7 @@ impl Inner {
         };
         let mut mounts = Vec::with_capacity(task.mounts.len());
         for mount in &task.mounts {
-            if !mount.path.starts_with('/') {
-                return Err(DriverError::InvalidTask {
-                    task: task.id.clone(),
-                    reason: format!(
-                        "mount path `{}` of volume `{}` is not absolute",
-                        mount.path, mount.volume
-                    ),
-                });
-            }
+            mount.check(&task.id)?;
             let source = self.ensure_volume(&mount.volume).await?;
             mounts.push(BackendMount {
                 target: Some(mount.path.clone()),

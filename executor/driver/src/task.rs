@@ -5,6 +5,31 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 
+#[cfg(test)]
+mod tests {
+    use super::Mount;
+
+    #[test]
+    fn mount_paths_follow_one_rule() {
+        let check = |path: &str| {
+            Mount {
+                volume: "v".into(),
+                path: path.into(),
+            }
+            .check("t")
+            .is_ok()
+        };
+        for good in ["/data", "/var/run/ci", "/a.b/c-d"] {
+            assert!(check(good), "{good}");
+        }
+        for bad in [
+            "", "/", ".", "data", "./data", "/data/", "//data", "/a/../b", "/a/./b", "/..",
+        ] {
+            assert!(!check(bad), "{bad}");
+        }
+    }
+}
+
 /// One unit of work for a driver: a command in an image (or in the driver's own OS when
 /// `image` is empty), with its environment, volumes, limits and input.
 ///
@@ -81,6 +106,31 @@ impl Task {
 pub struct Mount {
     pub volume: String,
     pub path: String,
+}
+
+impl Mount {
+    /// The one rule for mount paths, the same on every driver: absolute, below `/`, and made
+    /// of plain names (no empty, `.` or `..` component), so `/data` means the same place
+    /// wherever a task runs (a container path, a guest path, `./data` for host processes).
+    pub fn check(&self, task: &str) -> Result<(), crate::DriverError> {
+        let plain = self.path.strip_prefix('/').is_some_and(|relative| {
+            !relative.is_empty()
+                && relative
+                    .split('/')
+                    .all(|part| !part.is_empty() && part != "." && part != "..")
+        });
+        if plain {
+            Ok(())
+        } else {
+            Err(crate::DriverError::InvalidTask {
+                task: task.to_owned(),
+                reason: format!(
+                    "mount path `{}` of volume `{}` must be an absolute path of plain names, such as `/data`",
+                    self.path, self.volume
+                ),
+            })
+        }
+    }
 }
 
 /// Resource limits; zero means unlimited.

@@ -84,6 +84,7 @@ pub fn link_mounts(
 ) -> Result<(), DriverError> {
     for mount in mounts {
         check_volume_name(&mount.volume)?;
+        mount.check(task)?;
         let relative = plain_relative(&mount.path).ok_or_else(|| DriverError::InvalidTask {
             task: task.to_owned(),
             reason: format!(

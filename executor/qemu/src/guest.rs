@@ -65,12 +65,7 @@ pub fn check_task(task: &Task) -> Result<(), DriverError> {
             volume: mount.volume.clone(),
             reason,
         })?;
-        if !mount.path.starts_with('/') {
-            return Err(invalid(format!(
-                "mount path `{}` of volume `{}` is not absolute",
-                mount.path, mount.volume
-            )));
-        }
+        mount.check(&task.id)?;
     }
     for name in task.env.keys() {
         if name.is_empty() || name.contains('=') {

@@ -28,11 +28,11 @@ fn driver(test: &str) -> Option<QemuDriver> {
     if missing.is_empty() {
         return Some(QemuDriver::new(config));
     }
-    let reason = missing.join("; ");
-    if std::env::var("CI").is_ok_and(|value| value == "true") {
-        panic!("qemu test `{test}` cannot run under CI=true: {reason}");
-    }
-    eprintln!("skipping qemu test `{test}`: {reason}");
+    let _ = ci_exec_prerequisite::require(
+        test,
+        Some(missing.join("; ")),
+        "bash .ci/setup-qemu.sh && bash .ci/setup-image.sh",
+    );
     None
 }
 

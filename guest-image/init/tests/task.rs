@@ -44,6 +44,18 @@ impl Drop for Dir {
     }
 }
 
+/// Polls `condition` until it holds; fails the test after `timeout`.
+fn wait_until(timeout: std::time::Duration, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn wrapper() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_ci-exec-init"))
 }
@@ -135,8 +147,13 @@ fn missing_commands_workdirs_and_signals_have_shell_exit_codes() {
 #[test]
 fn users_are_switched_by_number_and_by_name_when_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: switching users needs root");
+    let root = unsafe { libc::geteuid() } == 0;
+    if !ci_exec_prerequisite::require_that(
+        "users_are_switched_by_number_and_by_name_when_root",
+        root,
+        "switching users needs root",
+        "run the tests as root (CI does)",
+    ) {
         return;
     }
     let numeric = wrap(
@@ -181,7 +198,10 @@ fn followed_stdin_is_streamed_until_the_end_marker() {
     .expect("task");
     std::fs::write(dir.0.join("stdin"), b"one\n").expect("stdin");
     let mut child = wrapper().arg("--task").arg(&dir.0).spawn().expect("spawn");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    // The first line comes through before the rest exists: the input is streamed.
+    wait_until(std::time::Duration::from_secs(10), || {
+        dir.read("stdout") == "one\n"
+    });
     let mut input = std::fs::OpenOptions::new()
         .append(true)
         .open(dir.0.join("stdin"))
@@ -195,8 +215,13 @@ fn followed_stdin_is_streamed_until_the_end_marker() {
 #[test]
 fn volumes_are_bound_in_a_private_namespace_when_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: bind mounts need root");
+    let root = unsafe { libc::geteuid() } == 0;
+    if !ci_exec_prerequisite::require_that(
+        "volumes_are_bound_in_a_private_namespace_when_root",
+        root,
+        "bind mounts need root",
+        "run the tests as root (CI does)",
+    ) {
         return;
     }
     let volume = Dir::new();

@@ -287,13 +287,84 @@ fn bad_run_arguments_exit_2() {
 }
 
 #[test]
-fn registered_driver_not_built_exits_125() {
-    let output = Cli::new().run(&["run", "--driver=k8s", "--", "true"]);
-    assert_eq!(code(&output), 125);
-    assert_eq!(
-        first_line(&output),
-        "error: driver `k8s` is not built into this binary yet"
-    );
+fn unavailable_drivers_are_listed_as_such_and_refused_with_exit_2() {
+    for driver in [
+        "k8s",
+        "hetzner:token=x",
+        "digitalocean:token=x",
+        "fly:token=x",
+        "vz",
+    ] {
+        let output = Cli::new().run(&["run", &format!("--driver={driver}"), "--", "true"]);
+        assert_eq!(code(&output), 2, "{driver}");
+        let name = driver.split(':').next().unwrap_or(driver);
+        assert!(
+            first_line(&output).starts_with(&format!(
+                "error: driver `{name}` is not available yet in ci-exec"
+            )),
+            "{}",
+            first_line(&output)
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            stderr.lines().count(),
+            2,
+            "one error line and its hint: {stderr}"
+        );
+    }
+    let listing = Cli::new().run(&["drivers"]);
+    let table = String::from_utf8_lossy(&listing.stdout);
+    assert!(table.contains("\nk8s (not yet available)  "), "{table}");
+    assert!(table.contains("\nqemu  "), "{table}");
+    let json = Cli::new().run(&["drivers", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    let available = |name: &str| {
+        json.as_array()
+            .and_then(|drivers| drivers.iter().find(|driver| driver["name"] == name))
+            .map(|driver| driver["available"].clone())
+    };
+    assert_eq!(available("vz"), Some(serde_json::Value::Bool(false)));
+    assert_eq!(available("docker"), Some(serde_json::Value::Bool(true)));
+}
+
+#[test]
+fn a_closed_stdout_ends_listing_commands_quietly() {
+    use std::io::Read as _;
+    for args in [
+        &["drivers"][..],
+        &["results", "list"],
+        &["drivers", "--json"],
+    ] {
+        let mut child = Command::new(ci_exec_binary())
+            .args(args)
+            .env(
+                "CI_EXEC_RESULTS",
+                std::env::temp_dir().join("ci-exec-epipe-results"),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // `| head -0`: the reader goes away before the first write.
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read");
+        let status = child.wait().expect("wait");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            !stderr.to_lowercase().contains("broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            status.code().is_none_or(|code| code == 0),
+            "{args:?}: {status}"
+        );
+    }
 }
 
 #[test]

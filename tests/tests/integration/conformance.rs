@@ -11,15 +11,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ci_exec_driver::{ContainerStatus, DriverError, Stdin, Task, wait_for_exit};
-use ci_exec_tests::{Output, Subject, logs, unique_namespace, wait_until};
-use tokio::io::AsyncWrite;
+use ci_exec_tests::{Capabilities, Output, Subject, logs, unique_namespace, wait_until};
+use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 
-/// Generates one `#[tokio::test]` per case for each driver: `driver => constructor, image;`.
+/// Generates one `#[tokio::test]` per case for each driver:
+/// `driver => constructor, image = …, capabilities = Capabilities { … };`.
 macro_rules! conformance {
-    ($($driver:ident => $constructor:path, image = $image:expr;)*) => {
+    ($($driver:ident => $constructor:path, image = $image:expr, capabilities = $capabilities:expr;)*) => {
         $(
             mod $driver {
-                conformance!(@cases $driver, $constructor, $image;
+                conformance!(@cases $driver, $constructor, $image, $capabilities;
                     stdin,
                     exit_code_1,
                     exit_code_42,
@@ -33,11 +34,15 @@ macro_rules! conformance {
                     output_50_mb_byte_exact,
                     close_removes_everything,
                     cleanup_twice_is_fine,
+                    user_and_workdir_apply,
+                    privileged_grants_capabilities,
+                    stdin_streams_while_the_task_runs,
+                    a_missing_program_exits_127,
                 );
             }
         )*
     };
-    (@cases $driver:ident, $constructor:path, $image:expr; $($case:ident,)*) => {
+    (@cases $driver:ident, $constructor:path, $image:expr, $capabilities:expr; $($case:ident,)*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
@@ -45,6 +50,11 @@ macro_rules! conformance {
                     stringify!($driver),
                     $constructor(),
                     $image,
+                    {
+                        // Written where the driver joins, at the bottom of this file.
+                        use super::*;
+                        $capabilities
+                    },
                     super::$case,
                 )
                 .await;
@@ -128,13 +138,13 @@ async fn volume_shared_between_tasks(subject: Subject) {
 }
 
 async fn volume_files_read_back(subject: Subject) {
-    let Some(files) = subject.driver.as_volume_files() else {
-        eprintln!(
-            "driver `{}` cannot read volume files",
-            subject.driver.name()
-        );
+    if !subject.declares("volume_files", subject.capabilities.volume_files) {
         return;
-    };
+    }
+    let files = subject
+        .driver
+        .as_volume_files()
+        .expect("the driver declares volume_files but has no `as_volume_files`");
     let writer = subject
         .shell(
             &id("files"),
@@ -236,8 +246,7 @@ async fn follow_streams_and_returns_after_exit(subject: Subject) {
         )
         .mount("sync", "/sync");
     let container = subject.driver.run_container(task).await.expect("start");
-    if container.as_follow().is_none() {
-        eprintln!("driver `{}` cannot follow logs", subject.driver.name());
+    if !subject.declares("follow", subject.capabilities.follow) {
         let release = subject
             .shell(&id("go"), "touch sync/go")
             .mount("sync", "/sync");
@@ -433,10 +442,132 @@ async fn cleanup_twice_is_fine(subject: Subject) {
     }
 }
 
+async fn user_and_workdir_apply(subject: Subject) {
+    if !subject.declares("user", subject.capabilities.user) {
+        return;
+    }
+    // The working directory is a mount, so the check reads the same on every driver.
+    let task = subject
+        .shell(&id("user"), "id -u; id -g; echo here > file")
+        .mount("work", "/work")
+        .workdir("/work")
+        .user("0:0");
+    let output = subject.run(task).await;
+    assert_eq!(
+        (output.code, output.stdout_text().as_str()),
+        (0, "0\n0\n"),
+        "{}",
+        output.stderr_text()
+    );
+    let task = subject.shell(&id("user"), "id -u; id -g").user("1234:2345");
+    let output = subject.run(task).await;
+    assert_eq!(
+        (output.code, output.stdout_text().as_str()),
+        (0, "1234\n2345\n"),
+        "{}",
+        output.stderr_text()
+    );
+    let read = subject
+        .shell(&id("read"), "cat work/file")
+        .mount("work", "/work");
+    assert_eq!(subject.run(read).await.stdout_text(), "here\n");
+}
+
+/// The effective capability mask a task's `/proc/self/status` shows.
+fn effective_capabilities(status: &str) -> u64 {
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .expect("a CapEff line");
+    u64::from_str_radix(mask.trim(), 16).expect("a hex mask")
+}
+
+async fn privileged_grants_capabilities(subject: Subject) {
+    if !subject.declares("privileged", subject.capabilities.privileged) {
+        return;
+    }
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    let plain = subject
+        .run(subject.shell(&id("plain"), "cat /proc/self/status"))
+        .await;
+    assert_eq!(
+        effective_capabilities(&plain.stdout_text()) & CAP_SYS_ADMIN,
+        0
+    );
+    let mut task = subject.shell(&id("privileged"), "cat /proc/self/status");
+    task.privileged = true;
+    match subject.driver.run_container(task).await {
+        Ok(container) => {
+            let output = Output::of(&*container).await;
+            assert_eq!(output.code, 0, "{}", output.stderr_text());
+            assert_ne!(
+                effective_capabilities(&output.stdout_text()) & CAP_SYS_ADMIN,
+                0
+            );
+        }
+        // Docker refuses a privileged container where its daemon lacks capabilities (a
+        // nested or sandboxed host): an infrastructure error that says so, never a task
+        // that silently runs unprivileged.
+        Err(error) => assert_eq!(error.exit_class().code(), 125, "{error}"),
+    }
+}
+
+async fn stdin_streams_while_the_task_runs(subject: Subject) {
+    let (mut input, reader) = tokio::io::duplex(1024);
+    let task = subject
+        .shell(&id("stream"), "read a; echo got $a; cat")
+        .stdin(Stdin::stream(reader));
+    let container = subject.driver.run_container(task).await.expect("start");
+    input.write_all(b"one\n").await.expect("write");
+    assert!(
+        wait_until(Duration::from_secs(120), || async {
+            logs(&*container).await.0 == b"got one\n"
+        })
+        .await,
+        "the first line did not reach the running task"
+    );
+    input.write_all(b"rest\x00\xff").await.expect("write");
+    drop(input);
+    let output = Output::of(&*container).await;
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    assert_eq!(output.stdout, b"got one\nrest\x00\xff");
+}
+
+async fn a_missing_program_exits_127(subject: Subject) {
+    // Either answer is the contract's: the driver knows before starting (an error whose exit
+    // class is 127), or the task runs and exits 127 as a shell would.
+    let task = Task::new(id("missing"), ["no-such-program-here"]).image(subject.image);
+    match subject.driver.run_container(task).await {
+        Err(error) => {
+            assert!(
+                matches!(error, DriverError::ProgramNotFound { .. }),
+                "{error:?}"
+            );
+            assert_eq!(error.exit_class().code(), 127);
+        }
+        Ok(container) => assert_eq!(Output::of(&*container).await.code, 127),
+    }
+}
+
+/// Every driver declares what it can do where it joins (`tests/README.md`).
+const ALL: Capabilities = Capabilities {
+    volume_files: true,
+    follow: true,
+    user: true,
+    privileged: true,
+};
+
 conformance! {
-    native => ci_exec_tests::drivers::native, image = "";
-    docker => ci_exec_tests::drivers::docker, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE;
-    podman => ci_exec_tests::drivers::podman, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE;
-    qemu => ci_exec_tests::drivers::qemu, image = "";
-    qemu_podman => ci_exec_tests::drivers::qemu, image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE;
+    native => ci_exec_tests::drivers::native, image = "",
+        // Host processes have no privilege of their own to grant.
+        capabilities = Capabilities { privileged: false, ..ALL };
+    docker => ci_exec_tests::drivers::docker, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
+        capabilities = ALL;
+    podman => ci_exec_tests::drivers::podman, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
+        capabilities = ALL;
+    qemu => ci_exec_tests::drivers::qemu, image = "",
+        // The guest OS runs tasks as root in the VM: the VM is the isolation.
+        capabilities = Capabilities { privileged: false, ..ALL };
+    qemu_podman => ci_exec_tests::drivers::qemu, image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
+        capabilities = ALL;
 }
