@@ -11,25 +11,25 @@ pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
 }
 
-/// `Ok(())` when `missing` is `None`. Otherwise fails the calling test under `CI=true`, and
-/// elsewhere prints `skipped: <test>: <missing>; fix: <fix>` and returns `Err(())` for the
-/// test to return early on.
+/// `true` when `missing` is `None`. Otherwise fails the calling test under `CI=true`, and
+/// elsewhere prints `skipped: <test>: <missing>; fix: <fix>` and returns `false` for the test
+/// to return early on.
 #[track_caller]
-pub fn require(test: &str, missing: Option<String>, fix: &str) -> Result<(), ()> {
+pub fn require(test: &str, missing: Option<String>, fix: &str) -> bool {
     let Some(missing) = missing else {
-        return Ok(());
+        return true;
     };
     if ci() {
         panic!("`{test}` cannot run under CI=true: {missing}; fix: {fix}");
     }
     eprintln!("skipped: {test}: {missing}; fix: {fix}");
-    Err(())
+    false
 }
 
 /// [`require`] for a condition: `present` or the prerequisite named `what` is missing.
 #[track_caller]
 pub fn require_that(test: &str, present: bool, what: &str, fix: &str) -> bool {
-    require(test, (!present).then(|| what.to_owned()), fix).is_ok()
+    require(test, (!present).then(|| what.to_owned()), fix)
 }
 
 #[cfg(test)]
@@ -38,7 +38,7 @@ mod tests {
 
     #[test]
     fn a_present_prerequisite_passes() {
-        assert_eq!(require("t", None, "nothing"), Ok(()));
+        assert!(require("t", None, "nothing"));
         assert!(require_that("t", true, "x", "y"));
     }
 
@@ -50,7 +50,7 @@ mod tests {
             let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
             assert!(message.contains("fix: install x"), "{message}");
         } else {
-            assert_eq!(outcome.ok(), Some(Err(())));
+            assert_eq!(outcome.ok(), Some(false));
         }
     }
 }
