@@ -542,6 +542,9 @@ if [ "${{MMDEBSTRAP_MODE:-root}}" = unshare ]; then
   # (/dev/shm/libpod_lock), so it runs as a rootless podman whose namespace is this one.
   export _CONTAINERS_USERNS_CONFIGURED=done
 fi
+# Its configuration and lock directories go there as well: in unshare mode our root is a
+# subordinate id that cannot write the building user's home (`mkdir $HOME/.config`).
+HOME="$runroot" XDG_CONFIG_HOME="$runroot/config" XDG_DATA_HOME="$runroot/data" \
 {podman} --root "$root/var/lib/containers/storage" --runroot "$runroot" --storage-driver overlay \
   --tmpdir "$runroot/libpod" --events-backend none --cgroup-manager cgroupfs \
   import --change 'CMD ["/bin/sh"]' --message 'ci-exec base image' "$work/base.tar" {base_image} >&2

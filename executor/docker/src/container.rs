@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 
 use ci_exec_driver::{Container, ContainerStatus, DriverError, FollowLogs, LogSink};
 
+use crate::EngineProblem;
 use crate::connect::rewriting;
 use crate::driver::{Inner, status_code};
 
@@ -240,20 +241,18 @@ impl DockerContainer {
             Ended::Exited(code) => Ok(ContainerStatus::Exited { code: *code }),
             Ended::KilledFromOutside { signal } => Err(self.inner.backend(
                 format!("run task `{}`", self.task_id),
-                format!(
-                    "its container `{}` was stopped from outside ci-exec (a `kill`{} through \
-                     the engine, as {} send)",
-                    self.name,
-                    signal
+                EngineProblem::StoppedFromOutside {
+                    container: self.name.clone(),
+                    signal: signal
                         .as_deref()
                         .map(|signal| format!(" with signal {signal}"))
                         .unwrap_or_default(),
                     // Podman records no event for its `stop` and `rm -f`.
-                    match self.inner.config.engine {
+                    commands: match self.inner.config.engine {
                         crate::Engine::Docker => "`docker kill`, `docker stop` and `docker rm -f`",
                         crate::Engine::Podman => "`podman kill`",
                     },
-                ),
+                },
             )),
         }
     }
@@ -348,7 +347,7 @@ impl DockerContainer {
             None => {
                 return Err(self.inner.backend(
                     format!("wait for container `{}` to exit", self.name),
-                    "the daemon ended the answer without an exit code",
+                    EngineProblem::NoExitCode,
                 ));
             }
         };
@@ -376,7 +375,7 @@ impl DockerContainer {
     fn gone(&self) -> DriverError {
         self.inner.backend(
             format!("find container `{}`", self.name),
-            "it no longer exists: it was removed by cleanup, `close` or from outside ci-exec",
+            EngineProblem::ContainerGone,
         )
     }
 }

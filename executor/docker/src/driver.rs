@@ -24,7 +24,7 @@ use crate::config::{DockerConfig, Engine};
 use crate::connect::{Connection, connect};
 use crate::container::DockerContainer;
 use crate::volume::DockerVolume;
-use crate::{DockerError, ID_LABEL, NAMESPACE_LABEL, ROLE_LABEL};
+use crate::{DockerError, EngineProblem, ID_LABEL, NAMESPACE_LABEL, ROLE_LABEL};
 
 /// What rootful podman needs on hosts where it lacks `CAP_SYS_RESOURCE`: its default
 /// `nofile=1048576` is above the hard limit it may raise to there, and the OCI runtime's
@@ -345,7 +345,10 @@ impl Inner {
                     .ok_or_else(|| {
                         self.backend(
                             format!("inspect container `{name}`"),
-                            format!("the daemon's answer is not a container: {contents}"),
+                            EngineProblem::UnexpectedAnswer {
+                                expected: "a container",
+                                contents: contents.clone(),
+                            },
                         )
                     })
             }
@@ -365,11 +368,10 @@ impl Inner {
         if state.namespace.as_deref() != Some(self.namespace()) {
             return Err(self.backend(
                 format!("reuse container `{name}`"),
-                format!(
-                    "it exists but is not labelled `{NAMESPACE_LABEL}={}`; remove it or use \
-                     another namespace",
-                    self.namespace()
-                ),
+                EngineProblem::NotInNamespace {
+                    label: NAMESPACE_LABEL,
+                    namespace: self.namespace().to_owned(),
+                },
             ));
         }
         Ok(Some(state))
@@ -582,7 +584,10 @@ impl Inner {
                 container_ids_from_json(&contents).ok_or_else(|| {
                     self.backend(
                         "list the namespace's containers",
-                        format!("the daemon's answer is not a container list: {contents}"),
+                        EngineProblem::UnexpectedAnswer {
+                            expected: "a container list",
+                            contents: contents.clone(),
+                        },
                     )
                 })
             }
@@ -672,10 +677,7 @@ impl Driver for DockerDriver {
         let inspected = inspected
             .map_err(|source| inner.backend(format!("inspect image `{image}`"), source))?;
         inspected.id.ok_or_else(|| {
-            inner.backend(
-                format!("inspect image `{image}`"),
-                "the engine reported no image id",
-            )
+            inner.backend(format!("inspect image `{image}`"), EngineProblem::NoImageId)
         })
     }
 
@@ -716,7 +718,7 @@ impl Driver for DockerDriver {
             // Removed between our create and the look: a cleanup of the same id won.
             return Err(inner.backend(
                 format!("reuse container `{name}`"),
-                "it was removed while this run looked it up",
+                EngineProblem::RemovedDuringLookup,
             ));
         }
         Ok(Box::new(DockerContainer::new(inner.clone(), task.id, name)))
@@ -832,13 +834,9 @@ fn start_error(
     } else if message.contains("apply caps") {
         inner.backend(
             format!("start container `{name}`"),
-            format!(
-                "the OCI runtime could not grant the capabilities of a privileged container \
-                 (Docker grants every capability the kernel knows, and the daemon's host lacks \
-                 some, as in a nested container or a sandboxed VM); run the task unprivileged, \
-                 or on podman, which grants the capabilities it has ({})",
-                error_message(&error).trim()
-            ),
+            EngineProblem::CapabilitiesRefused {
+                message: error_message(&error).trim().to_owned(),
+            },
         )
     } else {
         inner.backend(format!("start container `{name}`"), error)

@@ -24,7 +24,7 @@ mod volume;
 pub use config::{DEFAULT_IMAGE, DockerConfig, Engine};
 pub use container::DockerContainer;
 pub use driver::DockerDriver;
-pub use error::DockerError;
+pub use error::{DockerError, EngineProblem};
 pub use sandbox::DockerSandbox;
 pub use volume::DockerVolume;
 

@@ -11,9 +11,9 @@ use ci_exec_driver::{
     DriverError, LogSink, Sandbox, SandboxExec, SandboxOutput, Task, resource_name,
 };
 
-use crate::DockerDriver;
 use crate::container::write_chunk;
 use crate::driver::{Inner, Role, status_code, validate_name};
+use crate::{DockerDriver, EngineProblem};
 
 /// The sandbox's main process: idles until the container is removed. A `sleep` in a loop
 /// rather than `sleep infinity`, which busybox and older coreutils lack; `exec`s run beside it.
@@ -47,8 +47,7 @@ impl DockerSandbox {
         self.inner.remove_container(&self.name).await.ok();
         self.inner.backend(
             format!("run `{}` in sandbox `{}`", command.join(" "), self.name),
-            "the sandbox container stopped or was removed while the command ran (killed from \
-             outside ci-exec?); it has been cleaned up",
+            EngineProblem::SandboxLost,
         )
     }
 
@@ -156,9 +155,7 @@ impl Sandbox for DockerSandbox {
             .await
             .map_err(|source| self.inner.backend(action(), source))?;
         let StartExecResults::Attached { mut output, .. } = started else {
-            return Err(self
-                .inner
-                .backend(action(), "the daemon started the exec detached"));
+            return Err(self.inner.backend(action(), EngineProblem::ExecDetached));
         };
         let write_error = |source| self.inner.backend("write a command's output", source);
         let mut stream_failed = false;
@@ -204,10 +201,9 @@ impl Sandbox for DockerSandbox {
             if start.elapsed() > EXIT_CODE_DEADLINE {
                 return Err(self.inner.backend(
                     action(),
-                    format!(
-                        "its output ended but the daemon reported no exit code within \
-                         {EXIT_CODE_DEADLINE:?}"
-                    ),
+                    EngineProblem::ExitCodeLate {
+                        after: EXIT_CODE_DEADLINE,
+                    },
                 ));
             }
             tokio::time::sleep(interval).await;

@@ -107,7 +107,7 @@ impl VolumeFiles for DockerDriver {
         if !inner.create_container(&reader, &body).await? {
             return Err(inner.backend(
                 format!("create volume reader container `{reader}`"),
-                "a container of that name exists already",
+                crate::EngineProblem::NameTaken,
             ));
         }
 

@@ -16,6 +16,14 @@ pub enum JobError {
     #[error("repository `{path}` has no commits yet")]
     NoCommits { path: PathBuf },
 
+    #[error("revision `{revision}` names no commit of repository `{path}`")]
+    UnknownRevision {
+        revision: String,
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+
     #[error("failed to read the committed tree of `{path}`")]
     ReadTree {
         path: PathBuf,
@@ -98,6 +106,7 @@ impl JobError {
             self,
             JobError::NotARepository { .. }
                 | JobError::NoCommits { .. }
+                | JobError::UnknownRevision { .. }
                 | JobError::NoMkfile { .. }
                 | JobError::BadMkfile { .. }
                 | JobError::NoTestTarget { .. }
@@ -117,6 +126,9 @@ impl JobError {
             JobError::NoCommits { .. } => Some(
                 "ci-exec runs the committed tree, never the work tree: commit your mkfile first"
                     .into(),
+            ),
+            JobError::UnknownRevision { .. } => Some(
+                "give a branch, tag or commit sha that `git rev-parse REV^{commit}` accepts".into(),
             ),
             JobError::NoMkfile { .. } => Some(
                 "add an `mkfile` with a `test:V:` rule and commit it (uncommitted files are ignored)"

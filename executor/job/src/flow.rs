@@ -26,12 +26,17 @@ const RUN_CI: &str = "/var/run/ci";
 const UNPACK: &str =
     "mkdir -p /var/run/ci/env /var/run/ci/artifacts /var/run/ci/cache && tar -x -f - -C .";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Runs `mk "$@"` in the test image with our tools directory in front of the image's own
+/// `PATH` (the default one when the image sets none), so the image's tools stay reachable.
+const TEST_SCRIPT: &str = "PATH=\"/opt/ci-exec/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}\"; export PATH; exec mk \"$@\"";
 
 /// What the user asked for.
 #[derive(Debug, Clone, Default)]
 pub struct JobOptions {
     /// The repository (or any directory inside it).
     pub path: PathBuf,
+    /// The committed revision to test (branch, tag, sha); HEAD when `None`.
+    pub revision: Option<String>,
     /// Variables whose values are inputs of the result key, passed to the job.
     pub inputs: Vec<String>,
     /// Variables passed to the job but never hashed, stored or printed.
@@ -100,7 +105,7 @@ pub struct PreparedJob {
 
 impl PreparedJob {
     pub fn prepare(options: JobOptions) -> Result<PreparedJob, JobError> {
-        let snapshot = Snapshot::of_head(&options.path)?;
+        let snapshot = Snapshot::of_revision(&options.path, options.revision.as_deref())?;
         let secrets = options
             .secrets
             .iter()
@@ -433,6 +438,7 @@ impl BoundJob<'_> {
                 run.driver.name()
             );
         }
+        let test_env_sets_path = test_env.contains_key("PATH");
         let mut task_env = env.clone();
         task_env.extend(test_env);
         let code = if in_container {
@@ -444,8 +450,12 @@ impl BoundJob<'_> {
                     .await
                     .and_then(|code| expect_success("install mk", code))?;
             }
-            task_env.insert("PATH".into(), format!("{TOOLS_PATH}:{DEFAULT_PATH}"));
-            let task = Task::new(run.next_id("test"), ["mk", "test"])
+            // The test image's own environment (its `PATH` above all: `cargo` in a rust image,
+            // `node` in a node image) stays; our tools directory goes in front of its `PATH`.
+            if !test_env_sets_path {
+                task_env.remove("PATH");
+            }
+            let task = Task::new(run.next_id("test"), ["sh", "-c", TEST_SCRIPT, "sh", "test"])
                 .image(&image)
                 .mount("src", SOURCE_PATH)
                 .mount("tools", TOOLS_PATH)

@@ -1,5 +1,5 @@
-//! The committed tree of HEAD, read from git objects — never from the work tree, so uncommitted
-//! edits and untracked files cannot reach a job.
+//! The committed tree of HEAD (or of any revision), read from git objects — never from the work
+//! tree, so uncommitted edits and untracked files cannot reach a job.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads HEAD of the repository containing `path`.
     pub fn of_head(path: &Path) -> Result<Snapshot, JobError> {
+        Snapshot::of_revision(path, None)
+    }
+
+    /// Reads revision `revision` (a branch, tag, sha or any `git rev-parse` expression that
+    /// names a commit) of the repository containing `path`, or HEAD when it is `None`, without
+    /// checking anything out.
+    pub fn of_revision(path: &Path, revision: Option<&str>) -> Result<Snapshot, JobError> {
         let repo = Repository::discover(path).map_err(|source| JobError::NotARepository {
             path: path.to_owned(),
             source,
@@ -36,14 +43,23 @@ impl Snapshot {
             path: root.clone(),
             source,
         };
-        let head = match repo.head() {
-            Ok(head) => head,
-            Err(error) if error.code() == git2::ErrorCode::UnbornBranch => {
-                return Err(JobError::NoCommits { path: root });
-            }
-            Err(error) => return Err(read_tree(error)),
+        let commit = match revision {
+            Some(revision) => repo
+                .revparse_single(revision)
+                .and_then(|object| object.peel_to_commit())
+                .map_err(|source| JobError::UnknownRevision {
+                    revision: revision.to_owned(),
+                    path: root.clone(),
+                    source,
+                })?,
+            None => match repo.head() {
+                Ok(head) => head.peel_to_commit().map_err(read_tree)?,
+                Err(error) if error.code() == git2::ErrorCode::UnbornBranch => {
+                    return Err(JobError::NoCommits { path: root });
+                }
+                Err(error) => return Err(read_tree(error)),
+            },
         };
-        let commit = head.peel_to_commit().map_err(read_tree)?;
         let mut tree = commit.tree().map_err(read_tree)?;
         // A subdirectory of the repository is a project of its own (a monorepo): its committed
         // subtree is the job's source, and only changes under it change the key.

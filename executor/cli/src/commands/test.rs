@@ -15,6 +15,9 @@ pub struct TestArgs {
     /// The repository, or any directory inside it
     #[arg(default_value = ".")]
     path: PathBuf,
+    /// Test this committed revision (branch, tag, sha) instead of HEAD, without checking it out
+    #[arg(long, value_name = "REV")]
+    rev: Option<String>,
     /// The driver DSN (`qemu`, `native`, `docker://ns?host=…`, …)
     #[arg(
         long,
@@ -63,6 +66,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
     let config = DriverConfig::parse(&args.driver)?;
     let options = JobOptions {
         path: args.path.clone(),
+        revision: args.rev.clone(),
         inputs,
         secrets: args.secrets.clone(),
         salt: args.salt.clone(),

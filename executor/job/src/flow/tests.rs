@@ -132,6 +132,8 @@ fn base_os(overrides: impl Fn(&TaskCall) -> Option<Answer> + Send + Sync + 'stat
             Reply::ok().stdout(tar_of(&[("./report.txt", "report\n")]))
         } else if line.contains("cd /var/run/ci/cache/ && tar -c") {
             Reply::ok().stdout(tar_of(&[("./deps/lock", "v1\n")]))
+        } else if is_test(call) {
+            Reply::ok().stdout("ran test\n")
         } else if let Some(targets) = line.strip_prefix("mk ") {
             Reply::ok().stdout(format!("ran {targets}\n"))
         } else {
@@ -145,6 +147,11 @@ fn store() -> (tempfile::TempDir, ResultStore) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = ResultStore::open(Some(dir.path().to_owned())).expect("store");
     (dir, store)
+}
+
+/// The `mk test` step, in the test image or the base OS.
+fn is_test(call: &TaskCall) -> bool {
+    call.command.last().map(String::as_str) == Some("test")
 }
 
 fn lines(driver: &FakeDriver) -> Vec<String> {
@@ -177,6 +184,8 @@ async fn a_job_runs_its_steps_in_order_and_records_env_files_artifacts_and_cache
                 "collect artifacts"
             } else if line.contains("/var/run/ci/cache/ && tar") {
                 "save cache"
+            } else if line.ends_with(" sh test") {
+                "mk test (in the test image)"
             } else {
                 line.as_str()
             }
@@ -190,7 +199,7 @@ async fn a_job_runs_its_steps_in_order_and_records_env_files_artifacts_and_cache
             "mk /var/run/ci/env/CONTAINERIMAGE",
             "read env",
             "install mk",
-            "mk test",
+            "mk test (in the test image)",
             "mk /var/run/ci/artifacts/report.txt",
             "collect artifacts",
             "mk /var/run/ci/cache/deps",
@@ -199,16 +208,19 @@ async fn a_job_runs_its_steps_in_order_and_records_env_files_artifacts_and_cache
         ]
     );
     let calls = driver.calls();
-    let test = calls
-        .iter()
-        .find(|call| call.line() == "mk test")
-        .expect("mk test");
+    let test = calls.iter().find(|call| is_test(call)).expect("mk test");
     assert_eq!(test.image, "localhost/built:1");
     assert_eq!(
         test.env.get("CONTAINERIMAGE").map(String::as_str),
         Some("localhost/built:1")
     );
-    assert!(test.env["PATH"].starts_with(TOOLS_PATH), "{:?}", test.env);
+    // The image's own PATH stays; our tools directory goes in front of it.
+    assert!(!test.env.contains_key("PATH"), "{:?}", test.env);
+    assert!(
+        test.line().contains(&format!("PATH=\"{TOOLS_PATH}:")),
+        "{}",
+        test.line()
+    );
     assert_eq!(test.workdir.as_deref(), Some(SOURCE_PATH));
     // Base-OS steps run image-less, in the source directory.
     let prepare = calls
@@ -281,8 +293,7 @@ async fn a_recorded_success_is_replayed_byte_for_byte() {
     let repo = Repo::new("test:V:\n\techo hi\n");
     let (_dir, store) = store();
     let driver = base_os(|call| {
-        (call.line() == "mk test")
-            .then(|| Answer::Reply(Reply::ok().stdout("out\n").stderr("err\n")))
+        (is_test(call)).then(|| Answer::Reply(Reply::ok().stdout("out\n").stderr("err\n")))
     });
     let job = PreparedJob::prepare(repo.options()).expect("prepare");
     let bound = job.bind(&driver, None).await.expect("bind");
@@ -308,7 +319,7 @@ async fn secrets_are_masked_live_and_in_the_record() {
     let repo = Repo::new("test:V:\n\techo $CI_EXEC_FLOW_TEST_SECRET\n");
     let (_dir, store) = store();
     let driver = base_os(|call| {
-        (call.line() == "mk test").then(|| {
+        (is_test(call)).then(|| {
             let secret = call.env.get(NAME).cloned().unwrap_or_default();
             Answer::Reply(Reply::ok().stdout(format!("token {secret} ok\n")))
         })
@@ -327,7 +338,7 @@ async fn secrets_are_masked_live_and_in_the_record() {
     let test = driver
         .calls()
         .into_iter()
-        .find(|call| call.line() == "mk test")
+        .find(|call| is_test(call))
         .expect("test");
     assert_eq!(
         test.env.get(NAME).map(String::as_str),
@@ -347,7 +358,7 @@ async fn a_failing_step_stops_the_job_and_is_never_replayed() {
     let (screen, terminal) = Screen::new();
     let report = bound.run(&store, terminal).await.expect("run");
     assert_eq!(report.exit_code, 3);
-    assert!(!lines(&driver).iter().any(|line| line == "mk test"));
+    assert!(!driver.calls().iter().any(is_test));
     assert_eq!(screen.stderr.text(), "no\n");
     assert!(
         store.get(bound.key()).expect("get").is_none(),
@@ -361,7 +372,7 @@ async fn a_driver_failure_is_an_infrastructure_error() {
     let repo = Repo::new("test:V:\n\ttrue\n");
     let (_dir, store) = store();
     let driver = base_os(|call| {
-        (call.line() == "mk test").then(|| {
+        (is_test(call)).then(|| {
             Answer::Fail(DriverError::backend(
                 "fake",
                 "boot the VM",
@@ -391,7 +402,7 @@ async fn a_driver_failure_is_an_infrastructure_error() {
 async fn an_interrupted_job_records_nothing_and_frees_the_repository() {
     let repo = Repo::new("test:V:\n\tsleep 1000\n");
     let (_dir, store) = store();
-    let driver = base_os(|call| (call.line() == "mk test").then_some(Answer::Hang));
+    let driver = base_os(|call| (is_test(call)).then_some(Answer::Hang));
     let job = PreparedJob::prepare(repo.options()).expect("prepare");
     let bound = job.bind(&driver, None).await.expect("bind");
     let (_screen, terminal) = Screen::new();
@@ -553,12 +564,18 @@ async fn the_key_follows_the_base_environment_and_the_mk_the_job_brings() {
             .as_ref()
             .is_some_and(|tar| String::from_utf8_lossy(tar).contains("mk v2"))
     );
-    let test = calls
-        .iter()
-        .find(|call| call.line() == "mk test")
-        .expect("test");
+    let test = calls.iter().find(|call| is_test(call)).expect("test");
     assert_eq!(test.image, "", "the driver's own base image");
-    assert!(test.env["PATH"].starts_with(TOOLS_PATH));
+    assert!(!test.env.contains_key("PATH"));
+    let upload_step = calls
+        .iter()
+        .position(|call| call.line().contains("-C /opt/ci-exec/bin"))
+        .expect("upload");
+    let base_path = &calls[upload_step].env["PATH"];
+    assert!(
+        base_path.starts_with(TOOLS_PATH),
+        "base-OS steps find the uploaded mk: {base_path}"
+    );
 }
 
 #[tokio::test]
