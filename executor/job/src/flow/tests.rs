@@ -208,7 +208,7 @@ async fn a_job_runs_its_steps_in_order_and_records_env_files_artifacts_and_cache
         ]
     );
     let calls = driver.calls();
-    let test = calls.iter().find(is_test).expect("mk test");
+    let test = calls.iter().find(|call| is_test(call)).expect("mk test");
     assert_eq!(test.image, "localhost/built:1");
     assert_eq!(
         test.env.get("CONTAINERIMAGE").map(String::as_str),
@@ -564,7 +564,7 @@ async fn the_key_follows_the_base_environment_and_the_mk_the_job_brings() {
             .as_ref()
             .is_some_and(|tar| String::from_utf8_lossy(tar).contains("mk v2"))
     );
-    let test = calls.iter().find(is_test).expect("test");
+    let test = calls.iter().find(|call| is_test(call)).expect("test");
     assert_eq!(test.image, "", "the driver's own base image");
     assert!(!test.env.contains_key("PATH"));
     let upload_step = calls
