@@ -122,6 +122,25 @@
     $sudo podman $podman_flags build --quiet --pull=never -t "$base_image" -f "$context/Containerfile" "$context" >/dev/null
     rm -rf "$context"
 
+    # A base image with nothing but a static busybox (no libc, no bash): the job tests run
+    # `ci-exec test` in it to show that only a static mk is uploaded.
+    busybox_image=localhost/ci-exec/busybox:latest
+    if ! docker image inspect "$busybox_image" >/dev/null 2>&1; then
+        if [ ! -x /bin/busybox ]; then
+            $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static
+        fi
+        rootfs="$(mktemp -d)"
+        mkdir -p "$rootfs/bin" "$rootfs/tmp" "$rootfs/etc"
+        cp /bin/busybox "$rootfs/bin/busybox"
+        "$rootfs/bin/busybox" --install -s "$rootfs/bin"
+        # --install links to the absolute path of the busybox that ran it.
+        for link in "$rootfs"/bin/*; do
+            [ -L "$link" ] && ln -sf busybox "$link"
+        done
+        tar -C "$rootfs" -c . | docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' - "$busybox_image" >/dev/null
+        rm -rf "$rootfs"
+    fi
+
     # `host=ssh://…`: a private sshd on 127.0.0.1:2222 whose sessions see the test dockerd,
     # reached through the host alias `ci-exec-ssh-test` (included into the user's ssh config).
     ssh_dir=/var/lib/ci-exec/ssh

@@ -517,8 +517,11 @@ printf '# ci-exec guests are offline unless a network is attached\n' > "$root/et
 mkdir -p "$root/etc/containers"
 cat > "$root/etc/containers/containers.conf" <<'CONF'
 # Written by ci-exec: the guest's PID 1 is not always systemd, so podman manages cgroups itself.
+# Containers (`podman build`'s RUN steps too) share the guest's network: the VM is the
+# boundary, and a bridge would need netfilter modules and setup for no gain.
 [containers]
 log_driver = "k8s-file"
+netns = "host"
 [engine]
 cgroup_manager = "cgroupfs"
 events_logger = "file"

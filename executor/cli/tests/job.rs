@@ -563,6 +563,164 @@ job_test!(the_guest_image_digest_is_in_the_key, [qemu], |_driver| {
     assert_ne!(report("first.json")["key"], report("second.json")["key"]);
 });
 
+/// An HTTP server on every host address that answers each request with `body`, for as long
+/// as it lives: what a repository's setup downloads. Returns its port.
+struct HostServer {
+    port: u16,
+}
+
+impl HostServer {
+    fn start(body: &'static str) -> HostServer {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        HostServer { port }
+    }
+}
+
+/// A shell line that fetches `http://$SERVER/` with bash's /dev/tcp (no curl in a minimal
+/// image) and prints the body, or `unreachable`. mk passes recipes to the shell as written.
+const FETCH: &str = "bash -c 'exec 3<>/dev/tcp/${SERVER%:*}/${SERVER#*:} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && sed \"1,/^\\r$/d\" <&3' 2>/dev/null || echo unreachable";
+
+job_test!(
+    a_repository_shaped_like_a_real_one_builds_its_test_image_online,
+    [qemu],
+    |driver| {
+        // base-image builds a test image with `podman build` on podman's default network
+        // (its RUN downloads from a server on the host); the image's ENV PATH puts its tool
+        // on the path; an env file names the image; a cache target and an artifact.
+        let server = HostServer::start("downloaded-by-run\n");
+        let repo = Repo::empty();
+        repo.git(&["init", "-q"]);
+        repo.write(
+            "Containerfile",
+            "FROM localhost/ci-exec/base:latest\n\
+             ARG SERVER\n\
+             RUN mkdir -p /opt/tool && printf '#!/bin/sh\\necho tool ran\\n' > /opt/tool/thetool && chmod +x /opt/tool/thetool\n\
+             RUN bash -c 'exec 3<>/dev/tcp/${SERVER%:*}/${SERVER#*:} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && sed \"1,/^\\r$/d\" <&3 > /opt/tool/fetched'\n\
+             ENV PATH=/opt/tool:$PATH\n",
+        );
+        repo.write(
+            "mkfile",
+            "prepare-runtime:V: base-image\n\ttrue\n\
+             base-image:V:\n\tpodman build -q --build-arg SERVER=$SERVER -t localhost/tool:1 .\n\
+             /var/run/ci/env/CONTAINERIMAGE: base-image\n\techo localhost/tool:1 > $target\n\
+             /var/run/ci/cache/deps:\n\tmkdir -p $target && date > $target/stamp\n\
+             test:V:\n\tthetool\n\tcat /opt/tool/fetched\n\techo \"PATH=$PATH\"\n\
+             /var/run/ci/artifacts/report.txt:\n\tthetool > $target 2>&1 || echo \"from the base OS\" > $target\n",
+        );
+        repo.commit("a real-shaped repository");
+        let address = format!("10.0.2.2:{}", server.port);
+        let output = repo.test(
+            driver,
+            &["--env", "SERVER", "--artifacts", "out"],
+            &[("SERVER", &address)],
+        );
+        assert_exit(&output, 0);
+        let stdout = text(&output.stdout);
+        assert!(stdout.contains("tool ran\n"), "{stdout}");
+        assert!(stdout.contains("downloaded-by-run\n"), "{stdout}");
+        assert!(
+            stdout.contains("PATH=/opt/ci-exec/bin:/opt/tool:/usr/local/sbin"),
+            "the image's PATH, our tools in front: {stdout}"
+        );
+        assert!(repo.path().join("out/report.txt").is_file());
+    }
+);
+
+job_test!(
+    the_base_os_is_online_and_the_test_offline_unless_the_mkfile_declares_it,
+    [qemu],
+    |driver| {
+        let server = HostServer::start("reached\n");
+        let address = format!("10.0.2.2:{}", server.port);
+        let repo = Repo::empty();
+        repo.git(&["init", "-q"]);
+        let mkfile = |declaration: &str| {
+            format!(
+                "{declaration}prepare-runtime:V:\n\techo \"setup: $({FETCH})\"\n\
+                 test:V:\n\techo \"test: $({FETCH})\"\n"
+            )
+        };
+        repo.write("mkfile", &mkfile(""));
+        repo.commit("offline test");
+        repo.write("mkfile", &mkfile("TEST_NETWORK=on\n"));
+        repo.commit("online test");
+        let env = [("SERVER", address.as_str())];
+        // `--rev` tests a revision that is not checked out.
+        let offline = repo.test(driver, &["--env", "SERVER", "--rev", "HEAD~1"], &env);
+        assert_exit(&offline, 0);
+        let stdout = text(&offline.stdout);
+        assert!(stdout.contains("setup: reached"), "{stdout}");
+        assert!(stdout.contains("test: unreachable"), "{stdout}");
+        let online = repo.test(driver, &["--env", "SERVER"], &env);
+        assert_exit(&online, 0);
+        assert!(
+            text(&online.stdout).contains("test: reached"),
+            "{}",
+            text(&online.stdout)
+        );
+        let none = repo.test(
+            driver,
+            &["--env", "SERVER", "--offline", "--no-replay"],
+            &env,
+        );
+        assert_exit(&none, 0);
+        let stdout = text(&none.stdout);
+        assert!(
+            stdout.contains("setup: unreachable") && stdout.contains("test: unreachable"),
+            "{stdout}"
+        );
+    }
+);
+
+job_test!(
+    a_busybox_base_image_runs_the_job_with_our_static_mk_at_another_revision,
+    [docker],
+    |driver| {
+        // Our static mk is uploaded: a dynamically linked one would not start where there is
+        // no libc. `--rev` picks a commit that is not checked out.
+        let repo = Repo::empty();
+        repo.git(&["init", "-q"]);
+        repo.write(
+            "mkfile",
+            "prepare-runtime:V:\n\techo setup on $(uname -s)\ntest:V:\n\techo first revision\n",
+        );
+        repo.commit("first");
+        repo.write("mkfile", "test:V:\n\techo second revision\n");
+        repo.commit("second");
+        let dsn = format!("{driver}:image={BUSYBOX_IMAGE}");
+        let first = repo.test(&dsn, &["--rev", "HEAD^"], &[]);
+        assert_exit(&first, 0);
+        let stdout = text(&first.stdout);
+        assert!(
+            stdout.contains("setup on Linux") && stdout.contains("first revision"),
+            "{stdout}"
+        );
+        let head = repo.test(&dsn, &[], &[]);
+        assert_exit(&head, 0);
+        assert!(text(&head.stdout).contains("second revision"));
+        let unknown = repo.test(&dsn, &["--rev", "no-such-branch"], &[]);
+        assert_exit(&unknown, 2);
+        assert!(text(&unknown.stderr).contains("revision `no-such-branch` names no commit"));
+    }
+);
+
+/// A base image with nothing but a static busybox (`.ci/setup-docker.sh` imports it).
+const BUSYBOX_IMAGE: &str = "localhost/ci-exec/busybox:latest";
+
 /// The 12-character key prefix a replay names on stderr.
 fn key_of(output: &Output) -> String {
     let stderr = text(&output.stderr);

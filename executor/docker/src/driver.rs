@@ -263,6 +263,8 @@ impl Inner {
             cpu_shares: positive(task.limits.cpu_shares),
             memory: positive(task.limits.memory_bytes),
             privileged: Some(task.privileged),
+            // An offline task gets only a loopback; the others the engine's default network.
+            network_mode: (task.network == Some(false)).then(|| "none".to_owned()),
             // `local` keeps the bytes as written (json-file re-encodes invalid UTF-8) and can
             // be read back whatever the daemon's default log driver is. Podman has its own
             // file logger and rejects `local`.

@@ -24,6 +24,7 @@ pub struct TaskCall {
     pub workdir: Option<String>,
     /// Fixed input bytes (a streamed input is recorded as empty).
     pub stdin: Option<Vec<u8>>,
+    pub network: Option<bool>,
 }
 
 impl TaskCall {
@@ -176,6 +177,7 @@ impl Driver for FakeDriver {
             env: task.env.clone(),
             mounts: task.mounts.clone(),
             workdir: task.workdir.clone(),
+            network: task.network,
             stdin: match &task.stdin {
                 Some(Stdin::Bytes(bytes)) => Some(bytes.to_vec()),
                 Some(Stdin::Stream(_)) => Some(Vec::new()),

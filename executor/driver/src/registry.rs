@@ -443,6 +443,13 @@ static DRIVERS: &[DriverSpec] = &[
             )
             .default("true")
             .env("QEMU_WARM"),
+            param(
+                "network",
+                Bool,
+                "outbound network for the VM (QEMU user-mode NAT and DNS); tasks are offline unless they ask for it",
+            )
+            .default("true")
+            .env("QEMU_NETWORK"),
         ],
     },
     DriverSpec {

@@ -52,6 +52,10 @@ pub struct Task {
     pub user: Option<String>,
     /// Working directory of the command; `None` keeps the driver's default.
     pub workdir: Option<String>,
+    /// Whether the task may reach the network: `Some(false)` runs it with none (only a
+    /// loopback), `Some(true)` with the outbound network the driver offers (an error where
+    /// it offers none), `None` keeps the driver's default.
+    pub network: Option<bool>,
 }
 
 impl Task {
@@ -96,6 +100,11 @@ impl Task {
 
     pub fn user(mut self, user: impl Into<String>) -> Self {
         self.user = Some(user.into());
+        self
+    }
+
+    pub fn network(mut self, online: bool) -> Self {
+        self.network = Some(online);
         self
     }
 }

@@ -43,6 +43,13 @@ pub enum JobError {
     #[error("the mkfile of `{path}` has no `test` target")]
     NoTestTarget { path: PathBuf },
 
+    #[error("the mkfile sets `{name}={value}`; expected {expected}")]
+    BadDeclaration {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
     #[error("environment variable `{name}` is declared as {role} but is not set")]
     MissingEnv { name: String, role: &'static str },
 
@@ -110,6 +117,7 @@ impl JobError {
                 | JobError::NoMkfile { .. }
                 | JobError::BadMkfile { .. }
                 | JobError::NoTestTarget { .. }
+                | JobError::BadDeclaration { .. }
                 | JobError::MissingEnv { .. }
                 | JobError::UnknownResult { .. }
                 | JobError::NoMk { .. }

@@ -46,6 +46,8 @@ pub struct JobOptions {
     pub no_replay: bool,
     /// Ignore the repository's saved `/var/run/ci/cache`.
     pub fresh: bool,
+    /// No step gets the network, whatever the mkfile declares.
+    pub offline: bool,
     /// Copy artifacts here (on a run and on a replay).
     pub artifacts_dir: Option<PathBuf>,
 }
@@ -318,6 +320,7 @@ impl BoundJob<'_> {
         let mut run = Run {
             driver,
             private_run_dir: self.support.shares_host_run_dir,
+            online: !self.job.options.offline,
             job: format!("job-{}-{}", &key[..12], std::process::id()),
             stdout: Stream::new(terminal.stdout, &secrets),
             stderr: Stream::new(terminal.stderr, &secrets),
@@ -431,6 +434,9 @@ impl BoundJob<'_> {
             .unwrap_or_else(|| self.support.default_test_image.clone());
 
         let in_container = self.support.test_in_container;
+        // Hermetic where it counts: `mk test` is offline unless the mkfile declares
+        // `TEST_NETWORK=on` (an input of the key, being in the mkfile).
+        let test_online = plan.test_network && !self.job.options.offline;
         if !in_container && test_env.contains_key("CONTAINERIMAGE") {
             let _ = writeln!(
                 run.status,
@@ -459,10 +465,12 @@ impl BoundJob<'_> {
                 .image(&image)
                 .mount("src", SOURCE_PATH)
                 .mount("tools", TOOLS_PATH)
-                .workdir(SOURCE_PATH);
+                .workdir(SOURCE_PATH)
+                .network(test_online);
             run.step("mk test", task, &task_env).await?
         } else {
-            run.mk_base(&["test"], &task_env).await?
+            run.mk_base_with_network(&["test"], &task_env, test_online)
+                .await?
         };
         if code != 0 {
             return Ok((code, Vec::new(), Some(image)));
@@ -554,7 +562,10 @@ impl BoundJob<'_> {
         env: &BTreeMap<String, String>,
     ) -> Result<JobPlan, JobError> {
         let variables = PLAN_VARIABLES.join(",");
-        let mut task = run.base_task("plan", &["mk", "--outline", &variables], None);
+        let online = run.online;
+        let mut task = run
+            .base_task("plan", &["mk", "--outline", &variables], None)
+            .network(online);
         task.env = env.clone();
         let mut listing = Vec::new();
         let code = run.execute("plan", task, Some(&mut listing)).await?;
@@ -572,6 +583,8 @@ struct Run<'a> {
     driver: &'a dyn Driver,
     /// Host processes share this machine's `/var/run/ci`: give each step a private one.
     private_run_dir: bool,
+    /// Base-OS mk steps get the network (`--offline` takes it away).
+    online: bool,
     job: String,
     stdout: Stream,
     stderr: Stream,
@@ -644,16 +657,27 @@ impl Run<'_> {
     }
 
     /// `mk TARGETS…` in the base OS, announced and recorded.
+    /// `mk TARGETS…` in the base OS, announced and recorded; online unless the job is
+    /// offline (the base OS is where a repository gets its dependencies).
     async fn mk_base(
         &mut self,
         targets: &[&str],
         env: &BTreeMap<String, String>,
     ) -> Result<i32, JobError> {
+        self.mk_base_with_network(targets, env, self.online).await
+    }
+
+    async fn mk_base_with_network(
+        &mut self,
+        targets: &[&str],
+        env: &BTreeMap<String, String>,
+        online: bool,
+    ) -> Result<i32, JobError> {
         let name = format!("mk {}", targets.join(" "));
         let command: Vec<&str> = std::iter::once("mk")
             .chain(targets.iter().copied())
             .collect();
-        let task = self.base_task(&name, &command, None);
+        let task = self.base_task(&name, &command, None).network(online);
         self.step(&name, task, env).await
     }
 

@@ -17,7 +17,9 @@ pub const ENV_DIR: &str = "/var/run/ci/env/";
 pub const ARTIFACTS_DIR: &str = "/var/run/ci/artifacts/";
 pub const CACHE_DIR: &str = "/var/run/ci/cache/";
 /// The variables a plan reads besides the targets.
-pub const PLAN_VARIABLES: &[&str] = &["ARTIFACTS"];
+pub const PLAN_VARIABLES: &[&str] = &["ARTIFACTS", TEST_NETWORK];
+/// `TEST_NETWORK=on` in the mkfile gives `mk test` the network (it is offline otherwise).
+pub const TEST_NETWORK: &str = "TEST_NETWORK";
 
 /// The well-known targets of a job's mkfile (seed `002_…`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub struct JobPlan {
     pub artifact_targets: Vec<String>,
     /// Explicit `/var/run/ci/cache/…` targets, saved after a successful run.
     pub cache_targets: Vec<String>,
+    /// `mk test` may reach the network (`TEST_NETWORK=on`).
+    pub test_network: bool,
 }
 
 /// What reading the mkfile on this host gave.
@@ -90,7 +94,24 @@ impl JobPlan {
                 artifact_targets.push(listed.clone());
             }
         }
+        let test_network = match outline
+            .variables
+            .get(TEST_NETWORK)
+            .map(|words| words.join(" "))
+            .as_deref()
+        {
+            None | Some("" | "off" | "no" | "false" | "0") => false,
+            Some("on" | "yes" | "true" | "1") => true,
+            Some(other) => {
+                return Err(JobError::BadDeclaration {
+                    name: TEST_NETWORK,
+                    value: other.to_owned(),
+                    expected: "`on` or `off`",
+                });
+            }
+        };
         Ok(JobPlan {
+            test_network,
             prepare_runtime: has("prepare-runtime"),
             post_test: has("post-test"),
             env_targets: under(ENV_DIR),

@@ -76,15 +76,26 @@ fn executable(path: &Path) -> Candidate {
     }
 }
 
-/// Applies `limits` and `user` to `command`; the child also leads its own process group so
-/// that cleanup kills every process it started.
+/// Applies `limits`, `user` and `offline` to `command`; the child also leads its own process
+/// group so that cleanup kills every process it started.
 pub fn prepare(
     command: &mut tokio::process::Command,
     task: &str,
     limits: Limits,
     user: Option<&str>,
+    offline: bool,
 ) -> Result<(), DriverError> {
     command.process_group(0);
+    if offline {
+        if user.is_some() {
+            return Err(DriverError::InvalidTask {
+                task: task.to_owned(),
+                reason: "the native driver cannot both switch the user and take the network away"
+                    .to_owned(),
+            });
+        }
+        leave_the_network(command);
+    }
     if let Some(user) = user {
         let (uid, gid) = parse_user(user).ok_or_else(|| DriverError::InvalidTask {
             task: task.to_owned(),
@@ -126,6 +137,67 @@ pub fn prepare(
         }
     }
     Ok(())
+}
+
+/// Runs the child in a network namespace of its own, with only a loopback (brought up). Root
+/// makes one directly; anyone else through a user namespace that maps their own ids to
+/// themselves, so the task still runs as the same user, only without the host's network.
+fn leave_the_network(command: &mut tokio::process::Command) {
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // Made before the fork: the child may not allocate.
+    let uid_map = format!("{uid} {uid} 1");
+    let gid_map = format!("{gid} {gid} 1");
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (unshare, open, write, close, socket, ioctl) on data
+    // prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let error = std::io::Error::last_os_error;
+            if uid == 0 {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(error());
+                }
+            } else {
+                if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
+                    return Err(error());
+                }
+                for (path, text) in [
+                    (c"/proc/self/setgroups", "deny".as_bytes()),
+                    (c"/proc/self/uid_map", uid_map.as_bytes()),
+                    (c"/proc/self/gid_map", gid_map.as_bytes()),
+                ] {
+                    let file = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if file < 0 {
+                        return Err(error());
+                    }
+                    let written = libc::write(file, text.as_ptr().cast(), text.len());
+                    libc::close(file);
+                    if written < 0 {
+                        return Err(error());
+                    }
+                }
+            }
+            let mut request: libc::ifreq = std::mem::zeroed();
+            for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo") {
+                *slot = *byte as libc::c_char;
+            }
+            let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if socket < 0 {
+                return Err(error());
+            }
+            let mut result = libc::ioctl(socket, libc::SIOCGIFFLAGS as _, &mut request);
+            if result == 0 {
+                request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                result = libc::ioctl(socket, libc::SIOCSIFFLAGS as _, &request);
+            }
+            libc::close(socket);
+            if result != 0 {
+                return Err(error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn parse_user(user: &str) -> Option<(u32, Option<u32>)> {

@@ -99,6 +99,7 @@ impl Sandbox for NativeSandbox {
             &self.id,
             self.task.limits,
             self.task.user.as_deref(),
+            self.task.network == Some(false),
         )?;
         let mut child = child_command.spawn().map_err(|source| {
             NativeError::Spawn {

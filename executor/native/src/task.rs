@@ -95,7 +95,13 @@ impl TaskState {
             .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(false);
-        process::prepare(&mut command, &id, task.limits, task.user.as_deref())?;
+        process::prepare(
+            &mut command,
+            &id,
+            task.limits,
+            task.user.as_deref(),
+            task.network == Some(false),
+        )?;
 
         let mut stream = None;
         match &task.stdin {

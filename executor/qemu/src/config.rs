@@ -29,6 +29,9 @@ pub struct QemuConfig {
     pub run_root: PathBuf,
     /// `warm` (`QEMU_WARM`): start from a saved VM state when one exists.
     pub warm: bool,
+    /// `network` (`QEMU_NETWORK`): give the VM outbound network through QEMU's user-mode
+    /// stack (NAT, DNS relayed to the host's resolver); tasks still choose per task.
+    pub network: bool,
 }
 
 impl QemuConfig {
@@ -47,6 +50,7 @@ impl QemuConfig {
             boot_timeout: Duration::from_secs(300),
             run_root: default_run_root(),
             warm: true,
+            network: true,
         }
     }
 
@@ -76,6 +80,9 @@ impl QemuConfig {
         }
         if let Some(warm) = config.bool("warm") {
             qemu.warm = warm;
+        }
+        if let Some(network) = config.bool("network") {
+            qemu.network = network;
         }
         Ok(qemu)
     }

@@ -106,6 +106,7 @@ impl QemuDriver {
             incoming: None,
             ram_file: None,
             incoming_control_version: 0,
+            network: self.config.network,
         };
         let started = std::time::Instant::now();
         let machine = if self.config.warm {
@@ -418,6 +419,13 @@ impl Driver for QemuDriver {
             .machine()
             .await
             .map_err(|error| backend("boot the VM", error))?;
+        if task.network == Some(true) && !machine.has_network() {
+            return Err(DriverError::InvalidTask {
+                task: task.id.clone(),
+                reason: "it asks for the network, and this VM has none (`qemu:network=false`)"
+                    .to_owned(),
+            });
+        }
         let name = ci_exec_driver::resource_name(&self.config.namespace, &task.id);
         let runner = if task.image.is_empty() {
             Runner::GuestOs

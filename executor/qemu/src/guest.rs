@@ -173,7 +173,14 @@ fn podman_argv(
                 PODMAN_NETWORK_BACKEND,
                 PODMAN_EVENTS,
                 "run",
-                "--network=none",
+                // Online tasks share the guest's network (the VM is the boundary, and a
+                // bridge would need netfilter modules and setup for no gain); the rest have
+                // only a loopback.
+                if task.network == Some(true) {
+                    "--network=host"
+                } else {
+                    "--network=none"
+                },
                 "--pull=never",
             ]
             .iter()
@@ -255,6 +262,14 @@ pub fn task_spec(
     let argv = match runner {
         Runner::GuestOs => {
             records.push(("mode", "guest-os".to_owned()));
+            // Guest-OS tasks are offline unless they ask: the wrapper gives them a network
+            // namespace of their own with only a loopback.
+            let network = if task.network == Some(true) {
+                "guest"
+            } else {
+                "none"
+            };
+            records.push(("network", network.to_owned()));
             if let Some(workdir) = &task.workdir {
                 records.push(("workdir", workdir.clone()));
             }
@@ -474,11 +489,36 @@ mod tests {
             .workdir("/work")
             .user("1000:1000");
         let spec = task_spec(&task, &task.env, Runner::GuestOs, StdinSource::File);
+        let online = task_spec(
+            &Task::new("t6", ["true"]).network(true),
+            &BTreeMap::new(),
+            Runner::GuestOs,
+            StdinSource::None,
+        );
+        assert!(records(&online).contains(&"network=guest".to_owned()));
+        let podman = Runner::PodmanRun {
+            image: "i",
+            name: "n",
+        };
+        assert!(
+            podman_argv(
+                &Task::new("t7", ["true"]).network(true),
+                &BTreeMap::new(),
+                podman,
+                false
+            )
+            .contains(&"--network=host".to_owned())
+        );
+        assert!(
+            podman_argv(&Task::new("t8", ["true"]), &BTreeMap::new(), podman, false)
+                .contains(&"--network=none".to_owned())
+        );
         assert_eq!(
             records(&spec),
             [
                 "stdin=file",
                 "mode=guest-os",
+                "network=none",
                 "workdir=/work",
                 "user=1000:1000",
                 "bind=/mnt/ci/volumes/cache",

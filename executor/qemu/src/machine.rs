@@ -71,6 +71,9 @@ pub struct MachineSpec {
     /// The saved state's guest serves the control port (it greeted before it was saved, so
     /// a restored VM does not greet again).
     pub incoming_control_version: u32,
+    /// A virtio NIC on QEMU's user-mode network (NAT to whatever the host reaches, DNS
+    /// relayed to the host's resolver); without it the guest has only a loopback.
+    pub network: bool,
 }
 
 /// Guest RAM backed by a file. The VM that saves a warm state maps it shared, so the file
@@ -131,9 +134,19 @@ impl MachineSpec {
             "-display",
             "none",
             "-no-reboot",
-            "-nic",
-            "none",
         ]);
+        if self.network {
+            // User-mode networking needs no privilege and no host setup: the guest is
+            // 10.0.2.15 behind QEMU's NAT, its gateway 10.0.2.2, its resolver 10.0.2.3.
+            push(&[
+                "-netdev",
+                "user,id=net,ipv6=off",
+                "-device",
+                "virtio-net-device,netdev=net",
+            ]);
+        } else {
+            push(&["-nic", "none"]);
+        }
         let path = |path: &Path| path.display().to_string();
         push(&["-kernel", &path(&self.image.vmlinux)]);
         push(&["-initrd", &path(&self.image.initrd)]);
@@ -323,6 +336,8 @@ pub struct Machine {
     restored: bool,
     /// Guest RAM is a shared file mapping: a saved state leaves it out.
     shared_ram: bool,
+    /// It has a NIC on QEMU's user-mode network, configured by [`Machine::prepare_guest`].
+    network: bool,
     version: String,
 }
 
@@ -538,6 +553,7 @@ impl Machine {
             control_version,
             restored: spec.incoming.is_some(),
             shared_ram: spec.ram_file.as_ref().is_some_and(|ram| ram.shared),
+            network: spec.network,
             version,
         })
     }
@@ -668,6 +684,19 @@ impl Machine {
     /// Sets the guest clock to the host's (a restored VM wakes with the time it was saved at)
     /// and mounts the share: through the control port, else through the agent.
     pub async fn prepare_guest(&self) -> Result<(), QemuError> {
+        self.prepare_share_and_clock().await?;
+        if self.network {
+            self.sh_ok(NETWORK_SETUP, AGENT_TIMEOUT).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the guest has an outbound network.
+    pub fn has_network(&self) -> bool {
+        self.network
+    }
+
+    async fn prepare_share_and_clock(&self) -> Result<(), QemuError> {
         if self.control_version > 0 {
             let mut client = self.control.lock().await;
             let early = self.sent_early.lock().await.take();
@@ -860,6 +889,13 @@ fn share_mount_options() -> String {
 }
 
 /// The control requests that set the guest clock to now and mount the share.
+/// Configures the guest's NIC for QEMU's user-mode network (no DHCP client in the guest: the
+/// addresses are QEMU's fixed ones). Idempotent, so it also serves a restored VM whose saved
+/// state had it done already.
+const NETWORK_SETUP: &str = "ip link set eth0 up && ip addr replace 10.0.2.15/24 dev eth0 && \
+     ip route replace default via 10.0.2.2 && \
+     printf 'nameserver 10.0.2.3\n' > /etc/resolv.conf";
+
 fn prepare_requests() -> Vec<String> {
     vec![
         control::time_request(since_epoch()),
@@ -1012,6 +1048,7 @@ mod tests {
             }),
             incoming,
             incoming_control_version: 0,
+            network: false,
         }
     }
 

@@ -45,6 +45,7 @@ pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
         format!("accel={}", spec.accel),
         format!("memory={}", spec.memory_mb),
         format!("cpus={}", spec.cpus),
+        format!("network={}", spec.network),
         format!("qemu={}@{modified}", binary.display()),
     ] {
         hasher.update(part.as_bytes());

@@ -56,6 +56,8 @@ struct Spec {
     guest_os: bool,
     workdir: Option<Vec<u8>>,
     user: Option<String>,
+    /// `network=none`: a network namespace of its own with only a loopback.
+    offline: bool,
     binds: Vec<(Vec<u8>, Vec<u8>)>,
     env: Vec<Vec<u8>>,
     argv: Vec<Vec<u8>>,
@@ -67,6 +69,7 @@ fn parse(bytes: &[u8]) -> Result<Spec, String> {
         guest_os: false,
         workdir: None,
         user: None,
+        offline: false,
         binds: Vec::new(),
         env: Vec::new(),
         argv: Vec::new(),
@@ -102,6 +105,13 @@ fn parse(bytes: &[u8]) -> Result<Spec, String> {
             }
             b"workdir" => spec.workdir = Some(value),
             b"user" => spec.user = Some(text()),
+            b"network" => {
+                spec.offline = match value.as_slice() {
+                    b"none" => true,
+                    b"guest" => false,
+                    _ => return Err(format!("unknown network `{}`", text())),
+                }
+            }
             b"bind" => pending_bind = Some(value),
             b"at" => {
                 let source = pending_bind
@@ -249,6 +259,11 @@ fn exec_command(spec: &Spec) -> i32 {
         if let Err(error) = bind_volumes(&spec.binds) {
             return fail(SETUP_FAILED, error.to_string());
         }
+        if spec.offline
+            && let Err(error) = leave_the_network()
+        {
+            return fail(SETUP_FAILED, error.to_string());
+        }
         let workdir = spec.workdir.as_deref().unwrap_or(b"/");
         if let Err(error) = std::env::set_current_dir(OsStr::from_bytes(workdir)) {
             return fail(
@@ -330,6 +345,19 @@ fn exec_command(spec: &Spec) -> i32 {
         ),
         None => fail(NOT_FOUND, format!("`{name}`: command not found")),
     }
+}
+
+/// A network namespace of our own, before the user switch (only root may make one): no
+/// interface but a loopback, which is brought up so that tasks can still talk to themselves.
+fn leave_the_network() -> io::Result<()> {
+    // SAFETY: unshare with a constant flag.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(context(
+            io::Error::last_os_error(),
+            "unshare the network namespace".to_owned(),
+        ));
+    }
+    system::loopback_up()
 }
 
 /// A private mount namespace with each `(source, target)` bind-mounted, targets created.

@@ -38,6 +38,7 @@ macro_rules! conformance {
                     privileged_grants_capabilities,
                     stdin_streams_while_the_task_runs,
                     a_missing_program_exits_127,
+                    offline_tasks_have_only_a_loopback,
                 );
             }
         )*
@@ -547,6 +548,33 @@ async fn a_missing_program_exits_127(subject: Subject) {
         }
         Ok(container) => assert_eq!(Output::of(&*container).await.code, 127),
     }
+}
+
+async fn offline_tasks_have_only_a_loopback(subject: Subject) {
+    // /proc/net/dev lists the interfaces of the reader's network namespace.
+    let interfaces = |output: &Output| -> Vec<String> {
+        output
+            .stdout_text()
+            .lines()
+            .filter_map(|line| line.split_once(':').map(|(name, _)| name.trim().to_owned()))
+            .collect()
+    };
+    let offline = subject
+        .shell(&id("offline"), "cat /proc/net/dev")
+        .network(false);
+    let output = subject.run(offline).await;
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    assert_eq!(interfaces(&output), ["lo"]);
+    let online = subject
+        .shell(&id("online"), "cat /proc/net/dev")
+        .network(true);
+    let output = subject.run(online).await;
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    assert!(
+        interfaces(&output).iter().any(|name| name != "lo"),
+        "an online task sees a network interface: {:?}",
+        interfaces(&output)
+    );
 }
 
 /// Every driver declares what it can do where it joins (`tests/README.md`).

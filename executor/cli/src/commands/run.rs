@@ -35,6 +35,13 @@ pub struct RunArgs {
     /// Working directory of the command
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
+    /// Give the task outbound network (the qemu driver's tasks have none otherwise)
+    #[arg(long, conflicts_with = "offline")]
+    network: bool,
+    /// Run the task with no network but a loopback (docker, podman and native tasks have
+    /// their engine's or the host's otherwise)
+    #[arg(long)]
+    offline: bool,
     /// The command and its arguments (after `--`)
     #[arg(
         required = true,
@@ -192,6 +199,9 @@ fn build_task(args: &RunArgs, host_env: &dyn Fn(&str) -> Option<String>) -> Resu
     if args.interactive {
         task = task.stdin(Stdin::stream(tokio::io::stdin()));
     }
+    if args.network || args.offline {
+        task = task.network(args.network);
+    }
     Ok(task)
 }
 
@@ -213,6 +223,8 @@ mod tests {
             volumes: volumes.iter().map(|item| (*item).to_owned()).collect(),
             interactive: false,
             workdir: None,
+            network: false,
+            offline: false,
             command: vec!["true".into()],
         }
     }

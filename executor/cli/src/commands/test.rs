@@ -39,6 +39,10 @@ pub struct TestArgs {
     /// Ignore the repository's saved `/var/run/ci/cache`
     #[arg(long)]
     fresh: bool,
+    /// No network for any step (the base-OS steps are online otherwise, and `mk test` when
+    /// the mkfile sets `TEST_NETWORK=on`)
+    #[arg(long)]
+    offline: bool,
     /// Copy the artifacts into DIR (also when replaying)
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
@@ -72,6 +76,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         salt: args.salt.clone(),
         no_replay: args.no_replay,
         fresh: args.fresh,
+        offline: args.offline,
         artifacts_dir: args.artifacts.clone(),
     };
     // Usage errors (no repository, no mkfile, a bad mkfile) before any driver starts.

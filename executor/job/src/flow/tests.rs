@@ -335,11 +335,7 @@ async fn secrets_are_masked_live_and_in_the_record() {
     let recorded = store.read_blob(&record.stdout.sha256).expect("blob");
     assert_eq!(recorded, b"token *** ok\n");
     // The secret reached the task, and is not an input of the key.
-    let test = driver
-        .calls()
-        .into_iter()
-        .find(is_test)
-        .expect("test");
+    let test = driver.calls().into_iter().find(is_test).expect("test");
     assert_eq!(
         test.env.get(NAME).map(String::as_str),
         Some("hunter2-secret")
@@ -430,7 +426,7 @@ async fn mkfiles_that_run_commands_are_planned_in_the_base_os() {
     let (_dir, store) = store();
     let outline = "mk-outline 1\ntarget\ttest\ntarget\tprepare-runtime\nvariable\tARTIFACTS\t/var/run/ci/artifacts/computed\n";
     let driver = base_os(move |call| {
-        (call.line() == "mk --outline ARTIFACTS")
+        (call.line() == "mk --outline ARTIFACTS,TEST_NETWORK")
             .then(|| Answer::Reply(Reply::ok().stdout(outline)))
     });
     let job = PreparedJob::prepare(repo.options()).expect("prepare");
@@ -441,7 +437,7 @@ async fn mkfiles_that_run_commands_are_planned_in_the_base_os() {
     let called = lines(&driver);
     let plan = called
         .iter()
-        .position(|line| line == "mk --outline ARTIFACTS")
+        .position(|line| line == "mk --outline ARTIFACTS,TEST_NETWORK")
         .expect("planned");
     let prepare = called
         .iter()
@@ -461,7 +457,8 @@ async fn mkfiles_that_run_commands_are_planned_in_the_base_os() {
 
     // A base OS whose mk cannot outline stops the job as a usage problem.
     let driver = base_os(|call| {
-        (call.line() == "mk --outline ARTIFACTS").then(|| Answer::Reply(Reply::exit(1)))
+        (call.line() == "mk --outline ARTIFACTS,TEST_NETWORK")
+            .then(|| Answer::Reply(Reply::exit(1)))
     });
     let bound = job.bind(&driver, None).await.expect("bind");
     let (_screen, terminal) = Screen::new();
@@ -617,4 +614,45 @@ async fn host_drivers_run_the_test_in_the_base_os_with_a_private_run_dir() {
         "{}",
         screen.status.text()
     );
+}
+
+#[tokio::test]
+async fn base_os_steps_are_online_and_the_test_offline_unless_declared() {
+    let run = |mkfile: &'static str, offline: bool| async move {
+        let repo = Repo::new(mkfile);
+        let (_dir, store) = store();
+        let driver = base_os(|_| None);
+        let mut options = repo.options();
+        options.offline = offline;
+        let job = PreparedJob::prepare(options).expect("prepare");
+        let bound = job.bind(&driver, None).await.expect("bind");
+        let (_screen, terminal) = Screen::new();
+        bound.run(&store, terminal).await.expect("run");
+        let calls = driver.calls();
+        let prepare = calls
+            .iter()
+            .find(|call| call.line() == "mk prepare-runtime")
+            .expect("prepare")
+            .network;
+        let test = calls
+            .iter()
+            .find(|call| is_test(call))
+            .expect("test")
+            .network;
+        (prepare, test)
+    };
+    let plain = "prepare-runtime:V:\n\ttrue\ntest:V:\n\ttrue\n";
+    let declared = "TEST_NETWORK=on\nprepare-runtime:V:\n\ttrue\ntest:V:\n\ttrue\n";
+    assert_eq!(run(plain, false).await, (Some(true), Some(false)));
+    assert_eq!(run(declared, false).await, (Some(true), Some(true)));
+    assert_eq!(
+        run(declared, true).await,
+        (Some(false), Some(false)),
+        "--offline"
+    );
+
+    let repo = Repo::new("TEST_NETWORK=sometimes\ntest:V:\n\ttrue\n");
+    let error = PreparedJob::prepare(repo.options()).expect_err("bad declaration");
+    assert!(matches!(error, JobError::BadDeclaration { .. }), "{error}");
+    assert!(error.is_usage());
 }
