@@ -486,6 +486,7 @@ mod tests {
             "mode=guest-os",
             "workdir=/data",
             "user=1000:100",
+            "network=none",
             "bind=/mnt/ci/volumes/v",
             "at=/data",
             "env=A=1=2",
@@ -502,6 +503,7 @@ mod tests {
                 guest_os: true,
                 workdir: Some(b"/data".to_vec()),
                 user: Some("1000:100".to_owned()),
+                offline: true,
                 binds: vec![(b"/mnt/ci/volumes/v".to_vec(), b"/data".to_vec())],
                 env: vec![b"A=1=2".to_vec(), b"PATH=/bin".to_vec()],
                 argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo \"$A\"".to_vec()],
@@ -513,6 +515,7 @@ mod tests {
             (records(&["arg=x", "at=/a"]), "`at` without a `bind`"),
             (records(&["arg=x", "stdin=maybe"]), "unknown stdin `maybe`"),
             (records(&["arg=x", "colour=red"]), "unknown key `colour`"),
+            (records(&["arg=x", "network=some"]), "unknown network `some`"),
             (records(&["arg=x", "novalue"]), "has no `=`"),
         ] {
             let error = parse(&bad).expect_err("bad spec");
