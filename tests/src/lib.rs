@@ -74,6 +74,8 @@ pub struct Capabilities {
     pub user: bool,
     /// `Task::privileged` grants `CAP_SYS_ADMIN` and an unprivileged task lacks it.
     pub privileged: bool,
+    /// `Task::limits.memory_bytes` stops a task that needs more.
+    pub limits: bool,
 }
 
 impl Subject {

@@ -270,6 +270,9 @@ pub fn task_spec(
                 "none"
             };
             records.push(("network", network.to_owned()));
+            if task.limits.memory_bytes > 0 {
+                records.push(("memory", task.limits.memory_bytes.to_string()));
+            }
             if let Some(workdir) = &task.workdir {
                 records.push(("workdir", workdir.clone()));
             }

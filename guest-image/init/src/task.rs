@@ -58,6 +58,9 @@ struct Spec {
     user: Option<String>,
     /// `network=none`: a network namespace of its own with only a loopback.
     offline: bool,
+    /// `memory=BYTES`: the command's address space is limited to it, as the native driver
+    /// limits host processes (a VM has no container runtime around its guest-OS tasks).
+    memory: Option<u64>,
     binds: Vec<(Vec<u8>, Vec<u8>)>,
     env: Vec<Vec<u8>>,
     argv: Vec<Vec<u8>>,
@@ -70,6 +73,7 @@ fn parse(bytes: &[u8]) -> Result<Spec, String> {
         workdir: None,
         user: None,
         offline: false,
+        memory: None,
         binds: Vec::new(),
         env: Vec::new(),
         argv: Vec::new(),
@@ -105,6 +109,13 @@ fn parse(bytes: &[u8]) -> Result<Spec, String> {
             }
             b"workdir" => spec.workdir = Some(value),
             b"user" => spec.user = Some(text()),
+            b"memory" => {
+                spec.memory = Some(
+                    text()
+                        .parse()
+                        .map_err(|_| format!("memory `{}` is not a number of bytes", text()))?,
+                )
+            }
             b"network" => {
                 spec.offline = match value.as_slice() {
                     b"none" => true,
@@ -278,6 +289,22 @@ fn exec_command(spec: &Spec) -> i32 {
             && let Err(error) = switch_user(user)
         {
             return fail(SETUP_FAILED, error.to_string());
+        }
+        if let Some(memory) = spec.memory {
+            let limit = libc::rlimit {
+                rlim_cur: memory as libc::rlim_t,
+                rlim_max: memory as libc::rlim_t,
+            };
+            // SAFETY: setrlimit with a valid rlimit value.
+            if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } != 0 {
+                return fail(
+                    SETUP_FAILED,
+                    format!(
+                        "limit the memory to {memory} bytes: {}",
+                        io::Error::last_os_error()
+                    ),
+                );
+            }
         }
     }
     let Ok(argv) = c_strings(&spec.argv) else {
@@ -487,6 +514,7 @@ mod tests {
             "workdir=/data",
             "user=1000:100",
             "network=none",
+            "memory=1048576",
             "bind=/mnt/ci/volumes/v",
             "at=/data",
             "env=A=1=2",
@@ -504,6 +532,7 @@ mod tests {
                 workdir: Some(b"/data".to_vec()),
                 user: Some("1000:100".to_owned()),
                 offline: true,
+                memory: Some(1048576),
                 binds: vec![(b"/mnt/ci/volumes/v".to_vec(), b"/data".to_vec())],
                 env: vec![b"A=1=2".to_vec(), b"PATH=/bin".to_vec()],
                 argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo \"$A\"".to_vec()],
@@ -515,7 +544,10 @@ mod tests {
             (records(&["arg=x", "at=/a"]), "`at` without a `bind`"),
             (records(&["arg=x", "stdin=maybe"]), "unknown stdin `maybe`"),
             (records(&["arg=x", "colour=red"]), "unknown key `colour`"),
-            (records(&["arg=x", "network=some"]), "unknown network `some`"),
+            (
+                records(&["arg=x", "network=some"]),
+                "unknown network `some`",
+            ),
             (records(&["arg=x", "novalue"]), "has no `=`"),
         ] {
             let error = parse(&bad).expect_err("bad spec");

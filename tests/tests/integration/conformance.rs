@@ -39,6 +39,8 @@ macro_rules! conformance {
                     stdin_streams_while_the_task_runs,
                     a_missing_program_exits_127,
                     offline_tasks_have_only_a_loopback,
+                    a_memory_limit_applies,
+                    a_file_that_cannot_be_executed_exits_126,
                 );
             }
         )*
@@ -577,12 +579,67 @@ async fn offline_tasks_have_only_a_loopback(subject: Subject) {
     );
 }
 
+async fn a_memory_limit_applies(subject: Subject) {
+    if !subject.declares("limits", subject.capabilities.limits) {
+        return;
+    }
+    // `dd` holds one buffer of its block size: 100 MB fits no 32 MB limit, whether the
+    // driver enforces it as an address-space limit (malloc fails) or a cgroup (OOM kill).
+    let script = "dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null && echo fits";
+    let free = subject.run(subject.shell(&id("unlimited"), script)).await;
+    assert_eq!(
+        (free.code, free.stdout_text().as_str()),
+        (0, "fits\n"),
+        "{}",
+        free.stderr_text()
+    );
+    let mut limited = subject.shell(&id("limited"), script);
+    limited.limits = ci_exec_driver::Limits {
+        memory_bytes: 32 * 1024 * 1024,
+        cpu_shares: 512,
+    };
+    let output = subject.run(limited).await;
+    assert_ne!(
+        output.code,
+        0,
+        "100 MB fitted in 32 MB: {}",
+        output.stdout_text()
+    );
+    assert!(!output.stdout_text().contains("fits"));
+}
+
+async fn a_file_that_cannot_be_executed_exits_126(subject: Subject) {
+    // The mount appears at `bin-volume` relative to the default working directory on every
+    // driver (`/` in containers and VMs, the task directory for host processes).
+    let make = subject
+        .shell(
+            &id("make"),
+            "printf 'echo ran\\n' > bin-volume/plain && chmod 644 bin-volume/plain",
+        )
+        .mount("bin", "/bin-volume");
+    assert_eq!(subject.run(make).await.code, 0);
+    let task = Task::new(id("plain"), ["bin-volume/plain"])
+        .image(subject.image)
+        .mount("bin", "/bin-volume");
+    match subject.driver.run_container(task).await {
+        Err(error) => {
+            assert!(
+                matches!(error, DriverError::CannotInvoke { .. }),
+                "{error:?}"
+            );
+            assert_eq!(error.exit_class().code(), 126);
+        }
+        Ok(container) => assert_eq!(Output::of(&*container).await.code, 126),
+    }
+}
+
 /// Every driver declares what it can do where it joins (`tests/README.md`).
 const ALL: Capabilities = Capabilities {
     volume_files: true,
     follow: true,
     user: true,
     privileged: true,
+    limits: true,
 };
 
 conformance! {
