@@ -46,7 +46,7 @@ median() { python3 -c "import json; r=json.load(open('$json'))['results']; print
 fmt() { python3 -c "print(f'{float(\"$1\"):.3f} s')"; }
 ratio() { python3 -c "print(f'{float(\"$1\")/float(\"$2\"):.2f}x')"; }
 
-echo "# issue 15 measures ($(date -u +%Y-%m-%d %H:%M), $(nproc) cores, $(uname -r), QEMU under $("$bin/ci-exec" doctor --no-boot --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("accel",{}).get("accel","?"))' 2>/dev/null || echo '?'))"
+echo "# issue 15 measures ($(date -u '+%Y-%m-%d %H:%M'), $(nproc) cores, $(uname -r), QEMU under $("$bin/ci-exec" doctor --no-boot --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("accel",{}).get("accel","?"))' 2>/dev/null || echo '?'))"
 echo
 echo "Command: \`benches/job/real-repo.sh $runs\`"
 echo

@@ -718,6 +718,71 @@ job_test!(
     }
 );
 
+job_test!(
+    a_second_run_starts_from_the_repositorys_warm_state_and_fresh_does_not,
+    [qemu],
+    |driver| {
+        let mkfile = "prepare-runtime:V: base-image\n\ttrue\n\
+                      base-image:V:\n\t(podman image exists localhost/kept:1 && echo state: warm) || echo state: cold\n\
+                      \tpodman build -q -t localhost/kept:1 .\n\
+                      test:V:\n\ttrue\n";
+        let repository = || {
+            let repo = Repo::empty();
+            repo.git(&["init", "-q"]);
+            repo.write(
+                "Containerfile",
+                "FROM localhost/ci-exec/base:latest\nRUN echo built > /built\n",
+            );
+            repo.write("mkfile", mkfile);
+            repo.commit("warm state");
+            repo
+        };
+        let repo = repository();
+        let state = |output: &Output| {
+            let stdout = text(&output.stdout);
+            assert_exit(output, 0);
+            // mk echoes the recipe line too: look for the answer alone on its line.
+            if stdout.lines().any(|line| line == "state: warm") {
+                "warm"
+            } else {
+                "cold"
+            }
+        };
+        assert_eq!(state(&repo.test(driver, &[], &[])), "cold");
+        assert_eq!(state(&repo.test(driver, &["--no-replay"], &[])), "warm");
+        assert_eq!(
+            state(&repo.test(driver, &["--no-replay", "--fresh"], &[])),
+            "cold"
+        );
+        // Another repository never sees it.
+        let other = repository();
+        assert_eq!(state(&other.test(driver, &[], &[])), "cold");
+        // A failed run keeps nothing of what it did.
+        repo.write(
+            "mkfile",
+            &mkfile.replace("test:V:\n\ttrue", "test:V:\n\tfalse"),
+        );
+        repo.commit("failing");
+        assert_exit(&repo.test(driver, &["--fresh"], &[]), 1);
+        repo.write("mkfile", &format!("# again\n{mkfile}"));
+        repo.commit("passing again");
+        assert_eq!(
+            state(&repo.test(driver, &[], &[])),
+            "warm",
+            "the last kept state stays"
+        );
+        let listing = Command::new(BINARY)
+            .args(["cache", "list", "--json"])
+            .output()
+            .expect("cache list");
+        let states: serde_json::Value = serde_json::from_slice(&listing.stdout).expect("json");
+        assert!(
+            states.as_array().is_some_and(|states| states.len() >= 2),
+            "{states}"
+        );
+    }
+);
+
 /// A base image with nothing but a static busybox (`.ci/setup-docker.sh` imports it).
 const BUSYBOX_IMAGE: &str = "localhost/ci-exec/busybox:latest";
 

@@ -58,6 +58,26 @@ pub trait Driver: Send + Sync + Debug {
     fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
         None
     }
+
+    /// A per-repository warm state of the base OS, if this driver keeps one.
+    fn as_repository_state(&self) -> Option<&dyn RepositoryState> {
+        None
+    }
+}
+
+/// Optional: what a repository's base-OS steps built (a container engine's images and layer
+/// cache) kept after a successful job and given to the next job of the same repository, as
+/// seed `002_…`'s per-repository snapshot. Keyed by repository and base environment, never
+/// shared between repositories.
+#[async_trait]
+pub trait RepositoryState: Send + Sync {
+    /// Before the first task: start from the saved state of repository `key`, or from nothing
+    /// when `fresh` or when none is saved.
+    fn use_state(&self, key: &str, fresh: bool) -> Result<(), DriverError>;
+
+    /// After a successful job: keep what the base OS holds now as `key`'s state (saved when
+    /// the driver closes). Without this call the run's changes are dropped.
+    async fn keep_state(&self) -> Result<(), DriverError>;
 }
 
 /// Where the base OS of a driver (the OS of image-less tasks) gets our `mk`.

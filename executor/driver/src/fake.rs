@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::{
-    Container, ContainerStatus, Driver, DriverError, JobSupport, LogSink, MkSource, Mount, Stdin,
-    Task, Volume,
+    Container, ContainerStatus, Driver, DriverError, JobSupport, LogSink, MkSource, Mount,
+    RepositoryState, Stdin, Task, Volume,
 };
 
 /// A task as the fake received it.
@@ -86,6 +86,8 @@ pub struct FakeDriver {
     handler: Arc<Handler>,
     calls: Arc<Mutex<Vec<TaskCall>>>,
     closed: Arc<Mutex<usize>>,
+    /// `use KEY fresh=BOOL` and `keep`, in order.
+    states: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for FakeDriver {
@@ -114,6 +116,7 @@ impl FakeDriver {
             handler: Arc::new(handler),
             calls: Arc::default(),
             closed: Arc::default(),
+            states: Arc::default(),
         }
     }
 
@@ -130,6 +133,14 @@ impl FakeDriver {
     /// Every task received so far, in order.
     pub fn calls(&self) -> Vec<TaskCall> {
         self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The repository-state requests received, in order.
+    pub fn state_calls(&self) -> Vec<String> {
+        self.states
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -203,6 +214,29 @@ impl Driver for FakeDriver {
 
     async fn close(&self) -> Result<(), DriverError> {
         *self.closed.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Ok(())
+    }
+
+    fn as_repository_state(&self) -> Option<&dyn RepositoryState> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl RepositoryState for FakeDriver {
+    fn use_state(&self, key: &str, fresh: bool) -> Result<(), DriverError> {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(format!("use {key} fresh={fresh}"));
+        Ok(())
+    }
+
+    async fn keep_state(&self) -> Result<(), DriverError> {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push("keep".to_owned());
         Ok(())
     }
 }

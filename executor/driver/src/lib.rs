@@ -25,8 +25,8 @@ mod registry;
 mod task;
 
 pub use contract::{
-    Container, ContainerStatus, Driver, FollowLogs, JobSupport, LogSink, MkSource, Sandbox,
-    SandboxExec, SandboxOutput, Volume, VolumeFiles, wait_for_exit,
+    Container, ContainerStatus, Driver, FollowLogs, JobSupport, LogSink, MkSource, RepositoryState,
+    Sandbox, SandboxExec, SandboxOutput, Volume, VolumeFiles, wait_for_exit,
 };
 pub use dsn::{
     DriverConfig, DsnError, ParamSource, ParamValue, REDACTED, ResolvedParam, generate_namespace,

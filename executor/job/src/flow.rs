@@ -328,7 +328,26 @@ impl BoundJob<'_> {
             steps: Vec::new(),
             counter: 0,
         };
+        let state = driver.as_repository_state();
+        if let Some(state) = state {
+            state
+                .use_state(&self.job.repository_id, self.job.options.fresh)
+                .map_err(|source| JobError::Driver {
+                    step: "attach the repository's warm state".into(),
+                    source,
+                })?;
+        }
         let (exit_code, artifacts, image) = self.steps(&mut run, store).await?;
+        if exit_code == 0
+            && let Some(state) = state
+            && let Err(error) = state.keep_state().await
+        {
+            // The result stands; only the next run's head start is lost.
+            let _ = writeln!(
+                run.status,
+                "warning: the repository's warm state was not kept: {error}"
+            );
+        }
         // The driver's own default image has no name worth recording.
         let image = image.filter(|image| !image.is_empty());
         let stdout = store.put_blob(&run.stdout.recorded())?;

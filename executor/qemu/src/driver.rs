@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ci_exec_driver::{
     Container, ContainerStatus, Driver, DriverError, FollowLogs, JobSupport, LogSink, MkSource,
-    Sandbox, SandboxExec, SandboxOutput, Stdin, Task, Volume, VolumeFiles,
+    RepositoryState, Sandbox, SandboxExec, SandboxOutput, Stdin, Task, Volume, VolumeFiles,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
@@ -18,7 +18,7 @@ use crate::accel::{self, AccelVerdict};
 use crate::guest::{self, Runner, StdinSource};
 use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec, RamFile};
 use crate::run_dir::RunDir;
-use crate::{QemuConfig, QemuError, image, output, warm};
+use crate::{QemuConfig, QemuError, image, output, repository, warm};
 
 const DRIVER: &str = "qemu";
 /// The test image of jobs whose mkfile names none: our guest images preload it.
@@ -38,6 +38,12 @@ pub struct QemuDriver {
     machine: Mutex<Option<Arc<Machine>>>,
     containers: Mutex<HashMap<String, Arc<TaskHandle>>>,
     sandboxes: AtomicU64,
+    /// The repository state the job asked for, before the VM boots.
+    repository: std::sync::Mutex<Option<repository::Request>>,
+    /// Once booted with one: (repository, image digest, whether its disk started empty), and
+    /// whether the job asked to keep it.
+    attached: std::sync::Mutex<Option<(String, String, bool)>>,
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl QemuDriver {
@@ -51,6 +57,9 @@ impl QemuDriver {
             machine: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             sandboxes: AtomicU64::new(0),
+            repository: std::sync::Mutex::new(None),
+            attached: std::sync::Mutex::new(None),
+            keep: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -94,6 +103,22 @@ impl QemuDriver {
                 *owner = Some(self.run.lock_owner(&self.config.namespace)?);
             }
         }
+        let request = self
+            .repository
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let fresh = repository::prepare_disk(
+            &self.config.cache_dir,
+            &image.digest,
+            request.as_ref(),
+            &self.run.state_disk(),
+        )
+        .await?;
+        if let Some(request) = &request {
+            *self.attached.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((request.key.clone(), image.digest.clone(), fresh));
+        }
         let spec = MachineSpec {
             qemu_binary: self.config.qemu_binary.clone(),
             accel: verdict.accel,
@@ -107,6 +132,8 @@ impl QemuDriver {
             ram_file: None,
             incoming_control_version: 0,
             network: self.config.network,
+            state_disk: self.run.state_disk(),
+            repository_state: request.is_some().then_some(fresh),
         };
         let started = std::time::Instant::now();
         let machine = if self.config.warm {
@@ -453,6 +480,27 @@ impl Driver for QemuDriver {
         if let Some(machine) = self.machine.lock().await.take() {
             machine.shutdown().await;
         }
+        let attached = self
+            .attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((key, digest, fresh)) = attached
+            && self.keep.swap(false, Ordering::Relaxed)
+        {
+            match repository::save(
+                &self.config.cache_dir,
+                &digest,
+                &key,
+                &self.run.state_disk(),
+                fresh,
+            )
+            .await
+            {
+                Ok(saved) => tracing::debug!(saved = %saved.display(), "repository state kept"),
+                Err(error) => tracing::warn!("cannot keep the repository's warm state: {error}"),
+            }
+        }
         let removed = self
             .run
             .remove_leftovers()
@@ -470,6 +518,59 @@ impl Driver for QemuDriver {
 
     fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
         Some(self)
+    }
+
+    fn as_repository_state(&self) -> Option<&dyn RepositoryState> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl RepositoryState for QemuDriver {
+    fn use_state(&self, key: &str, fresh: bool) -> Result<(), DriverError> {
+        let booted = self
+            .machine
+            .try_lock()
+            .map_or(true, |machine| machine.is_some());
+        if booted {
+            return Err(DriverError::InvalidTask {
+                task: "repository state".to_owned(),
+                reason: "the VM already runs: ask for the state before the first task".to_owned(),
+            });
+        }
+        // Old and excess states go before a new one is made.
+        repository::prune(
+            &self.config.cache_dir,
+            repository::MAX_AGE,
+            repository::MAX_BYTES,
+            false,
+        );
+        *self
+            .repository
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(repository::Request {
+            key: key.to_owned(),
+            fresh,
+        });
+        Ok(())
+    }
+
+    async fn keep_state(&self) -> Result<(), DriverError> {
+        let machine = self.machine.lock().await.clone();
+        let attached = self
+            .attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        let Some(machine) = machine.filter(|_| attached) else {
+            return Ok(());
+        };
+        machine
+            .sh_ok(repository::UNMOUNT_SCRIPT, AGENT_TIMEOUT)
+            .await
+            .map_err(|error| backend("put the repository state away", error))?;
+        self.keep.store(true, Ordering::Relaxed);
+        Ok(())
     }
 }
 

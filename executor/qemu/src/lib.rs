@@ -22,6 +22,7 @@ pub mod machine;
 mod output;
 pub mod qga;
 pub mod qmp;
+pub mod repository;
 pub mod run_dir;
 mod socket;
 mod warm;

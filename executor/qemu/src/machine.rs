@@ -74,6 +74,11 @@ pub struct MachineSpec {
     /// A virtio NIC on QEMU's user-mode network (NAT to whatever the host reaches, DNS
     /// relayed to the host's resolver); without it the guest has only a loopback.
     pub network: bool,
+    /// The second disk (`/dev/vdb`): a repository's warm state, or an empty placeholder
+    /// (made here when the file does not exist).
+    pub state_disk: PathBuf,
+    /// Mount the state disk for podman's storage at prepare (`Some(fresh)`: format it first).
+    pub repository_state: Option<bool>,
 }
 
 /// Guest RAM backed by a file. The VM that saves a warm state maps it shared, so the file
@@ -165,6 +170,15 @@ impl MachineSpec {
             ),
             "-device",
             "virtio-blk-device,drive=root",
+        ]);
+        push(&[
+            "-drive",
+            &format!(
+                "id=state,if=none,format=qcow2,cache=unsafe,discard=unmap,file={}",
+                path(&self.state_disk)
+            ),
+            "-device",
+            "virtio-blk-device,drive=state",
         ]);
         push(&[
             "-chardev",
@@ -338,6 +352,9 @@ pub struct Machine {
     shared_ram: bool,
     /// It has a NIC on QEMU's user-mode network, configured by [`Machine::prepare_guest`].
     network: bool,
+    /// Its second disk is a repository's state, mounted by [`Machine::prepare_guest`]
+    /// (`Some(fresh)`).
+    repository_state: Option<bool>,
     version: String,
 }
 
@@ -345,6 +362,9 @@ impl Machine {
     /// Starts QEMU for `spec` and waits until the guest agent answers (or `boot_timeout`).
     pub async fn start(spec: &MachineSpec, boot_timeout: Duration) -> Result<Machine, QemuError> {
         create_overlay(&spec.backing, &spec.overlay).await?;
+        if !spec.state_disk.exists() {
+            crate::repository::create_empty(&spec.state_disk).await?;
+        }
         for stale in [spec.run_dir.qmp_socket(), spec.run_dir.qga_socket()] {
             let _ = std::fs::remove_file(stale);
         }
@@ -554,6 +574,7 @@ impl Machine {
             restored: spec.incoming.is_some(),
             shared_ram: spec.ram_file.as_ref().is_some_and(|ram| ram.shared),
             network: spec.network,
+            repository_state: spec.repository_state,
             version,
         })
     }
@@ -687,6 +708,10 @@ impl Machine {
         self.prepare_share_and_clock().await?;
         if self.network {
             self.sh_ok(NETWORK_SETUP, AGENT_TIMEOUT).await?;
+        }
+        if let Some(fresh) = self.repository_state {
+            self.sh_ok(&crate::repository::mount_script(fresh), AGENT_TIMEOUT)
+                .await?;
         }
         Ok(())
     }
@@ -1049,6 +1074,8 @@ mod tests {
             incoming,
             incoming_control_version: 0,
             network: false,
+            state_disk: PathBuf::from("/run/q/ns/state.qcow2"),
+            repository_state: None,
         }
     }
 

@@ -57,6 +57,10 @@ impl RunDir {
     pub fn overlay(&self) -> PathBuf {
         self.path.join("overlay.qcow2")
     }
+    /// The VM's second disk: a repository's state overlay, or an empty placeholder.
+    pub fn state_disk(&self) -> PathBuf {
+        self.path.join("state.qcow2")
+    }
     pub fn share(&self) -> PathBuf {
         self.path.join("share")
     }

@@ -25,7 +25,7 @@ use crate::run_dir::RunDir;
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
-const FORMAT_VERSION: u32 = 4;
+const FORMAT_VERSION: u32 = 5;
 
 /// The directory of the warm state for `spec`.
 pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
@@ -111,6 +111,10 @@ pub async fn create(
             shared: true,
         }),
         incoming_control_version: 0,
+        // The saved VM has an empty placeholder as its second disk, never mounted: a VM
+        // started from the state may be given a repository's disk there instead.
+        state_disk: building.join("state.qcow2"),
+        repository_state: None,
         ..spec.clone()
     };
     let result = async {

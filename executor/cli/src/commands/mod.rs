@@ -1,6 +1,8 @@
 //! One module per subcommand. To add one: a module here, a variant of [`Command`], an arm in
 //! [`dispatch`]. Each returns the process's exit code, or an error that `exit` prints.
 
+#[cfg(feature = "qemu")]
+mod cache;
 mod doctor;
 mod driver;
 mod drivers;
@@ -31,6 +33,10 @@ pub enum Command {
     /// List, show or prune recorded results
     #[command(subcommand)]
     Results(results::ResultsCommand),
+    /// List or prune the per-repository warm states (podman images and layer cache)
+    #[cfg(feature = "qemu")]
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
 }
 
 impl Command {
@@ -40,6 +46,8 @@ impl Command {
     pub fn only_prints(&self) -> bool {
         match self {
             Command::Drivers(_) | Command::Results(_) | Command::Doctor(_) => true,
+            #[cfg(feature = "qemu")]
+            Command::Cache(_) => true,
             Command::Driver(command) => matches!(command, driver::DriverCommand::Show { .. }),
             Command::Image(command) => !matches!(command, image::ImageCommand::Build { .. }),
             Command::Run(_) | Command::Test(_) => false,
@@ -68,5 +76,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Results(command) => results::run(command),
         Command::Image(command) => image::run(command),
         Command::Doctor(args) => doctor::run(args).await,
+        #[cfg(feature = "qemu")]
+        Command::Cache(command) => cache::run(command),
     }
 }

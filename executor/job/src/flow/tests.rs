@@ -656,3 +656,32 @@ async fn base_os_steps_are_online_and_the_test_offline_unless_declared() {
     assert!(matches!(error, JobError::BadDeclaration { .. }), "{error}");
     assert!(error.is_usage());
 }
+
+#[tokio::test]
+async fn the_repository_state_is_asked_for_and_kept_only_after_success() {
+    let repo = Repo::new("test:V:\n\ttrue\n");
+    let (_dir, store) = store();
+    let job = PreparedJob::prepare(repo.options()).expect("prepare");
+    let driver = base_os(|_| None);
+    let bound = job.bind(&driver, None).await.expect("bind");
+    let (_screen, terminal) = Screen::new();
+    bound.run(&store, terminal).await.expect("run");
+    let calls = driver.state_calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(
+        calls[0].starts_with("use ") && calls[0].ends_with(" fresh=false"),
+        "{calls:?}"
+    );
+    assert_eq!(calls[1], "keep");
+
+    let failing = base_os(|call| is_test(call).then(|| Answer::Reply(Reply::exit(1))));
+    let mut options = repo.options();
+    options.fresh = true;
+    let job = PreparedJob::prepare(options).expect("prepare");
+    let bound = job.bind(&failing, None).await.expect("bind");
+    let (_screen, terminal) = Screen::new();
+    bound.run(&store, terminal).await.expect("run");
+    let calls = failing.state_calls();
+    assert_eq!(calls.len(), 1, "a failed run keeps nothing: {calls:?}");
+    assert!(calls[0].ends_with(" fresh=true"), "--fresh: {calls:?}");
+}

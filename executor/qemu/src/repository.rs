@@ -1,0 +1,292 @@
+//! Per-repository warm state: a disk that holds what a repository's base-OS steps built in the
+//! guest — podman's storage (images and the layer cache of `podman build`) — kept after a
+//! successful job and attached to the next VM that runs a job of the same repository on the
+//! same guest image, so an unchanged `base-image` is a layer-cache hit.
+//!
+//! Every VM has a second virtio disk (`/dev/vdb`, the same virtual size whatever backs it), so
+//! a VM restored from a warm state (saved with an empty placeholder there) can be given a
+//! repository's disk instead: the guest mounts it only after the restore, having dropped what
+//! its buffer cache held of the placeholder. Each run writes a qcow2 overlay of the saved disk;
+//! on success the overlay is committed into it once QEMU has exited, on failure it is dropped.
+//!
+//! States live in `{cache_dir}/repositories/{image digest}/{repository}/disk.qcow2`, its
+//! modification time the last use. [`prune`] drops states older than an age limit, then the
+//! least recently used ones while the total is above a size cap.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::QemuError;
+
+/// The virtual size of every VM's second disk (sparse: only what is written takes space).
+pub const DISK_SIZE: &str = "64G";
+/// States unused for longer are dropped.
+pub const MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// Above this total, the least recently used states are dropped.
+pub const MAX_BYTES: u64 = 20 << 30;
+
+/// Where the guest mounts the state disk, and what it binds from there.
+const GUEST_MOUNT: &str = "/mnt/ci-state";
+const PODMAN_STORAGE: &str = "/var/lib/containers/storage";
+
+/// A job's request: start from repository `key`'s saved state unless `fresh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub key: String,
+    pub fresh: bool,
+}
+
+/// One saved state, as `ci-exec cache list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SavedState {
+    pub repository: String,
+    pub image_digest: String,
+    pub path: PathBuf,
+    /// Bytes the disk takes on the host.
+    pub bytes: u64,
+    pub last_used_unix: u64,
+}
+
+/// The saved disk of repository `key` on the image with `digest`.
+pub fn saved_disk(cache_dir: &Path, digest: &str, key: &str) -> PathBuf {
+    cache_dir
+        .join("repositories")
+        .join(&digest[..digest.len().min(16)])
+        .join(key)
+        .join("disk.qcow2")
+}
+
+/// Makes `run_disk` the second disk of a VM: an overlay of the saved state when `request`
+/// wants one and it exists (returns `false`: not fresh), else an empty disk (returns `true`).
+pub async fn prepare_disk(
+    cache_dir: &Path,
+    digest: &str,
+    request: Option<&Request>,
+    run_disk: &Path,
+) -> Result<bool, QemuError> {
+    if let Some(request) = request
+        && !request.fresh
+    {
+        let saved = saved_disk(cache_dir, digest, &request.key);
+        if saved.is_file() {
+            crate::machine::create_overlay(&saved, run_disk).await?;
+            touch(&saved);
+            return Ok(false);
+        }
+    }
+    create_empty(run_disk).await?;
+    Ok(true)
+}
+
+/// An empty qcow2 disk of [`DISK_SIZE`].
+pub async fn create_empty(path: &Path) -> Result<(), QemuError> {
+    let _ = std::fs::remove_file(path);
+    qemu_img(&["create", "-q", "-f", "qcow2"], &[path], Some(DISK_SIZE)).await
+}
+
+/// The guest side, after boot or restore: mount the state disk (formatting a fresh one, and
+/// filling it with the image's own podman storage) and put podman's storage on it.
+pub fn mount_script(fresh: bool) -> String {
+    let format = if fresh {
+        "mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 /dev/vdb && "
+    } else {
+        ""
+    };
+    format!(
+        "blockdev --flushbufs /dev/vdb && {format}mkdir -p {GUEST_MOUNT} && \
+         mount -t ext4 -o noatime /dev/vdb {GUEST_MOUNT} && \
+         {{ [ -d {GUEST_MOUNT}/storage ] || cp -a {PODMAN_STORAGE} {GUEST_MOUNT}/storage; }} && \
+         mount --bind {GUEST_MOUNT}/storage {PODMAN_STORAGE}"
+    )
+}
+
+/// The guest side before the state is kept: everything on the disk, unmounted.
+pub const UNMOUNT_SCRIPT: &str =
+    "sync && umount /var/lib/containers/storage && umount /mnt/ci-state";
+
+/// After QEMU has exited: the run's disk becomes repository `key`'s saved state (committed
+/// into it when it was an overlay of it, moved there when it was fresh).
+pub async fn save(
+    cache_dir: &Path,
+    digest: &str,
+    key: &str,
+    run_disk: &Path,
+    fresh: bool,
+) -> Result<PathBuf, QemuError> {
+    let saved = saved_disk(cache_dir, digest, key);
+    // A disk QEMU did not close cleanly is not trusted.
+    qemu_img(&["check", "-q"], &[run_disk], None).await?;
+    if fresh {
+        if let Some(parent) = saved.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| QemuError::CreateDir {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        std::fs::rename(run_disk, &saved).map_err(|source| QemuError::WriteFile {
+            path: saved.clone(),
+            source,
+        })?;
+    } else {
+        qemu_img(&["commit", "-q"], &[run_disk], None).await?;
+    }
+    touch(&saved);
+    Ok(saved)
+}
+
+/// Every saved state under `cache_dir`, least recently used first.
+pub fn list(cache_dir: &Path) -> Vec<SavedState> {
+    let mut states = Vec::new();
+    let root = cache_dir.join("repositories");
+    for image in read_dir(&root) {
+        for repository in read_dir(&image) {
+            let disk = repository.join("disk.qcow2");
+            let Ok(metadata) = std::fs::metadata(&disk) else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            states.push(SavedState {
+                repository: file_name(&repository),
+                image_digest: file_name(&image),
+                bytes: metadata.blocks() * 512,
+                last_used_unix: metadata
+                    .modified()
+                    .ok()
+                    .and_then(|time| time.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0, |elapsed| elapsed.as_secs()),
+                path: disk,
+            });
+        }
+    }
+    states.sort_by_key(|state| state.last_used_unix);
+    states
+}
+
+/// Drops states unused for longer than `max_age`, then the least recently used while the
+/// total is above `max_bytes`; everything with `all`. Returns what was dropped.
+pub fn prune(cache_dir: &Path, max_age: Duration, max_bytes: u64, all: bool) -> Vec<SavedState> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let states = list(cache_dir);
+    let mut total: u64 = states.iter().map(|state| state.bytes).sum();
+    let mut dropped = Vec::new();
+    for state in states {
+        let old = now.saturating_sub(state.last_used_unix) > max_age.as_secs();
+        if (all || old || total > max_bytes)
+            && let Some(directory) = state.path.parent()
+            && std::fs::remove_dir_all(directory).is_ok()
+        {
+            total = total.saturating_sub(state.bytes);
+            dropped.push(state);
+        }
+    }
+    dropped
+}
+
+fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(path) {
+        let _ = file.set_modified(SystemTime::now());
+    }
+}
+
+fn read_dir(path: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+async fn qemu_img(
+    arguments: &[&str],
+    paths: &[&Path],
+    size: Option<&str>,
+) -> Result<(), QemuError> {
+    let mut command = tokio::process::Command::new("qemu-img");
+    command.args(arguments).args(paths);
+    if let Some(size) = size {
+        command.arg(size);
+    }
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn {
+            program: "qemu-img".to_owned(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(QemuError::ToolFailed {
+            program: format!("qemu-img {}", arguments[0]),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(dir: &Path, image: &str, repository: &str, bytes: usize, age: Duration) {
+        let disk = dir
+            .join("repositories")
+            .join(image)
+            .join(repository)
+            .join("disk.qcow2");
+        std::fs::create_dir_all(disk.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&disk, vec![1u8; bytes]).expect("write");
+        let file = std::fs::File::options()
+            .append(true)
+            .open(&disk)
+            .expect("open");
+        file.set_modified(SystemTime::now() - age).expect("mtime");
+    }
+
+    #[test]
+    fn states_are_keyed_by_image_and_repository() {
+        let dir = Path::new("/cache");
+        assert_ne!(saved_disk(dir, "aaaa", "r1"), saved_disk(dir, "bbbb", "r1"));
+        assert_ne!(saved_disk(dir, "aaaa", "r1"), saved_disk(dir, "aaaa", "r2"));
+    }
+
+    #[test]
+    fn pruning_drops_old_states_then_the_least_recently_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let day = Duration::from_secs(24 * 3600);
+        state(dir.path(), "img", "old", 4096, 30 * day);
+        state(dir.path(), "img", "lru", 8192, 2 * day);
+        state(dir.path(), "img", "recent", 8192, day);
+        state(dir.path(), "other", "new", 8192, Duration::ZERO);
+        assert_eq!(list(dir.path()).len(), 4);
+        let dropped = prune(dir.path(), 14 * day, 20_000, false);
+        let names: Vec<_> = dropped.iter().map(|s| s.repository.as_str()).collect();
+        assert_eq!(names, ["old", "lru"]);
+        let left: Vec<_> = list(dir.path()).into_iter().map(|s| s.repository).collect();
+        assert_eq!(left, ["recent", "new"]);
+        assert_eq!(prune(dir.path(), 14 * day, u64::MAX, true).len(), 2);
+        assert!(list(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_guest_formats_only_a_fresh_disk() {
+        assert!(mount_script(true).contains("mkfs.ext4"));
+        assert!(!mount_script(false).contains("mkfs.ext4"));
+        assert!(
+            mount_script(false)
+                .contains("mount --bind /mnt/ci-state/storage /var/lib/containers/storage")
+        );
+    }
+}
