@@ -562,14 +562,26 @@ impl RepositoryState for QemuDriver {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some();
+        let fresh = self
+            .attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|(_, _, fresh)| *fresh);
         let Some(machine) = machine.filter(|_| attached) else {
             return Ok(());
         };
-        machine
-            .sh_ok(repository::UNMOUNT_SCRIPT, AGENT_TIMEOUT)
+        // Copying podman's storage takes a while under TCG: give it the boot's patience.
+        let status = machine
+            .sh_ok(
+                &repository::keep_script(fresh),
+                self.config.boot_timeout.max(AGENT_TIMEOUT),
+            )
             .await
             .map_err(|error| backend("put the repository state away", error))?;
-        self.keep.store(true, Ordering::Relaxed);
+        if String::from_utf8_lossy(&status.stdout).contains("kept") {
+            self.keep.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 }

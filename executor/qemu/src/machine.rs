@@ -706,12 +706,17 @@ impl Machine {
     /// and mounts the share: through the control port, else through the agent.
     pub async fn prepare_guest(&self) -> Result<(), QemuError> {
         self.prepare_share_and_clock().await?;
-        if self.network {
-            self.sh_ok(NETWORK_SETUP, AGENT_TIMEOUT).await?;
+        // One guest command for both: each costs a round trip through the agent.
+        let mut script = Vec::new();
+        // A restored guest was configured before its state was saved (`warm::create`).
+        if self.network && !self.restored {
+            script.push(NETWORK_SETUP.to_owned());
         }
         if let Some(fresh) = self.repository_state {
-            self.sh_ok(&crate::repository::mount_script(fresh), AGENT_TIMEOUT)
-                .await?;
+            script.push(crate::repository::mount_script(fresh));
+        }
+        if !script.is_empty() {
+            self.sh_ok(&script.join(" && "), AGENT_TIMEOUT).await?;
         }
         Ok(())
     }
@@ -917,7 +922,7 @@ fn share_mount_options() -> String {
 /// Configures the guest's NIC for QEMU's user-mode network (no DHCP client in the guest: the
 /// addresses are QEMU's fixed ones). Idempotent, so it also serves a restored VM whose saved
 /// state had it done already.
-const NETWORK_SETUP: &str = "ip link set eth0 up && ip addr replace 10.0.2.15/24 dev eth0 && \
+pub const NETWORK_SETUP: &str = "ip link set eth0 up && ip addr replace 10.0.2.15/24 dev eth0 && \
      ip route replace default via 10.0.2.2 && \
      printf 'nameserver 10.0.2.3\n' > /etc/resolv.conf";
 

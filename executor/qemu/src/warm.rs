@@ -25,7 +25,7 @@ use crate::run_dir::RunDir;
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
-const FORMAT_VERSION: u32 = 5;
+const FORMAT_VERSION: u32 = 6;
 
 /// The directory of the warm state for `spec`.
 pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
@@ -129,6 +129,12 @@ pub async fn create(
             .await
         {
             tracing::debug!(%error, "podman warm-up before saving the state");
+        }
+        // The NIC is configured once, here, instead of in every VM started from the state.
+        if cold.network {
+            machine
+                .sh_ok(crate::machine::NETWORK_SETUP, Duration::from_secs(60))
+                .await?;
         }
         if machine.serves_control() {
             let version = machine.control_version().to_string();
