@@ -104,11 +104,16 @@ mod tests {
 
     /// `flock(1)` holding `dir`'s lock in another process, as a live user would.
     fn hold_lock_elsewhere(dir: &Path) -> std::process::Child {
-        // `-o`: `sleep` does not inherit the lock, so killing `flock` releases it.
+        // `-o`: `sleep` does not inherit the lock, so killing `flock` releases it. The `sleep`
+        // it leaves behind gets no descriptor of ours: an orphan holding the test's stdout
+        // kept `cargo test | tee` (CI) waiting for it to end.
         let child = std::process::Command::new("flock")
             .arg("-o")
             .arg(dir.join(OWNER_LOCK))
-            .args(["sleep", "600"])
+            .args(["sleep", "60"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("flock(1) from util-linux");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
