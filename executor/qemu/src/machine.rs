@@ -953,10 +953,18 @@ pub fn shell_quote(text: &str) -> String {
 /// `qemu-img create -f qcow2 -F qcow2 -b base overlay`: a fresh copy-on-write disk.
 pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), QemuError> {
     let _ = std::fs::remove_file(overlay);
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"],
+        &[base.as_os_str(), overlay.as_os_str()],
+    )
+    .await
+}
+
+/// Runs `qemu-img ARGUMENTS… PATHS…`; its failure carries its stderr.
+pub async fn qemu_img(arguments: &[&str], paths: &[&std::ffi::OsStr]) -> Result<(), QemuError> {
     let output = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(base)
-        .arg(overlay)
+        .args(arguments)
+        .args(paths)
         .stdin(Stdio::null())
         .output()
         .await
@@ -966,7 +974,10 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), QemuError
         })?;
     if !output.status.success() {
         return Err(QemuError::ToolFailed {
-            program: "qemu-img create".to_owned(),
+            program: format!(
+                "qemu-img {}",
+                arguments.first().copied().unwrap_or_default()
+            ),
             status: output.status.to_string(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });

@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::QemuError;
+use crate::machine::qemu_img;
 
 /// The virtual size of every VM's second disk (sparse: only what is written takes space).
 pub const DISK_SIZE: &str = "64G";
@@ -88,7 +89,11 @@ pub async fn prepare_disk(
 /// An empty qcow2 disk of [`DISK_SIZE`].
 pub async fn create_empty(path: &Path) -> Result<(), QemuError> {
     let _ = std::fs::remove_file(path);
-    qemu_img(&["create", "-q", "-f", "qcow2"], &[path], Some(DISK_SIZE)).await
+    qemu_img(
+        &["create", "-q", "-f", "qcow2"],
+        &[path.as_os_str(), std::ffi::OsStr::new(DISK_SIZE)],
+    )
+    .await
 }
 
 /// Marks when a fresh job started, to tell afterwards whether it changed podman's images.
@@ -137,7 +142,7 @@ pub async fn save(
 ) -> Result<PathBuf, QemuError> {
     let saved = saved_disk(cache_dir, digest, key);
     // A disk QEMU did not close cleanly is not trusted.
-    qemu_img(&["check", "-q"], &[run_disk], None).await?;
+    qemu_img(&["check", "-q"], &[run_disk.as_os_str()]).await?;
     if fresh {
         if let Some(parent) = saved.parent() {
             std::fs::create_dir_all(parent).map_err(|source| QemuError::CreateDir {
@@ -150,7 +155,7 @@ pub async fn save(
             source,
         })?;
     } else {
-        qemu_img(&["commit", "-q"], &[run_disk], None).await?;
+        qemu_img(&["commit", "-q"], &[run_disk.as_os_str()]).await?;
     }
     touch(&saved);
     Ok(saved)
@@ -226,34 +231,6 @@ fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-async fn qemu_img(
-    arguments: &[&str],
-    paths: &[&Path],
-    size: Option<&str>,
-) -> Result<(), QemuError> {
-    let mut command = tokio::process::Command::new("qemu-img");
-    command.args(arguments).args(paths);
-    if let Some(size) = size {
-        command.arg(size);
-    }
-    let output = command
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|source| QemuError::Spawn {
-            program: "qemu-img".to_owned(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(QemuError::ToolFailed {
-            program: format!("qemu-img {}", arguments[0]),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
