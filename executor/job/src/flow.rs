@@ -26,9 +26,6 @@ const RUN_CI: &str = "/var/run/ci";
 const UNPACK: &str =
     "mkdir -p /var/run/ci/env /var/run/ci/artifacts /var/run/ci/cache && tar -x -f - -C .";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Runs `mk "$@"` in the test image with our tools directory in front of the image's own
-/// `PATH` (the default one when the image sets none), so the image's tools stay reachable.
-const TEST_SCRIPT: &str = "PATH=\"/opt/ci-exec/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}\"; export PATH; exec mk \"$@\"";
 
 /// What the user asked for.
 #[derive(Debug, Clone, Default)]
@@ -233,11 +230,6 @@ pub struct BoundJob<'a> {
 impl BoundJob<'_> {
     pub fn key(&self) -> &str {
         &self.key
-    }
-
-    /// The driver's base environment, as its key holds it.
-    pub fn environment(&self) -> &str {
-        &self.environment
     }
 
     /// Replays the recorded successful result of `key`, if the store holds an intact one.
@@ -480,7 +472,12 @@ impl BoundJob<'_> {
             if !test_env_sets_path {
                 task_env.remove("PATH");
             }
-            let task = Task::new(run.next_id("test"), ["sh", "-c", TEST_SCRIPT, "sh", "test"])
+            // `mk "$@"` with our tools directory in front of the image's own `PATH` (the
+            // default one when the image sets none), so the image's tools stay reachable.
+            let script = format!(
+                "PATH=\"{TOOLS_PATH}:${{PATH:-{DEFAULT_PATH}}}\"; export PATH; exec mk \"$@\""
+            );
+            let task = Task::new(run.next_id("test"), ["sh", "-c", &script, "sh", "test"])
                 .image(&image)
                 .mount("src", SOURCE_PATH)
                 .mount("tools", TOOLS_PATH)

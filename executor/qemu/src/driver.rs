@@ -557,18 +557,13 @@ impl RepositoryState for QemuDriver {
 
     async fn keep_state(&self) -> Result<(), DriverError> {
         let machine = self.machine.lock().await.clone();
-        let attached = self
-            .attached
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
         let fresh = self
             .attached
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_some_and(|(_, _, fresh)| *fresh);
-        let Some(machine) = machine.filter(|_| attached) else {
+            .map(|(_, _, fresh)| *fresh);
+        let (Some(machine), Some(fresh)) = (machine, fresh) else {
             return Ok(());
         };
         // Copying podman's storage takes a while under TCG: give it the boot's patience.

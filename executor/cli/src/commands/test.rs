@@ -102,14 +102,13 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
     };
     let mut terminal = terminal();
     let outcome = match bound.replay(&store, &mut terminal) {
-        Ok(Some(report)) => Ok(Some(report)),
         Ok(None) => {
             tokio::select! {
                 result = bound.run(&store, terminal) => result.map(Some),
                 () = interrupted() => Ok(None),
             }
         }
-        Err(error) => Err(error),
+        replayed => replayed,
     };
     let keep = args.keep || config.namespace_given;
     if !keep && let Err(error) = driver.close().await {
@@ -206,15 +205,8 @@ fn mk_beside_us() -> Option<PathBuf> {
 
 /// `program` in the default `PATH` every job step gets.
 fn on_default_path(program: &str) -> Option<PathBuf> {
-    [
-        "/usr/local/sbin",
-        "/usr/local/bin",
-        "/usr/sbin",
-        "/usr/bin",
-        "/sbin",
-        "/bin",
-    ]
-    .iter()
-    .map(|dir| Path::new(dir).join(program))
-    .find(|path| path.is_file())
+    ci_exec_native::DEFAULT_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
 }
