@@ -854,7 +854,12 @@ async fn permission_denied_on_the_socket_says_so() {
     let message = if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
         // Root opens any socket: ask again as `nobody`, from this same test binary.
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
+        // A copy `nobody` can reach: the checkout (and the test binary in it) may sit under a
+        // directory only its owner may enter, as `mktemp -d` makes.
+        let test_binary = directory.path().join("engines-test");
+        std::fs::copy(std::env::current_exe().unwrap(), &test_binary).unwrap();
+        std::fs::set_permissions(&test_binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let output = std::process::Command::new(&test_binary)
             .args([
                 "--exact",
                 "permission_denied_on_the_socket_says_so",
