@@ -103,6 +103,9 @@ pub enum JobError {
 
     #[error("`mk --outline` printed an unreadable outline: {reason}")]
     OutlineUnreadable { reason: String },
+
+    #[error("`{name}` is not a repository name")]
+    BadRepositoryName { name: String },
 }
 
 impl JobError {
@@ -122,6 +125,7 @@ impl JobError {
                 | JobError::UnknownResult { .. }
                 | JobError::NoMk { .. }
                 | JobError::OutlineFailed { .. }
+                | JobError::BadRepositoryName { .. }
         )
     }
 
@@ -160,6 +164,10 @@ impl JobError {
             ),
             JobError::PrivateRunDir { .. } => Some(
                 "run as root, or allow unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`), or use `--driver=qemu`"
+                    .into(),
+            ),
+            JobError::BadRepositoryName { .. } => Some(
+                "name it as `host/owner/name`: `/`-separated segments of letters, digits, `.`, `_` and `-`"
                     .into(),
             ),
             _ => None,

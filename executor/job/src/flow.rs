@@ -47,6 +47,8 @@ pub struct JobOptions {
     pub offline: bool,
     /// Copy artifacts here (on a run and on a replay).
     pub artifacts_dir: Option<PathBuf>,
+    /// The repository's shared name (`--repo`, `CI_EXEC_REPO`); its `origin` when `None`.
+    pub repository: Option<String>,
 }
 
 /// What `--report` writes.
@@ -54,6 +56,10 @@ pub struct JobOptions {
 pub struct JobReport {
     pub key: String,
     pub replayed: bool,
+    /// Where the replayed result came from: `local` (this executor's store) or the URL of
+    /// the orchestrator it was fetched from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replayed_from: Option<String>,
     pub exit_code: i32,
     pub driver: String,
     /// What the driver's base environment is (guest image digest, base image id, host OS):
@@ -98,8 +104,11 @@ pub struct PreparedJob {
     options: JobOptions,
     inputs: Vec<(String, Option<String>)>,
     secrets: Vec<(String, String)>,
-    /// Identifies the repository for its saved cache.
+    /// Identifies this checkout for its saved cache, lock and warm state.
     repository_id: String,
+    /// The repository's name across clones and machines ([`PreparedJob::repository`]).
+    repository: String,
+    shared: bool,
 }
 
 impl PreparedJob {
@@ -133,6 +142,16 @@ impl PreparedJob {
         let repository_id =
             hex::encode(Sha256::digest(snapshot.root.as_os_str().as_encoded_bytes()))[..16]
                 .to_owned();
+        let shared_name = match &options.repository {
+            Some(name) if crate::source::valid_repository_name(name) => Some(name.clone()),
+            Some(name) => return Err(JobError::BadRepositoryName { name: name.clone() }),
+            None => snapshot
+                .origin
+                .as_deref()
+                .and_then(crate::source::repository_identity),
+        };
+        let shared = shared_name.is_some();
+        let repository = shared_name.unwrap_or_else(|| format!("local/{repository_id}"));
         Ok(PreparedJob {
             snapshot,
             plan,
@@ -140,7 +159,20 @@ impl PreparedJob {
             inputs,
             secrets,
             repository_id,
+            repository,
+            shared,
         })
+    }
+
+    /// The repository's name: given, or from its `origin` (`github.com/owner/name`), or
+    /// `local/<digest of its path>` when it has neither ([`PreparedJob::has_shared_name`]).
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// Whether [`PreparedJob::repository`] names the repository beyond this checkout.
+    pub fn has_shared_name(&self) -> bool {
+        self.shared
     }
 
     /// Ties the job to `driver`: reads what its key depends on there (the driver's base
@@ -239,6 +271,17 @@ impl BoundJob<'_> {
         store: &ResultStore,
         terminal: &mut Terminal,
     ) -> Result<Option<JobReport>, JobError> {
+        self.replay_fetched(store, terminal, None)
+    }
+
+    /// [`BoundJob::replay`] of a result fetched into `store` from `origin` (an orchestrator's
+    /// URL), which the report and the announcement name.
+    pub fn replay_fetched(
+        &self,
+        store: &ResultStore,
+        terminal: &mut Terminal,
+        origin: Option<&str>,
+    ) -> Result<Option<JobReport>, JobError> {
         let key = self.key.as_str();
         if self.job.options.no_replay {
             return Ok(None);
@@ -270,9 +313,12 @@ impl BoundJob<'_> {
         let when = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + Duration::from_secs(record.created_unix),
         );
+        let from = origin
+            .map(|url| format!(" (from {url})"))
+            .unwrap_or_default();
         let _ = writeln!(
             terminal.status,
-            "==> replaying result {} recorded {when} on `{}` by the `{}` driver",
+            "==> replaying result {} recorded {when} on `{}` by the `{}` driver{from}",
             &key[..12],
             record.host,
             record.driver
@@ -290,7 +336,9 @@ impl BoundJob<'_> {
         if let Some(dir) = &self.job.options.artifacts_dir {
             restore_artifacts(store, &record.artifacts, dir)?;
         }
-        Ok(Some(report(&record, true)))
+        let mut report = report(&record, true);
+        report.replayed_from = Some(origin.unwrap_or("local").to_owned());
+        Ok(Some(report))
     }
 
     /// Runs the job on `driver` and records the result under `key`.
@@ -360,6 +408,8 @@ impl BoundJob<'_> {
             stderr,
             artifacts,
             steps: run.steps,
+            repository: Some(self.job.repository.clone()),
+            signature: None,
         };
         store.put_record(&record)?;
         if exit_code == 0
@@ -900,6 +950,7 @@ fn report(record: &ResultRecord, replayed: bool) -> JobReport {
     JobReport {
         key: record.key.clone(),
         replayed,
+        replayed_from: None,
         exit_code: record.exit_code,
         driver: record.driver.clone(),
         environment: record.environment_digest.clone(),

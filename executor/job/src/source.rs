@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub archive: Vec<u8>,
     /// Submodules are not part of the tree's objects; they are skipped with a warning.
     pub skipped_submodules: Vec<String>,
+    /// The repository's `origin` remote URL, when it has one.
+    pub origin: Option<String>,
 }
 
 impl Snapshot {
@@ -89,7 +91,12 @@ impl Snapshot {
                 path: root.clone(),
                 source,
             })?;
+        let origin = repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|remote| remote.url().ok().map(str::to_owned));
         Ok(Snapshot {
+            origin,
             commit: commit.id().to_string(),
             tree: tree.id().to_string(),
             root,
@@ -98,6 +105,54 @@ impl Snapshot {
             skipped_submodules,
         })
     }
+}
+
+/// The name a repository is known by across clones and machines, from its `origin` URL:
+/// scheme, user, port and `.git` dropped, host lower-cased (`git@github.com:Owner/Name.git`
+/// → `github.com/Owner/Name`). `None` for a URL that names no remote host (a local path).
+pub fn repository_identity(origin: &str) -> Option<String> {
+    let origin = origin.trim();
+    let (host, path) = if let Some((_, rest)) = origin.split_once("://") {
+        if origin.starts_with("file://") {
+            return None;
+        }
+        let (authority, path) = rest.split_once('/')?;
+        (authority, path)
+    } else if let Some((authority, path)) = origin.split_once(':') {
+        // scp-like `user@host:path`; a Windows drive or a plain path is not a remote.
+        if authority.contains('/') || authority.len() < 2 {
+            return None;
+        }
+        (authority, path)
+    } else {
+        return None;
+    };
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+    let host = host.split_once(':').map_or(host, |(host, _)| host);
+    let path = path.trim_matches('/');
+    let path = path
+        .strip_suffix(".git")
+        .unwrap_or(path)
+        .trim_end_matches('/');
+    if host.is_empty() || path.is_empty() {
+        return None;
+    }
+    let name = format!("{}/{path}", host.to_ascii_lowercase());
+    valid_repository_name(&name).then_some(name)
+}
+
+/// A repository name as the orchestrator accepts it: `/`-separated segments of ASCII letters,
+/// digits, `.`, `_` and `-`, none empty or starting with `.`, at most 255 bytes.
+pub fn valid_repository_name(name: &str) -> bool {
+    name.len() <= 255
+        && !name.is_empty()
+        && name.split('/').all(|segment| {
+            !segment.is_empty()
+                && !segment.starts_with('.')
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
 }
 
 /// `path` relative to the work tree `root`, when it is a subdirectory of it.
@@ -230,6 +285,64 @@ mod tests {
             .status()
             .expect("git runs");
         assert!(status.success(), "git {args:?}");
+    }
+
+    #[test]
+    fn repository_identity_is_the_same_for_every_way_of_naming_origin() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "git@github.com:Owner/name.git",
+                Some("github.com/Owner/name"),
+            ),
+            (
+                "https://github.com/Owner/name",
+                Some("github.com/Owner/name"),
+            ),
+            (
+                "https://GitHub.com/Owner/name.git/",
+                Some("github.com/Owner/name"),
+            ),
+            (
+                "ssh://git@github.com:22/Owner/name.git",
+                Some("github.com/Owner/name"),
+            ),
+            (
+                "https://user:secret@gitlab.example.org/group/sub/project.git",
+                Some("gitlab.example.org/group/sub/project"),
+            ),
+            ("/srv/git/project.git", None),
+            ("file:///srv/git/project.git", None),
+            ("../project", None),
+            ("https://example.org/../etc", None),
+            ("https://example.org/", None),
+        ];
+        for (origin, expected) in cases {
+            assert_eq!(
+                repository_identity(origin).as_deref(),
+                *expected,
+                "{origin}"
+            );
+        }
+    }
+
+    #[test]
+    fn repository_names_refuse_path_tricks() {
+        for bad in [
+            "",
+            "a//b",
+            "../x",
+            "a/./b",
+            "a/.hidden",
+            "a b",
+            "a/b%2f",
+            "a\\b",
+            "/a",
+        ] {
+            assert!(!valid_repository_name(bad), "{bad:?}");
+        }
+        for good in ["github.com/o/r", "local/3f2a", "gitlab.com/g/s/p.rs-x_y"] {
+            assert!(valid_repository_name(good), "{good:?}");
+        }
     }
 
     fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>, u32)> {

@@ -66,11 +66,82 @@ pub struct ResultRecord {
     pub stderr: BlobRef,
     pub artifacts: Vec<Artifact>,
     pub steps: Vec<StepTiming>,
+    /// The repository the run was of: its shared identity (`github.com/owner/name`) when it
+    /// has one, else a digest of its path. Retention keeps results per repository.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// The producing executor's signature over [`ResultRecord::signed_bytes`], added when
+    /// the record is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<RecordSignature>,
+}
+
+/// An Ed25519 signature of a record by the executor that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordSignature {
+    /// The signer's public key, `name:base64` (as Nix writes trusted keys).
+    pub signer: String,
+    /// Base64 of the 64-byte signature.
+    pub signature: String,
 }
 
 impl ResultRecord {
     pub fn succeeded(&self) -> bool {
         self.exit_code == 0
+    }
+
+    /// What a signature covers: every field of the record but the signature itself, each
+    /// length-prefixed (as the result key is) so that no two records share a byte stream.
+    /// Written field by field rather than as JSON, so that a reader of another version, which
+    /// serialises differently, still checks the same bytes.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = b"ci-exec result record v1\0".to_vec();
+        let mut field = |value: &[u8]| {
+            out.extend_from_slice(&(value.len() as u64).to_le_bytes());
+            out.extend_from_slice(value);
+        };
+        let optional = |value: &Option<String>| match value {
+            Some(value) => format!("={value}"),
+            None => "\0none".to_owned(),
+        };
+        field(&self.format.to_le_bytes());
+        field(self.key.as_bytes());
+        field(&self.exit_code.to_le_bytes());
+        field(&self.created_unix.to_le_bytes());
+        field(self.driver.as_bytes());
+        field(optional(&self.environment_digest).as_bytes());
+        field(optional(&self.image).as_bytes());
+        field(self.host.as_bytes());
+        field(self.ci_exec_version.as_bytes());
+        field(self.commit.as_bytes());
+        field(self.tree.as_bytes());
+        field(optional(&self.repository).as_bytes());
+        for blob in [&self.stdout, &self.stderr] {
+            field(blob.sha256.as_bytes());
+            field(&blob.size.to_le_bytes());
+        }
+        field(&(self.artifacts.len() as u64).to_le_bytes());
+        for artifact in &self.artifacts {
+            field(artifact.path.as_bytes());
+            field(artifact.sha256.as_bytes());
+            field(&artifact.size.to_le_bytes());
+            field(&artifact.mode.to_le_bytes());
+        }
+        field(&(self.steps.len() as u64).to_le_bytes());
+        for step in &self.steps {
+            field(step.name.as_bytes());
+            field(&step.exit_code.to_le_bytes());
+            field(&step.ms.to_le_bytes());
+        }
+        out
+    }
+
+    /// Every blob the record names, as (sha256, size): stdout, stderr, then the artifacts.
+    pub fn blobs(&self) -> impl Iterator<Item = (&str, u64)> {
+        [&self.stdout, &self.stderr]
+            .into_iter()
+            .map(|blob| (blob.sha256.as_str(), blob.size))
+            .chain(self.artifacts.iter().map(|a| (a.sha256.as_str(), a.size)))
     }
 }
 
@@ -198,33 +269,89 @@ impl ResultStore {
 
     /// Checks that every blob of `record` is present with its recorded hash and size.
     pub fn verify(&self, record: &ResultRecord) -> Result<(), Damage> {
-        let blobs = [&record.stdout, &record.stderr]
-            .into_iter()
-            .map(|blob| (blob.sha256.as_str(), blob.size))
-            .chain(record.artifacts.iter().map(|a| (a.sha256.as_str(), a.size)));
-        for (sha256, size) in blobs {
-            let damage = |problem| Damage {
+        for (sha256, size) in record.blobs() {
+            self.check_blob(sha256, size).map_err(|problem| Damage {
                 key: record.key.clone(),
                 sha256: sha256.to_owned(),
                 problem,
-            };
-            let mut file = File::open(self.blob_path(sha256)).map_err(|_| damage("missing"))?;
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether blob `sha256` is present with that hash and `size`; otherwise what is wrong.
+    pub fn check_blob(&self, sha256: &str, size: u64) -> Result<(), &'static str> {
+        let mut file = File::open(self.blob_path(sha256)).map_err(|_| "missing")?;
+        let (digest, total) = hash_reader(&mut file).map_err(|_| "unreadable")?;
+        if total != size || digest != sha256 {
+            return Err("corrupted");
+        }
+        Ok(())
+    }
+
+    /// The file holding blob `sha256` (which may be absent), to stream it elsewhere.
+    pub fn blob_file(&self, sha256: &str) -> PathBuf {
+        self.blob_path(sha256)
+    }
+
+    /// Streams `reader` into the store as blob `sha256`, keeping it only when it is exactly
+    /// `size` bytes with that hash: a download is never trusted for what it says it is.
+    pub fn import_blob(
+        &self,
+        sha256: &str,
+        size: u64,
+        reader: &mut dyn Read,
+    ) -> Result<(), ImportError> {
+        let path = self.blob_path(sha256);
+        let tmp = self.root.join("tmp").join(format!(
+            "{}-{}-import",
+            std::process::id(),
+            &sha256[..sha256.len().min(16)]
+        ));
+        let result = (|| {
+            let mut file = File::create(&tmp).map_err(|source| ImportError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
             let mut hasher = Sha256::new();
-            let mut buffer = vec![0; 1 << 16];
             let mut total = 0u64;
+            let mut buffer = vec![0; 1 << 16];
             loop {
-                let n = file.read(&mut buffer).map_err(|_| damage("unreadable"))?;
+                let n = reader.read(&mut buffer).map_err(ImportError::Read)?;
                 if n == 0 {
                     break;
                 }
                 total += n as u64;
+                if total > size {
+                    return Err(ImportError::Mismatch {
+                        sha256: sha256.into(),
+                    });
+                }
                 hasher.update(&buffer[..n]);
+                file.write_all(&buffer[..n])
+                    .map_err(|source| ImportError::Write {
+                        path: tmp.clone(),
+                        source,
+                    })?;
             }
             if total != size || hex::encode(hasher.finalize()) != sha256 {
-                return Err(damage("corrupted"));
+                return Err(ImportError::Mismatch {
+                    sha256: sha256.into(),
+                });
             }
+            file.sync_all().map_err(|source| ImportError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
+            fs::rename(&tmp, &path).map_err(|source| ImportError::Write {
+                path: path.clone(),
+                source,
+            })
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        Ok(())
+        result
     }
 
     /// Moves the replayable record of `key` aside, to `damaged/` (after it failed to parse
@@ -342,6 +469,89 @@ impl ResultStore {
         Ok((removed, freed))
     }
 
+    /// Applies the retention policy: per repository, the successful results `keep` names
+    /// stay, failed runs stay for [`FAILED_KEPT_SECS`] (or `keep`'s age, if longer), and the
+    /// blobs no remaining record names go, once they are an hour old (a blob younger than
+    /// that may belong to a run that is still recording). Returns (records, bytes) removed.
+    pub fn retain(&self, keep: Keep) -> Result<(usize, u64), JobError> {
+        let now = unix_now();
+        let mut successful: std::collections::BTreeMap<String, Vec<(u64, PathBuf)>> =
+            Default::default();
+        let mut doomed = Vec::new();
+        let mut kept = std::collections::HashSet::new();
+        for sub in ["ok", "failed"] {
+            for entry in fs::read_dir(self.root.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                let Some(record) = fs::read(&path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<ResultRecord>(&bytes).ok())
+                else {
+                    continue;
+                };
+                let age = now.saturating_sub(record.created_unix);
+                if record.succeeded() {
+                    successful
+                        .entry(record.repository.clone().unwrap_or_default())
+                        .or_default()
+                        .push((record.created_unix, path));
+                    continue;
+                }
+                let failed_for = match keep {
+                    Keep::For(secs) => secs.max(FAILED_KEPT_SECS),
+                    Keep::Latest(_) => FAILED_KEPT_SECS,
+                };
+                if age < failed_for {
+                    kept.extend(record.blobs().map(|(sha, _)| sha.to_owned()));
+                } else {
+                    doomed.push(path);
+                }
+            }
+        }
+        for mut runs in successful.into_values() {
+            runs.sort_by_key(|(created, _)| std::cmp::Reverse(*created));
+            for (index, (created, path)) in runs.into_iter().enumerate() {
+                let stays = match keep {
+                    Keep::Latest(count) => index < count,
+                    Keep::For(secs) => now.saturating_sub(created) < secs,
+                };
+                if stays {
+                    if let Ok(Some(record)) = fs::read(&path)
+                        .map(|bytes| serde_json::from_slice::<ResultRecord>(&bytes).ok())
+                    {
+                        kept.extend(record.blobs().map(|(sha, _)| sha.to_owned()));
+                    }
+                } else {
+                    doomed.push(path);
+                }
+            }
+        }
+        let removed = doomed
+            .iter()
+            .filter(|path| fs::remove_file(path).is_ok())
+            .count();
+        let mut freed = 0;
+        let settled = SystemTime::now() - std::time::Duration::from_secs(3600);
+        for entry in fs::read_dir(self.root.join("blobs/sha256"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            let old = metadata.modified().is_ok_and(|time| time < settled);
+            if old && !kept.contains(&name) && fs::remove_file(entry.path()).is_ok() {
+                freed += metadata.len();
+            }
+        }
+        Ok((removed, freed))
+    }
+
     fn cache_path(&self, repository: &str) -> PathBuf {
         self.root.join("cache").join(format!("{repository}.tar"))
     }
@@ -354,6 +564,73 @@ impl ResultStore {
     pub fn put_cache(&self, repository: &str, archive: &[u8]) -> Result<(), JobError> {
         self.write_atomic(&self.cache_path(repository), archive)
     }
+}
+
+/// How long failed runs stay for inspection: three days.
+pub const FAILED_KEPT_SECS: u64 = 3 * 24 * 3600;
+
+/// What [`ResultStore::retain`] keeps of each repository's successful results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The newest `n` (by default one: the seed's "by default this is only once").
+    Latest(usize),
+    /// Those younger than this many seconds.
+    For(u64),
+}
+
+impl Default for Keep {
+    fn default() -> Keep {
+        Keep::Latest(1)
+    }
+}
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+
+    /// `3` keeps the three newest results of each repository; `7d`, `12h` keep those younger.
+    fn from_str(text: &str) -> Result<Keep, String> {
+        let text = text.trim();
+        if let Ok(count) = text.parse::<usize>() {
+            return match count {
+                0 => Err("`0` would keep nothing to replay; the least is `1`".into()),
+                count => Ok(Keep::Latest(count)),
+            };
+        }
+        humantime::parse_duration(text)
+            .map(|age| Keep::For(age.as_secs()))
+            .map_err(|_| format!("`{text}` is neither a count (`3`) nor an age (`7d`, `12h`)"))
+    }
+}
+
+/// Why [`ResultStore::import_blob`] stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("the content of blob `{sha256}` does not match its name")]
+    Mismatch { sha256: String },
+    #[error("failed to read the blob")]
+    Read(#[source] std::io::Error),
+    #[error("failed to write `{}`", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The sha256 (lowercase hex) and length of everything `reader` yields.
+pub fn hash_reader(reader: &mut dyn Read) -> std::io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buffer[..n]);
+    }
+    Ok((hex::encode(hasher.finalize()), total))
 }
 
 pub fn unix_now() -> u64 {
@@ -392,6 +669,8 @@ mod tests {
                 mode: 0o644,
             }],
             steps: vec![],
+            repository: Some("example.com/r".into()),
+            signature: None,
         }
     }
 
@@ -448,6 +727,86 @@ mod tests {
             fs::read_dir(dir.path().join("blobs/sha256"))
                 .expect("dir")
                 .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_result_of_each_repository() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        let mut old = record(&store, "old", 0);
+        old.created_unix -= 100;
+        old.stdout = store
+            .put_blob(b"only the old run printed this")
+            .expect("blob");
+        store.put_record(&old).expect("put");
+        store.put_record(&record(&store, "new", 0)).expect("put");
+        let mut other = record(&store, "other", 0);
+        other.repository = Some("example.com/other".into());
+        other.created_unix -= 1000;
+        store.put_record(&other).expect("put");
+        let mut failed = record(&store, "failed", 1);
+        failed.created_unix -= FAILED_KEPT_SECS + 1;
+        store.put_record(&failed).expect("put");
+        // Every blob is older than the hour that protects a run still recording.
+        let old_time = SystemTime::now() - std::time::Duration::from_secs(7200);
+        for entry in fs::read_dir(dir.path().join("blobs/sha256")).expect("dir") {
+            File::options()
+                .write(true)
+                .open(entry.expect("entry").path())
+                .and_then(|file| file.set_modified(old_time))
+                .expect("age the blob");
+        }
+
+        let (removed, freed) = store.retain(Keep::default()).expect("retain");
+        assert_eq!(
+            removed, 2,
+            "the older result of the repository and the stale failure"
+        );
+        assert_eq!(freed, b"only the old run printed this".len() as u64);
+        assert!(store.get("old").expect("get").is_none());
+        store
+            .verify(&store.get("new").expect("get").expect("kept"))
+            .expect("intact");
+        assert!(
+            store.get("other").expect("get").is_some(),
+            "another repository's newest"
+        );
+
+        assert_eq!(
+            store.retain(Keep::For(10)).expect("retain").0,
+            1,
+            "other is 1000 s old"
+        );
+    }
+
+    #[test]
+    fn keep_reads_counts_and_ages() {
+        assert_eq!("3".parse(), Ok(Keep::Latest(3)));
+        assert_eq!("7d".parse(), Ok(Keep::For(7 * 86400)));
+        assert_eq!("12h".parse(), Ok(Keep::For(12 * 3600)));
+        assert!("0".parse::<Keep>().is_err());
+        assert!("soon".parse::<Keep>().is_err());
+    }
+
+    #[test]
+    fn an_import_keeps_only_content_that_matches_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        let good = store.put_blob(b"payload").expect("blob");
+        fs::remove_file(store.blob_file(&good.sha256)).expect("remove");
+        let error = store
+            .import_blob(&good.sha256, good.size, &mut &b"poisoned"[..])
+            .expect_err("mismatch");
+        assert!(matches!(error, ImportError::Mismatch { .. }), "{error}");
+        assert_eq!(store.check_blob(&good.sha256, good.size), Err("missing"));
+        store
+            .import_blob(&good.sha256, good.size, &mut &b"payload"[..])
+            .expect("import");
+        assert_eq!(store.check_blob(&good.sha256, good.size), Ok(()));
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
             0
         );
     }
