@@ -935,3 +935,6 @@ fn results_list_and_show() {
     let list = results(&["list", "--json"]);
     assert_eq!(text(&list.stdout).trim(), "[]");
 }
+
+#[path = "job/remote.rs"]
+mod remote;

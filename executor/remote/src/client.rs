@@ -238,7 +238,13 @@ impl Orchestrator {
                     self.refused(response)
                 )));
             }
-            let mut reader = response.body_mut().with_config().limit(size).reader();
+            // One byte past the recorded size is enough to tell that the content is not it.
+            let mut reader = response
+                .body_mut()
+                .with_config()
+                .limit(u64::MAX)
+                .reader()
+                .take(size.saturating_add(1));
             match store.import_blob(sha256, size, &mut reader) {
                 Ok(()) => {}
                 Err(ImportError::Mismatch { .. }) => {

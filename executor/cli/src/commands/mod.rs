@@ -7,9 +7,12 @@ mod doctor;
 mod driver;
 mod drivers;
 mod image;
+mod key;
 mod results;
 mod run;
+mod serve;
 mod test;
+mod token;
 
 use clap::Subcommand;
 
@@ -33,6 +36,14 @@ pub enum Command {
     /// List, show or prune recorded results
     #[command(subcommand)]
     Results(results::ResultsCommand),
+    /// Serve results to other executors: the orchestrator (`serve gc` drops old ones)
+    Serve(serve::ServeArgs),
+    /// Create, list or revoke the orchestrator's per-repository tokens
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Show this executor's signing key
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// List or prune the per-repository warm states (podman images and layer cache)
     #[cfg(feature = "qemu")]
     #[command(subcommand)]
@@ -45,12 +56,15 @@ impl Command {
     /// which a signal must not cut short: they ignore a closed output.
     pub fn only_prints(&self) -> bool {
         match self {
-            Command::Drivers(_) | Command::Results(_) | Command::Doctor(_) => true,
+            Command::Drivers(_) | Command::Results(_) | Command::Doctor(_) | Command::Key(_) => {
+                true
+            }
+            Command::Token(command) => matches!(command, token::TokenCommand::List { .. }),
             #[cfg(feature = "qemu")]
             Command::Cache(_) => true,
             Command::Driver(command) => matches!(command, driver::DriverCommand::Show { .. }),
             Command::Image(command) => !matches!(command, image::ImageCommand::Build { .. }),
-            Command::Run(_) | Command::Test(_) => false,
+            Command::Run(_) | Command::Test(_) | Command::Serve(_) => false,
         }
     }
 }
@@ -76,6 +90,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Results(command) => results::run(command),
         Command::Image(command) => image::run(command),
         Command::Doctor(args) => doctor::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
+        Command::Token(command) => token::run(command),
+        Command::Key(command) => key::run(command),
         #[cfg(feature = "qemu")]
         Command::Cache(command) => cache::run(command),
     }

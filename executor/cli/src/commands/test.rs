@@ -4,11 +4,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use ci_exec_driver::{Driver, DriverConfig, MkSource};
+use ci_exec_job::store::Keep;
 use ci_exec_job::{JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
+use ci_exec_remote::client::{ClientOptions, Fetched, Orchestrator, Published};
+use ci_exec_remote::identity::{ExecutorKey, PublicKey};
 
 use super::run::interrupted;
 use crate::drivers::new_driver;
-use crate::exit::{INTERRUPTED, SUCCESS, TEST_FAILED};
+use crate::exit::{CliError, INTERRUPTED, SUCCESS, TEST_FAILED};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -55,6 +58,13 @@ pub struct TestArgs {
     /// Mixed into the result key: a new salt forces a new run
     #[arg(long)]
     salt: Option<String>,
+    /// The orchestrator to fetch results from before running, and to publish to after a
+    /// successful run (with `CI_EXEC_TOKEN`)
+    #[arg(long, env = "CI_EXEC_ORCHESTRATOR", value_name = "URL")]
+    orchestrator: Option<String>,
+    /// The repository's name at the orchestrator (default: from its `origin` remote)
+    #[arg(long, env = "CI_EXEC_REPO", value_name = "REPO")]
+    repo: Option<String>,
 }
 
 pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
@@ -78,12 +88,18 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         fresh: args.fresh,
         offline: args.offline,
         artifacts_dir: args.artifacts.clone(),
+        repository: args.repo.clone(),
     };
+    let retention = retention()?;
     // Usage errors (no repository, no mkfile, a bad mkfile) before any driver starts.
     let job = PreparedJob::prepare(options)?;
     for submodule in &job.snapshot.skipped_submodules {
         eprintln!("warning: submodule `{submodule}` is not part of the committed tree; skipped");
     }
+    let remote = match &args.orchestrator {
+        Some(url) => Some(Remote::connect(url, &job)?),
+        None => None,
+    };
 
     let store = ResultStore::open(None)?;
     let driver = new_driver(&config).await?;
@@ -101,7 +117,14 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         }
     };
     let mut terminal = terminal();
-    let outcome = match bound.replay(&store, &mut terminal) {
+    let mut outcome = bound.replay(&store, &mut terminal);
+    if let (Ok(None), Some(remote), false) = (&outcome, &remote, args.no_replay) {
+        let fetched = tokio::task::block_in_place(|| remote.fetch(bound.key(), &store));
+        if fetched {
+            outcome = bound.replay_fetched(&store, &mut terminal, Some(remote.client.url()));
+        }
+    }
+    let outcome = match outcome {
         Ok(None) => {
             tokio::select! {
                 result = bound.run(&store, terminal) => result.map(Some),
@@ -121,6 +144,19 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
             return Ok(INTERRUPTED);
         }
     };
+    if let Some(remote) = &remote
+        && !report.replayed
+        && report.exit_code == 0
+    {
+        tokio::task::block_in_place(|| remote.publish(&report.key, &store));
+    }
+    match store.retain(retention) {
+        Ok((0, _)) => {}
+        Ok((removed, freed)) => tracing::info!(
+            "retention: removed {removed} older results and {freed} bytes of their output"
+        ),
+        Err(error) => eprintln!("warning: older results were not pruned: {error}"),
+    }
     if let Some(path) = &args.report {
         write_report(path, &report)?;
     }
@@ -132,10 +168,158 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// `CI_EXEC_KEEP`: how many results of each repository the local store keeps.
+fn retention() -> anyhow::Result<Keep> {
+    match std::env::var("CI_EXEC_KEEP") {
+        Ok(text) => text.parse().map_err(|reason: String| {
+            CliError::usage(format!("`CI_EXEC_KEEP`: {reason}"))
+                .hint("set it to a count of results per repository (`3`) or an age (`7d`)")
+                .into()
+        }),
+        Err(_) => Ok(Keep::default()),
+    }
+}
+
+/// The orchestrator of this job: where results are fetched from and published to.
+struct Remote {
+    client: Orchestrator,
+    key: ExecutorKey,
+    pinned: Vec<PublicKey>,
+}
+
+impl Remote {
+    fn connect(url: &str, job: &PreparedJob) -> anyhow::Result<Remote> {
+        if !job.has_shared_name() {
+            return Err(CliError::usage(format!(
+                "repository `{}` has no `origin` remote, so the orchestrator cannot tell which repository it is",
+                job.snapshot.root.display()
+            ))
+            .hint("name it with `--repo host/owner/name` or `CI_EXEC_REPO`")
+            .into());
+        }
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(
+                CliError::usage(format!("orchestrator `{url}` is not an http(s) URL"))
+                    .hint("give it as `https://host[:port]`")
+                    .into(),
+            );
+        }
+        let pinned = match std::env::var("CI_EXEC_TRUSTED_KEYS") {
+            Ok(text) => PublicKey::parse_list(&text).map_err(|error| {
+                CliError::usage(format!("`CI_EXEC_TRUSTED_KEYS`: {error}"))
+                    .hint("`ci-exec key show` prints a key in the expected form")
+            })?,
+            Err(_) => Vec::new(),
+        };
+        let token = std::env::var("CI_EXEC_TOKEN")
+            .ok()
+            .filter(|token| !token.is_empty());
+        let path = |name: &str| std::env::var_os(name).map(PathBuf::from);
+        let client_certificate = match (path("CI_EXEC_CLIENT_CERT"), path("CI_EXEC_CLIENT_KEY")) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(CliError::usage(
+                    "`CI_EXEC_CLIENT_CERT` and `CI_EXEC_CLIENT_KEY` go together",
+                )
+                .into());
+            }
+        };
+        if token.is_none() && client_certificate.is_none() {
+            return Err(
+                CliError::usage(format!("orchestrator `{url}` needs a credential"))
+                    .hint("export `CI_EXEC_TOKEN` (from `ci-exec token create --repo REPO`)")
+                    .into(),
+            );
+        }
+        let client = Orchestrator::new(ClientOptions {
+            url: url.to_owned(),
+            token,
+            repository: job.repository().to_owned(),
+            ca: path("CI_EXEC_ORCHESTRATOR_CA"),
+            client_certificate,
+        })?;
+        let key = ExecutorKey::load_or_create(&ExecutorKey::default_path())?;
+        Ok(Remote {
+            client,
+            key,
+            pinned,
+        })
+    }
+
+    /// Brings the orchestrator's result of `key` into `store`; whether it did. Any failure
+    /// is a warning: the job then runs here.
+    fn fetch(&self, key: &str, store: &ResultStore) -> bool {
+        match self
+            .client
+            .fetch(key, store, &self.pinned, &self.key.public())
+        {
+            Ok(Fetched::Stored(_)) => true,
+            Ok(Fetched::Miss) => false,
+            Ok(Fetched::Untrusted(why)) => {
+                eprintln!(
+                    "warning: not replaying the orchestrator's result {}: {why}; running the job",
+                    &key[..12]
+                );
+                false
+            }
+            Err(error) => {
+                eprintln!("warning: {}; running the job here", error_chain(&error));
+                false
+            }
+        }
+    }
+
+    /// Publishes the recorded result of `key`; a failure is a warning (the run stands).
+    fn publish(&self, key: &str, store: &ResultStore) {
+        let record = match store.get(key) {
+            Ok(Some(record)) => record,
+            _ => return,
+        };
+        match self.client.publish(&record, store, &self.key) {
+            Ok(Published::Created) => eprintln!(
+                "==> published result {} to {}",
+                &key[..12],
+                self.client.url()
+            ),
+            Ok(Published::AlreadyThere) => {}
+            Ok(Published::ReadOnly) => eprintln!(
+                "note: result {} not published: the token may only read",
+                &key[..12]
+            ),
+            Ok(Published::Conflict) => eprintln!(
+                "warning: the orchestrator holds a different result {} (results are write-once); this run is kept here only",
+                &key[..12]
+            ),
+            Err(error) => eprintln!(
+                "warning: result {} not published: {}",
+                &key[..12],
+                error_chain(&error)
+            ),
+        }
+    }
+}
+
+/// `error: cause: cause`, on one line, for warnings.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 fn summarize(report: &JobReport, driver: &dyn Driver, kept: bool, config: &DriverConfig) {
     let key = &report.key[..12];
     if report.replayed {
-        eprintln!("==> passed (replayed result {key})");
+        match report.replayed_from.as_deref() {
+            Some(origin) if origin != "local" => {
+                eprintln!("==> passed (replayed result {key} from {origin})");
+            }
+            _ => eprintln!("==> passed (replayed result {key})"),
+        }
     } else if report.exit_code == 0 {
         let ms: u64 = report.steps.iter().map(|step| step.ms).sum();
         eprintln!(

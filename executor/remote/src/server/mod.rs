@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::response::{IntoResponse as _, Response};
+use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
@@ -285,26 +285,21 @@ fn tls_acceptor(tls: &TlsOptions) -> Result<tokio_rustls::TlsAcceptor, ServeErro
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-fn reply(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = serde_json::to_vec(&ErrorBody {
-        error: message.into(),
-    })
-    .unwrap_or_default();
-    let mut response = (status, body).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"ci-exec\""),
-        );
-    }
-    response
+/// A refused request: its status and the one line saying why.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
 }
 
-fn internal(error: impl std::fmt::Display) -> Response {
+fn reply(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        message: message.into(),
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> Refusal {
     tracing::error!("{error}");
     reply(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -312,11 +307,32 @@ fn internal(error: impl std::fmt::Display) -> Response {
     )
 }
 
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorBody {
+            error: self.message,
+        })
+        .unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ci-exec\""),
+            );
+        }
+        response
+    }
+}
+
 /// Runs a storage call off the async threads (SQLite commits and fsyncs block).
 async fn blocking<T: Send + 'static>(
     app: &Arc<App>,
     call: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, Refusal> {
     let storage = app.storage.clone();
     match tokio::task::spawn_blocking(move || call(&storage)).await {
         Ok(Ok(value)) => Ok(value),
@@ -328,7 +344,7 @@ async fn blocking<T: Send + 'static>(
 async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     let route = match Route::parse(request.uri().path()) {
         Ok(route) => route,
-        Err(message) => return reply(StatusCode::NOT_FOUND, message),
+        Err(message) => return reply(StatusCode::NOT_FOUND, message).into_response(),
     };
     if route == Route::Status {
         return (
@@ -348,7 +364,8 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("`{method}` is not served here"),
-        );
+        )
+        .into_response();
         response.headers_mut().insert(
             header::ALLOW,
             HeaderValue::from_static(if matches!(route, Route::Keys { .. }) {
@@ -361,7 +378,7 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     }
     let grant = match authorize(&app, &request, &route, writes) {
         Ok(grant) => grant,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let result = match route {
         Route::Result { repository, key } => match method {
@@ -385,12 +402,12 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         }
         Route::Status => Ok(StatusCode::OK.into_response()),
     };
-    result.unwrap_or_else(|response| response)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Checks the request's credentials against the route: 401 without a known credential, 403
 /// for another repository or a write without a publish grant.
-fn authorize(app: &App, request: &Request, route: &Route, writes: bool) -> Result<Grant, Response> {
+fn authorize(app: &App, request: &Request, route: &Route, writes: bool) -> Result<Grant, Refusal> {
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -456,7 +473,7 @@ async fn get_result(
     repository: String,
     key: String,
     head: bool,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     let published = blocking(app, move |storage| storage.result(&repository, &key)).await?;
     match published {
         None => Err(reply(StatusCode::NOT_FOUND, "no result with this key")),
@@ -485,7 +502,7 @@ async fn put_result(
     key: String,
     grant: Grant,
     body: Body,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     let bytes = axum::body::to_bytes(body, MAX_RECORD_BYTES)
         .await
         .map_err(|_| {
@@ -545,7 +562,7 @@ async fn get_blob(
     repository: String,
     sha256: String,
     head: bool,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     let path = app.storage.blob_path(&sha256);
     let member = blocking(app, move |storage| storage.is_member(&repository, &sha256)).await?;
     if !member {
@@ -578,7 +595,7 @@ async fn put_blob(
     sha256: String,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
@@ -614,9 +631,9 @@ async fn put_blob(
         )),
         Err(Received::Io(error)) => Err(internal(error)),
     };
-    if let Err(response) = outcome {
+    if let Err(refusal) = outcome {
         let _ = tokio::fs::remove_file(&upload).await;
-        return Err(response);
+        return Err(refusal);
     }
     let stored = upload.clone();
     let result = blocking(app, move |storage| {

@@ -1,0 +1,255 @@
+//! Remote replay end to end: a real `ci-exec serve`, executor A publishing with a publish
+//! token, executor B (its own state and results) replaying with a read token — and every way
+//! that must make B run the job itself instead.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use super::{BINARY, Repo, assert_exit, available, text, walk};
+
+const REPO: &str = "github.com/acme/widget";
+
+/// `ci-exec serve` on a free loopback port, with its own data directory; killed when dropped.
+struct Serve {
+    child: Child,
+    url: String,
+    data: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start() -> Serve {
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(BINARY)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ci-exec serve starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        // The first line names the address; `serve` prints it once it listens.
+        let line = lines.next().expect("a line").expect("utf-8");
+        let url = line
+            .split_whitespace()
+            .find(|word| word.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in `{line}`"))
+            .to_owned();
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Serve { child, url, data }
+    }
+
+    fn token(&self, repository: &str, publish: bool) -> String {
+        let mut command = Command::new(BINARY);
+        command
+            .args(["token", "create", "--repo", repository, "--data"])
+            .arg(self.data.path());
+        if publish {
+            command.arg("--publish");
+        }
+        let output = command.output().expect("token create");
+        assert_exit(&output, 0);
+        text(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One executor: its own state directory (key), result store and artifacts directory.
+struct Executor {
+    dir: tempfile::TempDir,
+}
+
+impl Executor {
+    fn new() -> Executor {
+        Executor {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn artifacts(&self) -> PathBuf {
+        self.dir.path().join("artifacts")
+    }
+
+    fn test(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Output {
+        let mut command = Command::new(BINARY);
+        command
+            .args(["test", "--driver=native", "--orchestrator", orchestrator])
+            .arg("--artifacts")
+            .arg(self.artifacts())
+            .arg("--report")
+            .arg(self.dir.path().join("report.json"))
+            .current_dir(repo.path())
+            .env("XDG_DATA_HOME", self.dir.path().join("state"))
+            .env("CI_EXEC_RESULTS", self.dir.path().join("results"))
+            .env("NO_COLOR", "1")
+            .env_remove("CI_EXEC_TOKEN")
+            .env_remove("CI_EXEC_DRIVER")
+            .env_remove("CI_EXEC_REPO")
+            .env_remove("CI_EXEC_TRUSTED_KEYS")
+            .env_remove("CI_EXEC_ENV");
+        if let Some(token) = token {
+            command.env("CI_EXEC_TOKEN", token);
+        }
+        command.output().expect("ci-exec runs")
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let bytes = std::fs::read(self.dir.path().join("report.json")).expect("report");
+        serde_json::from_slice(&bytes).expect("json")
+    }
+}
+
+fn repository() -> Repo {
+    let repo = Repo::example("artifacts-cache");
+    repo.git(&[
+        "remote",
+        "add",
+        "origin",
+        "https://github.com/acme/widget.git",
+    ]);
+    repo
+}
+
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = walk(dir)
+        .into_iter()
+        .map(|path| {
+            let content = std::fs::read(&path).expect("read");
+            (path.strip_prefix(dir).expect("inside").to_owned(), content)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn ran_for_real(output: &Output) -> bool {
+    text(&output.stderr).contains("==> passed in")
+}
+
+#[test]
+fn a_result_published_by_one_executor_is_replayed_by_another() {
+    if !available("native") {
+        return;
+    }
+    let serve = Serve::start();
+    let publish = serve.token(REPO, true);
+    let read = serve.token(REPO, false);
+    let repo = repository();
+
+    let a = Executor::new();
+    let first = a.test(&repo, &serve.url, Some(&publish));
+    assert_exit(&first, 0);
+    assert!(ran_for_real(&first), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stderr).contains("==> published result"),
+        "{}",
+        text(&first.stderr)
+    );
+
+    let b = Executor::new();
+    let replay = b.test(&repo, &serve.url, Some(&read));
+    assert_exit(&replay, 0);
+    let stderr = text(&replay.stderr);
+    assert!(stderr.contains(&format!("from {}", serve.url)), "{stderr}");
+    assert_eq!(replay.stdout, first.stdout, "stdout byte-exact");
+    assert_eq!(
+        files(&b.artifacts()),
+        files(&a.artifacts()),
+        "artifacts restored"
+    );
+    assert!(!files(&b.artifacts()).is_empty());
+    let report = b.report();
+    assert_eq!(report["replayed"], true);
+    assert_eq!(report["replayed_from"], serve.url.as_str());
+
+    // A blob changed on the orchestrator: B's fresh twin refuses it and runs the job.
+    let stdout_blob = a.report()["key"].as_str().map(str::to_owned).expect("key");
+    let cas = serve.data.path().join("cas");
+    let mut tampered = 0;
+    for entry in std::fs::read_dir(&cas).expect("cas") {
+        let path = entry.expect("entry").path();
+        let mut content = std::fs::read(&path).expect("blob");
+        content.push(b'!');
+        std::fs::write(&path, content).expect("tamper");
+        tampered += 1;
+    }
+    assert!(tampered > 0, "blobs of {stdout_blob}");
+    let c = Executor::new();
+    let output = c.test(&repo, &serve.url, Some(&read));
+    assert_exit(&output, 0);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("does not match its digest"), "{stderr}");
+    assert!(ran_for_real(&output), "{stderr}");
+    assert_eq!(output.stdout, first.stdout);
+}
+
+#[test]
+fn wrong_missing_and_foreign_tokens_are_refused() {
+    if !available("native") {
+        return;
+    }
+    let serve = Serve::start();
+    let publish = serve.token(REPO, true);
+    let foreign = serve.token("github.com/acme/other", true);
+    let repo = repository();
+    let a = Executor::new();
+    assert_exit(&a.test(&repo, &serve.url, Some(&publish)), 0);
+
+    for (token, status) in [("cie_not-a-token", "(401)"), (foreign.as_str(), "(403)")] {
+        let b = Executor::new();
+        let output = b.test(&repo, &serve.url, Some(token));
+        assert_exit(&output, 0);
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(status), "{token}: {stderr}");
+        assert!(ran_for_real(&output), "{stderr}");
+    }
+
+    let output = Executor::new().test(&repo, &serve.url, None);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("CI_EXEC_TOKEN"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn an_unreachable_orchestrator_never_fails_the_job() {
+    if !available("native") {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port");
+    let repo = repository();
+    let output = Executor::new().test(&repo, &format!("http://{port}"), Some("cie_x"));
+    assert_exit(&output, 0);
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("unreachable") && stderr.contains("running the job here"),
+        "{stderr}"
+    );
+    assert!(ran_for_real(&output), "{stderr}");
+}
+
+#[test]
+fn a_repository_without_origin_must_be_named() {
+    if !available("native") {
+        return;
+    }
+    let repo = Repo::example("hello");
+    let output = Executor::new().test(&repo, "http://127.0.0.1:9", Some("cie_x"));
+    assert_exit(&output, 2);
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("has no `origin` remote") && stderr.contains("--repo"),
+        "{stderr}"
+    );
+}
