@@ -82,12 +82,29 @@ pub enum Published {
     Conflict,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Orchestrator {
     url: String,
     token: Option<String>,
     repository: String,
     agent: ureq::Agent,
+    tls: ureq::tls::TlsConfig,
+}
+
+/// How long a whole body (a large artifact) may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// An agent that gives up connecting after [`CONNECT_TIMEOUT`], waiting for a response after
+/// `wait`, and receiving it after [`BODY_TIMEOUT`].
+fn agent(tls: &ureq::tls::TlsConfig, wait: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_recv_response(Some(wait))
+        .timeout_recv_body(Some(BODY_TIMEOUT))
+        .http_status_as_error(false)
+        .tls_config(tls.clone())
+        .build()
+        .into()
 }
 
 impl Orchestrator {
@@ -106,24 +123,39 @@ impl Orchestrator {
             })?;
             tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
         }
-        let agent = ureq::Agent::config_builder()
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
-            .timeout_recv_body(Some(RESPONSE_TIMEOUT))
-            .http_status_as_error(false)
-            .tls_config(tls.build())
-            .build()
-            .into();
+        let tls = tls.build();
         Ok(Orchestrator {
             url: options.url.trim_end_matches('/').to_owned(),
             token: options.token,
             repository: options.repository,
-            agent,
+            agent: agent(&tls, RESPONSE_TIMEOUT),
+            tls,
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// A connected session serving results of this repository from `store`.
+    pub fn connect(&self, key: ExecutorKey) -> Connected {
+        let mut nonce = [0u8; 16];
+        let _ = getrandom::fill(&mut nonce);
+        let poll = agent(
+            &self.tls,
+            crate::server::relay::POLL_WAIT + RESPONSE_TIMEOUT,
+        );
+        Connected {
+            orchestrator: self.clone(),
+            poll,
+            session: hex::encode(nonce),
+            key,
+            announced: std::sync::Mutex::new(HashSet::new()),
+        }
     }
 
     fn address(&self, route: &Route) -> String {
@@ -366,6 +398,192 @@ impl Orchestrator {
             409 => Ok(Published::Conflict),
             _ => Err(self.refused(response)),
         }
+    }
+}
+
+/// A connected executor: it announces the results it holds and answers the orchestrator's
+/// relayed requests for them until it leaves.
+#[derive(Debug)]
+pub struct Connected {
+    orchestrator: Orchestrator,
+    /// For the long polls, which wait longer than other requests may.
+    poll: ureq::Agent,
+    session: String,
+    key: ExecutorKey,
+    /// The blobs announced: the only ones served (the local store holds other repositories'
+    /// too).
+    announced: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Connected {
+    fn route(&self, tail: &str) -> String {
+        let route = Route::Session {
+            repository: self.orchestrator.repository.clone(),
+            session: self.session.clone(),
+        };
+        format!("{}{tail}", self.orchestrator.address(&route))
+    }
+
+    /// Says which results (`records`) this executor serves.
+    pub fn announce(&self, records: &[ResultRecord]) -> Result<(), ClientError> {
+        let keys: Vec<String> = records.iter().map(|record| record.key.clone()).collect();
+        let blobs: HashSet<String> = records
+            .iter()
+            .flat_map(|record| record.blobs().map(|(sha, _)| sha.to_owned()))
+            .collect();
+        let announcement = crate::wire::Announcement {
+            signer: self.key.public().to_string(),
+            signature: self.key.sign_bytes(&crate::wire::announcement_bytes(
+                &self.orchestrator.repository,
+                &self.session,
+            )),
+            keys,
+            blobs: blobs.iter().cloned().collect(),
+        };
+        let json = serde_json::to_string(&announcement).unwrap_or_default();
+        let response = self
+            .orchestrator
+            .authorized(self.orchestrator.agent.put(self.route("")))
+            .header("Content-Type", "application/json")
+            .send(json.as_str())
+            .map_err(|error| self.orchestrator.unreachable(error))?;
+        if response.status().as_u16() != 200 {
+            return Err(self.orchestrator.refused(response));
+        }
+        *self
+            .announced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = blobs;
+        Ok(())
+    }
+
+    /// Answers relayed requests until `stop` is set; `holdings` says what to serve (asked
+    /// again after each request, so a daemon serves new results as they are recorded). An
+    /// unreachable orchestrator is retried with a growing pause.
+    pub fn serve(
+        &self,
+        store: &ResultStore,
+        holdings: &dyn Fn() -> Vec<ResultRecord>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) {
+        use std::sync::atomic::Ordering;
+        let mut pause = Duration::from_millis(500);
+        let mut current: Vec<String> = Vec::new();
+        let mut announced = false;
+        while !stop.load(Ordering::Relaxed) {
+            let records = holdings();
+            let keys: Vec<String> = records.iter().map(|record| record.key.clone()).collect();
+            if !announced || keys != current {
+                match self.announce(&records) {
+                    Ok(()) => {
+                        announced = true;
+                        current = keys;
+                    }
+                    Err(error) => {
+                        tracing::warn!("cannot announce to the orchestrator: {error}");
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
+            let response = self
+                .orchestrator
+                .authorized(self.poll.get(self.route("/next")))
+                .call();
+            let mut response = match response {
+                Ok(response) => response,
+                Err(error) => {
+                    if !stop.load(Ordering::Relaxed) {
+                        tracing::warn!("lost the orchestrator: {error}; retrying");
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                    }
+                    announced = false;
+                    continue;
+                }
+            };
+            pause = Duration::from_millis(500);
+            match response.status().as_u16() {
+                200 => {}
+                204 => continue,
+                404 => {
+                    announced = false;
+                    continue;
+                }
+                _ => {
+                    tracing::warn!("{}", self.orchestrator.refused(response));
+                    std::thread::sleep(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            let request: Option<crate::wire::Relayed> = response
+                .body_mut()
+                .read_to_string()
+                .ok()
+                .and_then(|body| serde_json::from_str(&body).ok());
+            if let Some(request) = request
+                && let Err(error) = self.answer(store, &request)
+            {
+                tracing::warn!("could not answer a relayed request: {error}");
+            }
+        }
+    }
+
+    fn answer(
+        &self,
+        store: &ResultStore,
+        request: &crate::wire::Relayed,
+    ) -> Result<(), ClientError> {
+        let url = self.route(&format!("/reply/{}", request.id));
+        let put = || {
+            self.orchestrator
+                .authorized(self.orchestrator.agent.put(&url))
+        };
+        let missing = || put().header("X-Ci-Exec-Status", "404").send("");
+        let response = match request.kind.as_str() {
+            "result" => match store.get(&request.digest).ok().flatten() {
+                Some(mut record) => {
+                    record.repository = Some(self.orchestrator.repository.clone());
+                    self.key.sign(&mut record);
+                    let json = serde_json::to_string(&record).unwrap_or_default();
+                    put()
+                        .header("X-Ci-Exec-Status", "200")
+                        .header("Content-Type", "application/json")
+                        .send(json.as_str())
+                }
+                None => missing(),
+            },
+            _ => {
+                let announced = self
+                    .announced
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&request.digest);
+                let path = store.blob_file(&request.digest);
+                match (announced, File::open(&path)) {
+                    (true, Ok(file)) => {
+                        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+                        put()
+                            .header("X-Ci-Exec-Status", "200")
+                            .header("Content-Length", length.to_string())
+                            .send(ureq::SendBody::from_owned_reader(file.take(length)))
+                    }
+                    _ => missing(),
+                }
+            }
+        };
+        response
+            .map(drop)
+            .map_err(|error| self.orchestrator.unreachable(error))
+    }
+
+    /// Ends the session: the orchestrator stops relaying to it at once.
+    pub fn leave(&self) {
+        let _ = self
+            .orchestrator
+            .authorized(self.orchestrator.agent.delete(self.route("")))
+            .call();
     }
 }
 

@@ -191,6 +191,11 @@ impl ExecutorKey {
         }
     }
 
+    /// Base64 of the signature of `message`.
+    pub fn sign_bytes(&self, message: &[u8]) -> String {
+        BASE64.encode(self.signing.sign(message).to_bytes())
+    }
+
     /// Signs `record` (over [`ResultRecord::signed_bytes`]) in place.
     pub fn sign(&self, record: &mut ResultRecord) {
         record.signature = None;
@@ -235,6 +240,20 @@ pub fn verify_signature(record: &ResultRecord, signer: &PublicKey) -> Result<(),
             &ed25519_dalek::Signature::from_bytes(&bytes),
         )
         .map_err(|_| SignatureProblem::Invalid)
+}
+
+/// Whether `signature` (base64) is `signer`'s signature of `message`.
+pub fn verify_bytes(message: &[u8], signature: &str, signer: &PublicKey) -> bool {
+    BASE64
+        .decode(signature)
+        .ok()
+        .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok())
+        .is_some_and(|bytes| {
+            signer
+                .key
+                .verify_strict(message, &ed25519_dalek::Signature::from_bytes(&bytes))
+                .is_ok()
+        })
 }
 
 /// The public key a record names as its signer, if it names a well-formed one.

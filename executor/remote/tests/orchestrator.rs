@@ -608,3 +608,61 @@ fn an_unreachable_orchestrator_fails_fast() {
     assert!(error.to_string().contains("unreachable"), "{error}");
     assert!(started.elapsed() < ci_exec_remote::client::CONNECT_TIMEOUT * 2);
 }
+
+#[test]
+fn a_connected_executors_result_is_relayed_and_gone_when_it_leaves() {
+    let server = start(None, "127.0.0.1:0");
+    let (publish, read) = (server.token(REPO, true), server.token(REPO, false));
+    let e = executor("connected");
+    let record = recorded(&e.store, &key(10));
+    let connected = std::sync::Arc::new(
+        server
+            .client(Some(&publish))
+            .connect(ExecutorKey::generate("connected").expect("key")),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serving = {
+        let (connected, stop) = (connected.clone(), stop.clone());
+        let store = e.store.clone();
+        let holdings = vec![record.clone()];
+        std::thread::spawn(move || connected.serve(&store, &|| holdings.clone(), &stop))
+    };
+
+    let b = executor("b");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let fetched = loop {
+        // Until the announcement has landed, the key is simply unknown.
+        match server
+            .client(Some(&read))
+            .fetch(&key(10), &b.store, &[], &b.key.public())
+        {
+            Ok(Fetched::Miss) if std::time::Instant::now() < deadline => continue,
+            other => break other.expect("fetch"),
+        }
+    };
+    assert!(matches!(fetched, Fetched::Stored(_)), "{fetched:?}");
+    for (sha, _) in record.blobs() {
+        assert_eq!(
+            b.store.read_blob(sha).expect("blob"),
+            e.store.read_blob(sha).expect("blob")
+        );
+    }
+    // Nothing relayed was stored on the orchestrator.
+    assert_eq!(
+        std::fs::read_dir(server.data.path().join("cas"))
+            .expect("cas")
+            .count(),
+        0
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    connected.leave();
+    let c = executor("c");
+    assert!(matches!(
+        server
+            .client(Some(&read))
+            .fetch(&key(10), &c.store, &[], &c.key.public()),
+        Ok(Fetched::Miss)
+    ));
+    drop(serving);
+}

@@ -65,6 +65,10 @@ pub struct TestArgs {
     /// The repository's name at the orchestrator (default: from its `origin` remote)
     #[arg(long, env = "CI_EXEC_REPO", value_name = "REPO")]
     repo: Option<String>,
+    /// After a successful job, stay connected to the orchestrator until Ctrl-C or SIGTERM,
+    /// serving the result to other executors instead of uploading it
+    #[arg(long, requires = "orchestrator")]
+    serve_results: bool,
 }
 
 pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
@@ -147,6 +151,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
     if let Some(remote) = &remote
         && !report.replayed
         && report.exit_code == 0
+        && !args.serve_results
     {
         tokio::task::block_in_place(|| remote.publish(&report.key, &store));
     }
@@ -161,6 +166,12 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         write_report(path, &report)?;
     }
     summarize(&report, &*driver, keep, &config);
+    if let Some(remote) = remote
+        && args.serve_results
+        && report.exit_code == 0
+    {
+        remote.serve_until_stopped(&report.key, store).await;
+    }
     Ok(if report.exit_code == 0 {
         SUCCESS
     } else {
@@ -268,6 +279,33 @@ impl Remote {
                 false
             }
         }
+    }
+
+    /// Stays connected, serving the result of `key` from `store`, until SIGINT or SIGTERM.
+    async fn serve_until_stopped(self, key: &str, store: ResultStore) {
+        let record = match store.get(key) {
+            Ok(Some(record)) => record,
+            _ => return,
+        };
+        let url = self.client.url().to_owned();
+        let connected = std::sync::Arc::new(self.client.connect(self.key));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        eprintln!(
+            "==> serving result {} to other executors through {url}; Ctrl-C to stop",
+            &key[..12]
+        );
+        let serving = {
+            let (connected, stop) = (connected.clone(), stop.clone());
+            std::thread::spawn(move || {
+                connected.serve(&store, &|| vec![record.clone()], &stop);
+            })
+        };
+        interrupted().await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::block_in_place(|| connected.leave());
+        // The serving thread may sit in a long poll; the process ends without waiting for it.
+        drop(serving);
+        eprintln!("==> left {url}");
     }
 
     /// Publishes the recorded result of `key`; a failure is a warning (the run stands).

@@ -78,6 +78,12 @@ impl Executor {
     }
 
     fn test(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Output {
+        self.command(repo, orchestrator, token)
+            .output()
+            .expect("ci-exec runs")
+    }
+
+    fn command(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Command {
         let mut command = Command::new(BINARY);
         command
             .args(["test", "--driver=native", "--orchestrator", orchestrator])
@@ -97,7 +103,7 @@ impl Executor {
         if let Some(token) = token {
             command.env("CI_EXEC_TOKEN", token);
         }
-        command.output().expect("ci-exec runs")
+        command
     }
 
     fn report(&self) -> serde_json::Value {
@@ -252,4 +258,85 @@ fn a_repository_without_origin_must_be_named() {
         stderr.contains("has no `origin` remote") && stderr.contains("--repo"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_connected_executors_result_is_replayed_through_the_orchestrator_until_it_leaves() {
+    if !available("native") {
+        return;
+    }
+    let serve = Serve::start();
+    let publish = serve.token(REPO, true);
+    let read = serve.token(REPO, false);
+    let repo = repository();
+
+    let a = Executor::new();
+    let mut connected = a
+        .command(&repo, &serve.url, Some(&publish))
+        .arg("--serve-results")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ci-exec test --serve-results");
+    let mut lines = BufReader::new(connected.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("utf-8");
+        let serving = line.starts_with("==> serving result");
+        seen.push(line);
+        if serving {
+            break;
+        }
+    }
+    assert!(
+        seen.last()
+            .is_some_and(|line| line.starts_with("==> serving")),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|line| line.contains("published")),
+        "{seen:#?}"
+    );
+
+    let b = Executor::new();
+    // The announcement follows the line by one request; until it lands the key is unknown.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let replay = loop {
+        let output = b.test(&repo, &serve.url, Some(&read));
+        if text(&output.stderr).contains("replaying") || std::time::Instant::now() > deadline {
+            break output;
+        }
+        let _ = std::fs::remove_dir_all(b.dir.path().join("results"));
+    };
+    assert_exit(&replay, 0);
+    assert!(
+        text(&replay.stderr).contains(&format!("from {}", serve.url)),
+        "{}",
+        text(&replay.stderr)
+    );
+    assert_eq!(files(&b.artifacts()), files(&a.artifacts()));
+    assert!(
+        std::fs::read_dir(serve.data.path().join("cas"))
+            .expect("cas")
+            .count()
+            == 0,
+        "a connected executor uploads nothing"
+    );
+
+    // SIGINT: it leaves, successfully, and its result is no longer offered.
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe {
+        libc::kill(connected.id() as libc::pid_t, libc::SIGINT);
+    }
+    let status = connected.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|line| line.starts_with("==> left")),
+        "{rest:#?}"
+    );
+    let c = Executor::new();
+    let output = c.test(&repo, &serve.url, Some(&read));
+    assert_exit(&output, 0);
+    assert!(ran_for_real(&output), "{}", text(&output.stderr));
 }

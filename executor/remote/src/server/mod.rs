@@ -3,6 +3,7 @@
 //! publish grants write — write-once.
 
 pub mod auth;
+pub mod relay;
 pub mod storage;
 
 use std::future::Future;
@@ -22,13 +23,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tower::ServiceExt as _;
 
 use ci_exec_job::store::ResultRecord;
 
 use crate::identity;
-use crate::wire::{ErrorBody, MAX_RECORD_BYTES, Route, TrustedKeys};
+use crate::wire::{Announcement, ErrorBody, MAX_RECORD_BYTES, Route, TrustedKeys};
 use auth::{Authenticator, Grants, Presented};
+use relay::{Answer, Relay, SessionProblem};
 use storage::{Grant, Publish, Storage, StorageError};
 
 #[derive(Debug, Clone)]
@@ -89,6 +92,7 @@ struct App {
     storage: Arc<Storage>,
     authenticators: Vec<Box<dyn Authenticator>>,
     max_blob_bytes: u64,
+    relay: Relay,
 }
 
 /// The client certificate of a TLS connection, put into each of its requests.
@@ -134,6 +138,7 @@ impl Server {
                 authenticators: vec![Box::new(Grants(storage.clone()))],
                 storage,
                 max_blob_bytes: options.max_blob_bytes,
+                relay: Relay::default(),
             }),
             tls,
             keep_days: options.keep_days,
@@ -357,23 +362,24 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             .into_response();
     }
     let method = request.method().clone();
-    let writes = method == Method::PUT;
-    if !matches!(method, Method::GET | Method::HEAD | Method::PUT)
-        || (writes && matches!(route, Route::Keys { .. }))
-    {
+    let writes = matches!(method, Method::PUT | Method::DELETE);
+    let allowed: &[Method] = match route {
+        Route::Keys { .. } => &[Method::GET, Method::HEAD],
+        Route::Session { .. } => &[Method::PUT, Method::DELETE],
+        Route::Next { .. } => &[Method::GET],
+        Route::Reply { .. } => &[Method::PUT],
+        _ => &[Method::GET, Method::HEAD, Method::PUT],
+    };
+    if !allowed.contains(&method) {
+        let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("`{method}` is not served here"),
         )
         .into_response();
-        response.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static(if matches!(route, Route::Keys { .. }) {
-                "GET, HEAD"
-            } else {
-                "GET, HEAD, PUT"
-            }),
-        );
+        if let Ok(value) = HeaderValue::from_str(&list.join(", ")) {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
         return response;
     }
     let grant = match authorize(&app, &request, &route, writes) {
@@ -399,6 +405,33 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
                     let body = serde_json::to_vec(&TrustedKeys { keys }).unwrap_or_default();
                     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
                 })
+        }
+        Route::Session {
+            repository,
+            session,
+        } => match method {
+            Method::DELETE => app
+                .relay
+                .leave(&repository, &session, &grant.id)
+                .map(|()| StatusCode::NO_CONTENT.into_response())
+                .map_err(session_refusal),
+            _ => announce(&app, repository, session, grant, request.into_body()).await,
+        },
+        Route::Next {
+            repository,
+            session,
+        } => match app.relay.next(&repository, &session, &grant.id).await {
+            Ok(Some(relayed)) => Ok((
+                [(header::CONTENT_TYPE, "application/json")],
+                serde_json::to_vec(&relayed).unwrap_or_default(),
+            )
+                .into_response()),
+            Ok(None) => Ok(StatusCode::NO_CONTENT.into_response()),
+            Err(problem) => Err(session_refusal(problem)),
+        },
+        Route::Reply { session, id, .. } => {
+            let (parts, body) = request.into_parts();
+            relay_answer(&app, &session, id, &parts.headers, body).await
         }
         Route::Status => Ok(StatusCode::OK.into_response()),
     };
@@ -474,9 +507,13 @@ async fn get_result(
     key: String,
     head: bool,
 ) -> Result<Response, Refusal> {
-    let published = blocking(app, move |storage| storage.result(&repository, &key)).await?;
+    let (stored_repository, stored_key) = (repository.clone(), key.clone());
+    let published = blocking(app, move |storage| {
+        storage.result(&stored_repository, &stored_key)
+    })
+    .await?;
     match published {
-        None => Err(reply(StatusCode::NOT_FOUND, "no result with this key")),
+        None => relayed(app, &repository, true, &key, head, "application/json").await,
         Some(published) => {
             let length = published.record.len();
             let body = if head {
@@ -564,9 +601,21 @@ async fn get_blob(
     head: bool,
 ) -> Result<Response, Refusal> {
     let path = app.storage.blob_path(&sha256);
-    let member = blocking(app, move |storage| storage.is_member(&repository, &sha256)).await?;
+    let (stored_repository, stored_sha256) = (repository.clone(), sha256.clone());
+    let member = blocking(app, move |storage| {
+        storage.is_member(&stored_repository, &stored_sha256)
+    })
+    .await?;
     if !member {
-        return Err(reply(StatusCode::NOT_FOUND, "no blob with this digest"));
+        return relayed(
+            app,
+            &repository,
+            false,
+            &sha256,
+            head,
+            "application/octet-stream",
+        )
+        .await;
     }
     let file = tokio::fs::File::open(&path)
         .await
@@ -587,6 +636,169 @@ async fn get_blob(
         body,
     )
         .into_response())
+}
+
+/// A result or blob from a connected executor that announced it, streamed through.
+async fn relayed(
+    app: &Arc<App>,
+    repository: &str,
+    result: bool,
+    digest: &str,
+    head: bool,
+    content_type: &'static str,
+) -> Result<Response, Refusal> {
+    let missing = || {
+        reply(
+            StatusCode::NOT_FOUND,
+            if result {
+                "no result with this key"
+            } else {
+                "no blob with this digest"
+            },
+        )
+    };
+    let session = app
+        .relay
+        .holder(repository, result, digest)
+        .ok_or_else(missing)?;
+    if head {
+        return Ok(StatusCode::OK.into_response());
+    }
+    let answer = app
+        .relay
+        .ask(&session, result, digest)
+        .await
+        .ok_or_else(missing)?;
+    if answer.status != 200 {
+        return Err(missing());
+    }
+    let done = answer.done;
+    // `done` lives as long as the response body: when the body is sent (or the asker goes
+    // away) the connected executor's upload is answered.
+    let stream = answer.body.into_data_stream().map(move |chunk| {
+        let _ = &done;
+        chunk
+    });
+    let mut response = (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response();
+    if let Some(length) = answer.length
+        && let Ok(value) = HeaderValue::from_str(&length.to_string())
+    {
+        response.headers_mut().insert(header::CONTENT_LENGTH, value);
+    }
+    Ok(response)
+}
+
+/// `PUT …/executors/<session>`: a connected executor says what it holds, proving its key.
+async fn announce(
+    app: &Arc<App>,
+    repository: String,
+    session: String,
+    grant: Grant,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let bytes = axum::body::to_bytes(body, 64 << 20).await.map_err(|_| {
+        reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "an announcement is at most 64 MiB",
+        )
+    })?;
+    let announcement: Announcement = serde_json::from_slice(&bytes).map_err(|error| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            format!("malformed announcement: {error}"),
+        )
+    })?;
+    let digests_ok = announcement
+        .keys
+        .iter()
+        .chain(&announcement.blobs)
+        .all(|digest| crate::wire::is_digest(digest));
+    if !digests_ok {
+        return Err(reply(
+            StatusCode::BAD_REQUEST,
+            "an announced key or blob is not 64 lowercase hex digits",
+        ));
+    }
+    let signer = identity::PublicKey::parse(&announcement.signer)
+        .map_err(|error| reply(StatusCode::BAD_REQUEST, error.to_string()))?;
+    if !identity::verify_bytes(
+        &crate::wire::announcement_bytes(&repository, &session),
+        &announcement.signature,
+        &signer,
+    ) {
+        return Err(reply(
+            StatusCode::BAD_REQUEST,
+            "the announcement's signature does not match its key",
+        ));
+    }
+    let signer_text = signer.to_string();
+    let (trusted_repository, trusted_grant) = (repository.clone(), grant.clone());
+    blocking(app, move |storage| {
+        storage.trust_key(&trusted_repository, &signer_text, &trusted_grant)
+    })
+    .await?;
+    app.relay
+        .announce(
+            &repository,
+            &session,
+            &grant.id,
+            announcement.keys,
+            announcement.blobs,
+        )
+        .map_err(session_refusal)?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// `PUT …/reply/<id>`: streamed to the executor waiting for it; answered once it is sent.
+async fn relay_answer(
+    app: &Arc<App>,
+    session: &str,
+    id: u64,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let status = headers
+        .get("x-ci-exec-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u16>().ok())
+        .unwrap_or(200);
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let (done, sent) = oneshot::channel();
+    let answer = Answer {
+        status,
+        length,
+        body,
+        done,
+    };
+    if app.relay.reply(session, id, answer).is_err() {
+        return Err(reply(
+            StatusCode::NOT_FOUND,
+            "nobody waits for this answer any more",
+        ));
+    }
+    // Err: the sender was dropped, which is how the asking side says it is finished.
+    let _ = sent.await;
+    Ok(StatusCode::OK.into_response())
+}
+
+fn session_refusal(problem: SessionProblem) -> Refusal {
+    match problem {
+        SessionProblem::Unknown => reply(
+            StatusCode::NOT_FOUND,
+            "no such session (expired?): announce again",
+        ),
+        SessionProblem::NotYours => reply(
+            StatusCode::FORBIDDEN,
+            "this session was announced by another credential",
+        ),
+    }
 }
 
 async fn put_blob(

@@ -336,6 +336,23 @@ impl Storage {
         Ok(Publish::Created)
     }
 
+    /// Trusts `signer` for `repository` on behalf of `publisher` (a connected executor that
+    /// proved it holds the key).
+    pub fn trust_key(
+        &self,
+        repository: &str,
+        signer: &str,
+        publisher: &Grant,
+    ) -> Result<(), StorageError> {
+        self.connection()
+            .execute(
+                "INSERT OR IGNORE INTO keys (repository, public_key, publisher) VALUES (?1, ?2, ?3)",
+                params![repository, signer, publisher.id],
+            )
+            .map_err(db("write"))?;
+        Ok(())
+    }
+
     /// The keys trusted for `repository`: those that signed results published by a grant
     /// that still exists.
     pub fn trusted_keys(&self, repository: &str) -> Result<Vec<String>, StorageError> {
