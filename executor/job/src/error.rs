@@ -40,8 +40,8 @@ pub enum JobError {
         diagnostic: MkDiagnostic,
     },
 
-    #[error("the mkfile of `{path}` has no `test` target")]
-    NoTestTarget { path: PathBuf },
+    #[error("the mkfile of `{path}` has no `{target}` target")]
+    NoTestTarget { path: PathBuf, target: String },
 
     #[error("the mkfile sets `{name}={value}`; expected {expected}")]
     BadDeclaration {
@@ -104,6 +104,9 @@ pub enum JobError {
     #[error("`mk --outline` printed an unreadable outline: {reason}")]
     OutlineUnreadable { reason: String },
 
+    #[error("building the schedule `/var/run/ci/crontab` failed (exit status {code})")]
+    ScheduleFailed { code: i32 },
+
     #[error("`{name}` is not a repository name")]
     BadRepositoryName { name: String },
 }
@@ -146,9 +149,9 @@ impl JobError {
                 "add an `mkfile` with a `test:V:` rule and commit it (uncommitted files are ignored)"
                     .into(),
             ),
-            JobError::NoTestTarget { .. } => {
-                Some("add a rule such as `test:V:` followed by a tab-indented recipe".into())
-            }
+            JobError::NoTestTarget { target, .. } => Some(format!(
+                "add a rule such as `{target}:V:` followed by a tab-indented recipe"
+            )),
             JobError::MissingEnv { name, .. } => Some(format!("export `{name}` before running")),
             JobError::UnknownResult { .. } => Some("list keys with `ci-exec results list`".into()),
             JobError::NoMk { upload: true, .. } => Some(

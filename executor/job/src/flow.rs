@@ -12,7 +12,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::output::Stream;
-use crate::plan::{ARTIFACTS_DIR, CACHE_DIR, ENV_DIR, HostPlan, JobPlan, PLAN_VARIABLES};
+use crate::plan::{ARTIFACTS_DIR, CACHE_DIR, CRONTAB, ENV_DIR, HostPlan, JobPlan, PLAN_VARIABLES};
 use crate::store::{Artifact, ResultRecord, ResultStore, StepTiming, unix_now};
 use crate::{JobError, KeyInputs, Snapshot};
 
@@ -49,6 +49,15 @@ pub struct JobOptions {
     pub artifacts_dir: Option<PathBuf>,
     /// The repository's shared name (`--repo`, `CI_EXEC_REPO`); its `origin` when `None`.
     pub repository: Option<String>,
+    /// The target run in the test container: `test` when `None`, or a scheduled target.
+    pub target: Option<String>,
+}
+
+impl JobOptions {
+    /// The target run in the test container.
+    pub fn target(&self) -> &str {
+        self.target.as_deref().unwrap_or("test")
+    }
 }
 
 /// What `--report` writes.
@@ -137,7 +146,7 @@ impl PreparedJob {
             .filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v)))
             .chain(secrets.iter().cloned())
             .collect();
-        let plan = JobPlan::read(scratch.path(), &visible)?;
+        let plan = JobPlan::read(scratch.path(), &visible, options.target())?;
         drop(scratch);
         let repository_id =
             hex::encode(Sha256::digest(snapshot.root.as_os_str().as_encoded_bytes()))[..16]
@@ -227,6 +236,11 @@ impl PreparedJob {
             tools: mk.as_ref().map(|mk| mk.digest.clone()),
             driver: driver.name().to_owned(),
             salt: self.options.salt.clone(),
+            target: self
+                .options
+                .target
+                .clone()
+                .filter(|target| target != "test"),
         }
         .key();
         Ok(BoundJob {
@@ -351,23 +365,7 @@ impl BoundJob<'_> {
         let driver = self.driver;
         let mut terminal = terminal;
         let _lock = lock_repository(store, &self.job.repository_id, &mut *terminal.status)?;
-        let secrets: Vec<Vec<u8>> = self
-            .job
-            .secrets
-            .iter()
-            .map(|(_, v)| v.clone().into_bytes())
-            .collect();
-        let mut run = Run {
-            driver,
-            private_run_dir: self.support.shares_host_run_dir,
-            online: !self.job.options.offline,
-            job: format!("job-{}-{}", &key[..12], std::process::id()),
-            stdout: Stream::new(terminal.stdout, &secrets),
-            stderr: Stream::new(terminal.stderr, &secrets),
-            status: terminal.status,
-            steps: Vec::new(),
-            counter: 0,
-        };
+        let mut run = self.start(terminal);
         let state = driver.as_repository_state();
         if let Some(state) = state {
             state
@@ -420,22 +418,73 @@ impl BoundJob<'_> {
         Ok(report(&record, false))
     }
 
-    /// The steps of seed `002_…`; returns (exit code, artifacts, test image).
-    async fn steps(
+    fn start(&self, terminal: Terminal) -> Run<'_> {
+        let secrets: Vec<Vec<u8>> = self
+            .job
+            .secrets
+            .iter()
+            .map(|(_, v)| v.clone().into_bytes())
+            .collect();
+        Run {
+            driver: self.driver,
+            private_run_dir: self.support.shares_host_run_dir,
+            online: !self.job.options.offline,
+            job: format!("job-{}-{}", &self.key[..12], std::process::id()),
+            stdout: Stream::new(terminal.stdout, &secrets),
+            stderr: Stream::new(terminal.stderr, &secrets),
+            status: terminal.status,
+            steps: Vec::new(),
+            counter: 0,
+        }
+    }
+
+    /// The repository's schedule: `/var/run/ci/crontab`, built by mk in the base OS (online,
+    /// as `prepare-runtime`), and its content; `None` when the mkfile has no such target.
+    pub async fn schedule(&self, terminal: Terminal) -> Result<Option<String>, JobError> {
+        if let HostPlan::Known(plan) = &self.job.plan
+            && !plan.crontab
+        {
+            return Ok(None);
+        }
+        let mut run = self.start(terminal);
+        let env = self.base_env();
+        let plan = self.enter(&mut run, &env).await?;
+        if !plan.crontab {
+            return Ok(None);
+        }
+        let code = run.mk_base(&[CRONTAB], &env).await?;
+        if code != 0 {
+            return Err(JobError::ScheduleFailed { code });
+        }
+        let archive = run
+            .capture(
+                "read schedule",
+                "cd /var/run/ci && tar -c -f - crontab",
+                &env,
+            )
+            .await?;
+        Ok(read_archive("read schedule", &archive)?
+            .into_iter()
+            .find(|(name, _, _)| name.trim_start_matches("./") == "crontab")
+            .map(|(_, content, _)| String::from_utf8_lossy(&content).into_owned()))
+    }
+
+    /// The first steps of every run: a private `/var/run/ci` where needed, the source
+    /// unpacked, our mk uploaded where the base OS has none, and the plan.
+    async fn enter(
         &self,
         run: &mut Run<'_>,
-        store: &ResultStore,
-    ) -> Result<(i32, Vec<Artifact>, Option<String>), JobError> {
-        let env = self.base_env();
+        env: &BTreeMap<String, String>,
+    ) -> Result<JobPlan, JobError> {
         if run.private_run_dir {
-            run.check_private_run_dir(&env).await?;
+            run.check_private_run_dir(env).await?;
         }
         // Every base-OS step starts in the source directory, so paths relative to it work on
         // every driver (the native driver places mounts under the task's own directory).
         run.base(
             "unpack source",
             &["sh", "-c", UNPACK],
-            &env,
+            env,
             Some(self.job.snapshot.archive.clone()),
         )
         .await
@@ -446,15 +495,25 @@ impl BoundJob<'_> {
         {
             let archive = single_file_archive("mk", &mk.path)?;
             let script = format!("mkdir -p {TOOLS_PATH} && tar -x -f - -C {TOOLS_PATH}");
-            run.base("upload mk", &["sh", "-c", &script], &env, Some(archive))
+            run.base("upload mk", &["sh", "-c", &script], env, Some(archive))
                 .await
                 .and_then(|code| expect_success("upload mk", code))?;
         }
 
-        let plan = match &self.job.plan {
-            HostPlan::Known(plan) => plan.clone(),
-            HostPlan::NeedsCommands => self.plan_in_base_os(run, &env).await?,
-        };
+        match &self.job.plan {
+            HostPlan::Known(plan) => Ok(plan.clone()),
+            HostPlan::NeedsCommands => self.plan_in_base_os(run, env).await,
+        }
+    }
+
+    /// The steps of seed `002_…`; returns (exit code, artifacts, test image).
+    async fn steps(
+        &self,
+        run: &mut Run<'_>,
+        store: &ResultStore,
+    ) -> Result<(i32, Vec<Artifact>, Option<String>), JobError> {
+        let env = self.base_env();
+        let plan = self.enter(run, &env).await?;
 
         if !self.job.options.fresh
             && let Some(cache) = store.get_cache(&self.job.repository_id)
@@ -527,15 +586,16 @@ impl BoundJob<'_> {
             let script = format!(
                 "PATH=\"{TOOLS_PATH}:${{PATH:-{DEFAULT_PATH}}}\"; export PATH; exec mk \"$@\""
             );
-            let task = Task::new(run.next_id("test"), ["sh", "-c", &script, "sh", "test"])
+            let target = self.job.options.target();
+            let task = Task::new(run.next_id(target), ["sh", "-c", &script, "sh", target])
                 .image(&image)
                 .mount("src", SOURCE_PATH)
                 .mount("tools", TOOLS_PATH)
                 .workdir(SOURCE_PATH)
                 .network(test_online);
-            run.step("mk test", task, &task_env).await?
+            run.step(&format!("mk {target}"), task, &task_env).await?
         } else {
-            run.mk_base_with_network(&["test"], &task_env, test_online)
+            run.mk_base_with_network(&[self.job.options.target()], &task_env, test_online)
                 .await?
         };
         if code != 0 {
@@ -640,7 +700,7 @@ impl BoundJob<'_> {
         }
         let outline = mkrunner::Outline::parse(&String::from_utf8_lossy(&listing))
             .map_err(|reason| JobError::OutlineUnreadable { reason })?;
-        JobPlan::from_outline(&outline, Path::new(SOURCE_PATH))
+        JobPlan::from_outline(&outline, Path::new(SOURCE_PATH), self.job.options.target())
     }
 }
 

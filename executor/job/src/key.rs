@@ -21,6 +21,9 @@ pub struct KeyInputs {
     pub tools: Option<String>,
     pub driver: String,
     pub salt: Option<String>,
+    /// The target run in place of `test` (a scheduled one); `None` for `test`, whose keys
+    /// predate targets and stay as they were.
+    pub target: Option<String>,
 }
 
 impl KeyInputs {
@@ -50,6 +53,9 @@ impl KeyInputs {
         field("tools", self.tools.as_deref().unwrap_or("").as_bytes());
         field("driver", self.driver.as_bytes());
         field("salt", self.salt.as_deref().unwrap_or("").as_bytes());
+        if let Some(target) = &self.target {
+            field("target", target.as_bytes());
+        }
         hex::encode(hasher.finalize())
     }
 }
@@ -67,6 +73,7 @@ mod tests {
             tools: None,
             driver: "qemu".into(),
             salt: None,
+            target: None,
         }
     }
 
@@ -92,6 +99,7 @@ mod tests {
             Box::new(|k| k.tools = Some("0".repeat(64))),
             Box::new(|k| k.driver = "native".into()),
             Box::new(|k| k.salt = Some("x".into())),
+            Box::new(|k| k.target = Some("nightly".into())),
         ];
         for change in changes {
             let mut inputs = base();

@@ -16,6 +16,8 @@ use crate::JobError;
 pub const ENV_DIR: &str = "/var/run/ci/env/";
 pub const ARTIFACTS_DIR: &str = "/var/run/ci/artifacts/";
 pub const CACHE_DIR: &str = "/var/run/ci/cache/";
+/// The repository's schedule: five-field cron lines naming mk targets.
+pub const CRONTAB: &str = "/var/run/ci/crontab";
 /// The variables a plan reads besides the targets.
 pub const PLAN_VARIABLES: &[&str] = &["ARTIFACTS", TEST_NETWORK];
 /// `TEST_NETWORK=on` in the mkfile gives `mk test` the network (it is offline otherwise).
@@ -34,6 +36,8 @@ pub struct JobPlan {
     pub cache_targets: Vec<String>,
     /// `mk test` may reach the network (`TEST_NETWORK=on`).
     pub test_network: bool,
+    /// The mkfile defines `/var/run/ci/crontab`, the repository's schedule.
+    pub crontab: bool,
 }
 
 /// What reading the mkfile on this host gave.
@@ -51,7 +55,11 @@ impl JobPlan {
     /// `environment` visible, running none of its commands. Syntax errors and a missing
     /// `test` target are found here, before anything starts, when no command is needed to
     /// see them.
-    pub fn read(directory: &Path, environment: &[(String, String)]) -> Result<HostPlan, JobError> {
+    pub fn read(
+        directory: &Path,
+        environment: &[(String, String)],
+        target: &str,
+    ) -> Result<HostPlan, JobError> {
         let options = ParseOptions {
             sources: vec![Source::File("mkfile".into())],
             directory: directory.to_owned(),
@@ -69,15 +77,21 @@ impl JobPlan {
             diagnostic: crate::error::MkDiagnostic(error.render()),
         })?;
         let outline = Outline::of(&mkfile, PLAN_VARIABLES);
-        JobPlan::from_outline(&outline, directory).map(HostPlan::Known)
+        JobPlan::from_outline(&outline, directory, target).map(HostPlan::Known)
     }
 
     /// The plan of an mkfile whose outline our `mk --outline` printed where the job runs.
-    pub fn from_outline(outline: &Outline, directory: &Path) -> Result<JobPlan, JobError> {
-        let has = |name: &str| outline.targets.iter().any(|target| target == name);
-        if !has("test") {
+    /// `target` is what runs in the test container: `test`, or a scheduled target.
+    pub fn from_outline(
+        outline: &Outline,
+        directory: &Path,
+        target: &str,
+    ) -> Result<JobPlan, JobError> {
+        let has = |name: &str| outline.targets.iter().any(|defined| defined == name);
+        if !has(target) {
             return Err(JobError::NoTestTarget {
                 path: directory.join("mkfile"),
+                target: target.to_owned(),
             });
         }
         let under = |prefix: &str| -> Vec<String> {
@@ -117,6 +131,7 @@ impl JobPlan {
             env_targets: under(ENV_DIR),
             artifact_targets,
             cache_targets: under(CACHE_DIR),
+            crontab: has(CRONTAB),
         })
     }
 }
@@ -148,7 +163,7 @@ mod tests {
     fn read(text: &str) -> Result<HostPlan, JobError> {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("mkfile"), text).expect("write");
-        JobPlan::read(dir.path(), &[])
+        JobPlan::read(dir.path(), &[], "test")
     }
 
     fn plan(text: &str) -> Result<JobPlan, JobError> {
@@ -184,12 +199,12 @@ mod tests {
         let outline =
             Outline::parse(&Outline::of(&mkfile, PLAN_VARIABLES).render()).expect("outline");
         assert_eq!(
-            JobPlan::from_outline(&outline, Path::new(".")).expect("plan"),
+            JobPlan::from_outline(&outline, Path::new("."), "test").expect("plan"),
             on_host
         );
         let no_test = Outline::parse("mk-outline 1\ntarget\tbuild\n").expect("outline");
         assert!(matches!(
-            JobPlan::from_outline(&no_test, Path::new(".")),
+            JobPlan::from_outline(&no_test, Path::new("."), "test"),
             Err(JobError::NoTestTarget { .. })
         ));
     }

@@ -685,3 +685,84 @@ async fn the_repository_state_is_asked_for_and_kept_only_after_success() {
     assert_eq!(calls.len(), 1, "a failed run keeps nothing: {calls:?}");
     assert!(calls[0].ends_with(" fresh=true"), "--fresh: {calls:?}");
 }
+
+#[tokio::test]
+async fn a_scheduled_target_runs_in_place_of_test_under_its_own_key() {
+    let mkfile = "test:V:\n\techo test\nnightly:V:\n\techo nightly\n";
+    let repo = Repo::new(mkfile);
+    let (_dir, store) = store();
+    let driver = base_os(|_| None);
+    let test_job = PreparedJob::prepare(repo.options()).expect("prepare");
+    let test_key = test_job
+        .bind(&driver, None)
+        .await
+        .expect("bind")
+        .key()
+        .to_owned();
+    let nightly = PreparedJob::prepare(JobOptions {
+        target: Some("nightly".into()),
+        ..repo.options()
+    })
+    .expect("prepare");
+    let bound = nightly.bind(&driver, None).await.expect("bind");
+    assert_ne!(bound.key(), test_key, "a target is an input of the key");
+    let (_screen, terminal) = Screen::new();
+    let report = bound.run(&store, terminal).await.expect("run");
+    assert_eq!(report.exit_code, 0);
+    let ran = lines(&driver);
+    assert!(
+        ran.iter().any(|line| line.ends_with("sh nightly")),
+        "{ran:#?}"
+    );
+    assert!(
+        !ran.iter().any(|line| line.ends_with("sh test")),
+        "{ran:#?}"
+    );
+
+    let missing = PreparedJob::prepare(JobOptions {
+        target: Some("weekly".into()),
+        ..repo.options()
+    })
+    .expect_err("no such target");
+    assert!(
+        missing.to_string().contains("no `weekly` target"),
+        "{missing}"
+    );
+}
+
+#[tokio::test]
+async fn the_schedule_is_built_in_the_base_os_and_read_back() {
+    let mkfile =
+        "test:V:\n\techo test\n/var/run/ci/crontab:\n\techo '0 3 * * * nightly' > $target\n";
+    let repo = Repo::new(mkfile);
+    let driver = base_os(|call| {
+        call.line().contains("tar -c -f - crontab").then(|| {
+            Answer::Reply(Reply::ok().stdout(tar_of(&[("crontab", "0 3 * * * nightly\n")])))
+        })
+    });
+    let job = PreparedJob::prepare(repo.options()).expect("prepare");
+    let bound = job.bind(&driver, None).await.expect("bind");
+    let (_screen, terminal) = Screen::new();
+    let schedule = bound.schedule(terminal).await.expect("schedule");
+    assert_eq!(schedule.as_deref(), Some("0 3 * * * nightly\n"));
+    let ran = lines(&driver);
+    assert!(
+        ran.iter().any(|line| line == "mk /var/run/ci/crontab"),
+        "{ran:#?}"
+    );
+    assert!(
+        !ran.iter().any(|line| line.ends_with("sh test")),
+        "the schedule runs no test"
+    );
+
+    let plain = Repo::new("test:V:\n\ttrue\n");
+    let driver = base_os(|_| None);
+    let job = PreparedJob::prepare(plain.options()).expect("prepare");
+    let bound = job.bind(&driver, None).await.expect("bind");
+    let (_screen, terminal) = Screen::new();
+    assert_eq!(bound.schedule(terminal).await.expect("schedule"), None);
+    assert!(
+        driver.calls().is_empty(),
+        "no crontab target, nothing started"
+    );
+}
