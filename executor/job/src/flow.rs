@@ -407,6 +407,12 @@ impl BoundJob<'_> {
             artifacts,
             steps: run.steps,
             repository: Some(self.job.repository.clone()),
+            target: self
+                .job
+                .options
+                .target
+                .clone()
+                .filter(|target| target != "test"),
             signature: None,
         };
         store.put_record(&record)?;
@@ -603,7 +609,10 @@ impl BoundJob<'_> {
         }
 
         let mut artifacts = Vec::new();
-        if !plan.artifact_targets.is_empty() {
+        // Artifacts and the cache are what `mk test` leaves; a scheduled target (`nightly`)
+        // is run and recorded for its output and status alone.
+        let tests = self.job.options.target() == "test";
+        if tests && !plan.artifact_targets.is_empty() {
             let targets: Vec<&str> = plan.artifact_targets.iter().map(String::as_str).collect();
             let code = run.mk_base(&targets, &env).await?;
             if code != 0 {
@@ -627,7 +636,7 @@ impl BoundJob<'_> {
             }
         }
 
-        if !plan.cache_targets.is_empty() {
+        if tests && !plan.cache_targets.is_empty() {
             let targets: Vec<&str> = plan.cache_targets.iter().map(String::as_str).collect();
             let code = run.mk_base(&targets, &env).await?;
             if code == 0 {

@@ -13,6 +13,7 @@ mod flow;
 pub mod key;
 pub mod output;
 pub mod plan;
+pub mod schedule;
 pub mod source;
 pub mod store;
 

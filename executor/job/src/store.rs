@@ -70,6 +70,9 @@ pub struct ResultRecord {
     /// has one, else a digest of its path. Retention keeps results per repository.
     #[serde(default)]
     pub repository: Option<String>,
+    /// The target run in place of `test` (a scheduled one), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// The producing executor's signature over [`ResultRecord::signed_bytes`], added when
     /// the record is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +119,7 @@ impl ResultRecord {
         field(self.commit.as_bytes());
         field(self.tree.as_bytes());
         field(optional(&self.repository).as_bytes());
+        field(optional(&self.target).as_bytes());
         for blob in [&self.stdout, &self.stderr] {
             field(blob.sha256.as_bytes());
             field(&blob.size.to_le_bytes());
@@ -469,7 +473,7 @@ impl ResultStore {
         Ok((removed, freed))
     }
 
-    /// Applies the retention policy: per repository, the successful results `keep` names
+    /// Applies the retention policy: per repository and target, the successful results `keep` names
     /// stay, failed runs stay for [`FAILED_KEPT_SECS`] (or `keep`'s age, if longer), and the
     /// blobs no remaining record names go, once they are an hour old (a blob younger than
     /// that may belong to a run that is still recording). Returns (records, bytes) removed.
@@ -494,8 +498,13 @@ impl ResultStore {
                 };
                 let age = now.saturating_sub(record.created_unix);
                 if record.succeeded() {
+                    let job = format!(
+                        "{}\0{}",
+                        record.repository.as_deref().unwrap_or_default(),
+                        record.target.as_deref().unwrap_or("test")
+                    );
                     successful
-                        .entry(record.repository.clone().unwrap_or_default())
+                        .entry(job)
                         .or_default()
                         .push((record.created_unix, path));
                     continue;
@@ -670,6 +679,7 @@ mod tests {
             }],
             steps: vec![],
             repository: Some("example.com/r".into()),
+            target: None,
             signature: None,
         }
     }
@@ -742,6 +752,10 @@ mod tests {
             .expect("blob");
         store.put_record(&old).expect("put");
         store.put_record(&record(&store, "new", 0)).expect("put");
+        let mut nightly = record(&store, "nightly", 0);
+        nightly.target = Some("nightly".into());
+        nightly.created_unix -= 10;
+        store.put_record(&nightly).expect("put");
         let mut other = record(&store, "other", 0);
         other.repository = Some("example.com/other".into());
         other.created_unix -= 1000;
@@ -774,10 +788,14 @@ mod tests {
             "another repository's newest"
         );
 
+        assert!(
+            store.get("nightly").expect("get").is_some(),
+            "another target's newest"
+        );
         assert_eq!(
-            store.retain(Keep::For(10)).expect("retain").0,
-            1,
-            "other is 1000 s old"
+            store.retain(Keep::For(5)).expect("retain").0,
+            2,
+            "other and nightly are older than 5 s"
         );
     }
 

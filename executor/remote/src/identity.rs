@@ -298,6 +298,7 @@ mod tests {
             artifacts: vec![],
             steps: vec![],
             repository: Some("example.com/r".into()),
+            target: None,
             signature: None,
         }
     }

@@ -124,6 +124,7 @@ fn recorded(store: &ResultStore, key: &str) -> ResultRecord {
         }],
         steps: vec![],
         repository: Some(REPO.into()),
+        target: None,
         signature: None,
     };
     store.put_record(&record).expect("record");

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "qemu")]
 mod cache;
+mod daemon;
 mod doctor;
 mod driver;
 mod drivers;
@@ -10,6 +11,7 @@ mod image;
 mod key;
 mod results;
 mod run;
+mod schedule;
 mod serve;
 mod test;
 mod token;
@@ -36,6 +38,11 @@ pub enum Command {
     /// List, show or prune recorded results
     #[command(subcommand)]
     Results(results::ResultsCommand),
+    /// Run in the background: serve results, run each registered repository's schedule
+    #[command(subcommand)]
+    Daemon(daemon::DaemonCommand),
+    /// Print the repository's schedule (`/var/run/ci/crontab`, built in the base OS)
+    Schedule(schedule::ScheduleArgs),
     /// Serve results to other executors: the orchestrator (`serve gc` drops old ones)
     Serve(serve::ServeArgs),
     /// Create, list or revoke the orchestrator's per-repository tokens
@@ -64,7 +71,11 @@ impl Command {
             Command::Cache(_) => true,
             Command::Driver(command) => matches!(command, driver::DriverCommand::Show { .. }),
             Command::Image(command) => !matches!(command, image::ImageCommand::Build { .. }),
-            Command::Run(_) | Command::Test(_) | Command::Serve(_) => false,
+            Command::Run(_)
+            | Command::Test(_)
+            | Command::Serve(_)
+            | Command::Schedule(_)
+            | Command::Daemon(_) => false,
         }
     }
 }
@@ -91,6 +102,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Image(command) => image::run(command),
         Command::Doctor(args) => doctor::run(args).await,
         Command::Serve(args) => serve::run(args).await,
+        Command::Schedule(args) => schedule::run(args).await,
+        Command::Daemon(command) => daemon::run(command).await,
         Command::Token(command) => token::run(command),
         Command::Key(command) => key::run(command),
         #[cfg(feature = "qemu")]

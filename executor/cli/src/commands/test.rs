@@ -65,6 +65,10 @@ pub struct TestArgs {
     /// The repository's name at the orchestrator (default: from its `origin` remote)
     #[arg(long, env = "CI_EXEC_REPO", value_name = "REPO")]
     repo: Option<String>,
+    /// Run `mk TARGET` in the test container instead of `mk test` (what the schedule's
+    /// lines name); it has a result key of its own
+    #[arg(long, value_name = "TARGET")]
+    target: Option<String>,
     /// After a successful job, stay connected to the orchestrator until Ctrl-C or SIGTERM,
     /// serving the result to other executors instead of uploading it
     #[arg(long, requires = "orchestrator")]
@@ -93,6 +97,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         offline: args.offline,
         artifacts_dir: args.artifacts.clone(),
         repository: args.repo.clone(),
+        target: args.target.clone(),
     };
     let retention = retention()?;
     // Usage errors (no repository, no mkfile, a bad mkfile) before any driver starts.
@@ -107,13 +112,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
 
     let store = ResultStore::open(None)?;
     let driver = new_driver(&config).await?;
-    let mk = match driver.job_support().mk {
-        MkSource::BaseOs => None,
-        // Stock base images (docker, podman) have no mk, and may have no libc either.
-        MkSource::Upload => ci_exec_guest_image::binaries::locate_static("mk"),
-        MkSource::Host => mk_beside_us().or_else(|| on_default_path("mk")),
-    };
-    let bound = match job.bind(&*driver, mk).await {
+    let bound = match job.bind(&*driver, mk_for(&*driver)).await {
         Ok(bound) => bound,
         Err(error) => {
             let _ = driver.close().await;
@@ -390,7 +389,7 @@ fn write_report(path: &Path, report: &JobReport) -> anyhow::Result<()> {
 }
 
 /// Our live output: stdout and stderr as they are, step lines on stderr.
-fn terminal() -> Terminal {
+pub(super) fn terminal() -> Terminal {
     Terminal {
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
@@ -416,6 +415,16 @@ impl std::io::Write for StatusLine {
 
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
+    }
+}
+
+/// Our `mk` on this host, for a driver whose base OS has none.
+pub(super) fn mk_for(driver: &dyn Driver) -> Option<PathBuf> {
+    match driver.job_support().mk {
+        MkSource::BaseOs => None,
+        // Stock base images (docker, podman) have no mk, and may have no libc either.
+        MkSource::Upload => ci_exec_guest_image::binaries::locate_static("mk"),
+        MkSource::Host => mk_beside_us().or_else(|| on_default_path("mk")),
     }
 }
 

@@ -340,3 +340,110 @@ fn a_connected_executors_result_is_replayed_through_the_orchestrator_until_it_le
     assert_exit(&output, 0);
     assert!(ran_for_real(&output), "{}", text(&output.stderr));
 }
+
+/// `ci-exec daemon …` with the executor's own state.
+fn daemon(executor: &Executor, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BINARY);
+    command
+        .arg("daemon")
+        .args(args)
+        .env("XDG_DATA_HOME", executor.dir.path().join("state"))
+        .env("CI_EXEC_RESULTS", executor.dir.path().join("results"))
+        .env_remove("CI_EXEC_ORCHESTRATOR")
+        .env_remove("CI_EXEC_TOKEN")
+        .env_remove("CI_EXEC_REPO");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("ci-exec daemon")
+}
+
+/// Stops the daemon however the test ends.
+struct StopDaemon<'a>(&'a Executor);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        let _ = daemon(self.0, &["stop"], &[]);
+    }
+}
+
+#[test]
+fn the_daemon_serves_its_store_and_records_scheduled_runs() {
+    if !available("native") {
+        return;
+    }
+    let serve = Serve::start();
+    let publish = serve.token(REPO, true);
+    let read = serve.token(REPO, false);
+    let repo = repository();
+    // A schedule that fires every minute, for a target of its own.
+    repo.write(
+        "mkfile",
+        &format!(
+            "{}\nnightly:V:\n\techo nightly build\n\n/var/run/ci/crontab:\n\techo '* * * * * nightly' > $target\n",
+            std::fs::read_to_string(repo.path().join("mkfile")).expect("mkfile")
+        ),
+    );
+    repo.commit("schedule");
+
+    let d = Executor::new();
+    // A result already in the daemon's store, from a run by hand with no orchestrator.
+    let by_hand = Command::new(BINARY)
+        .args(["test", "--driver=native"])
+        .current_dir(repo.path())
+        .env("XDG_DATA_HOME", d.dir.path().join("state"))
+        .env("CI_EXEC_RESULTS", d.dir.path().join("results"))
+        .env_remove("CI_EXEC_ORCHESTRATOR")
+        .output()
+        .expect("ci-exec test");
+    assert_exit(&by_hand, 0);
+
+    let env = [
+        ("CI_EXEC_ORCHESTRATOR", serve.url.as_str()),
+        ("CI_EXEC_TOKEN", publish.as_str()),
+    ];
+    let path = repo.path().to_str().expect("utf-8 path");
+    assert_exit(&daemon(&d, &["add", path, "--driver=native"], &env), 0);
+    assert_exit(&daemon(&d, &["start"], &[]), 0);
+    let _stop = StopDaemon(&d);
+
+    // The scheduled run: recorded within the minute it fires (the first tick for `* * * * *`).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let runs = loop {
+        let status = daemon(&d, &["status", "--json"], &[]);
+        let value: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+        let runs = value["runs"].as_array().cloned().unwrap_or_default();
+        if !runs.is_empty() || std::time::Instant::now() > deadline {
+            assert_eq!(value["running"], true, "{value:#}");
+            break runs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(!runs.is_empty(), "no scheduled run within 90 s");
+    assert_eq!(runs[0]["target"], "nightly");
+    assert_eq!(runs[0]["exit_code"], 0, "{runs:#?}");
+    let text_status = text(&daemon(&d, &["status"], &[]).stdout);
+    assert!(
+        text_status.contains("schedule: * * * * * nightly"),
+        "{text_status}"
+    );
+    assert!(
+        text_status.contains(&format!("serving its results through {}", serve.url)),
+        "{text_status}"
+    );
+
+    // Another executor replays the result made by hand, relayed from the daemon's store.
+    let b = Executor::new();
+    let replay = b.test(&repo, &serve.url, Some(&read));
+    assert_exit(&replay, 0);
+    assert!(
+        text(&replay.stderr).contains(&format!("from {}", serve.url)),
+        "{}",
+        text(&replay.stderr)
+    );
+    assert_eq!(replay.stdout, by_hand.stdout);
+
+    assert_exit(&daemon(&d, &["stop"], &[]), 0);
+    let status = text(&daemon(&d, &["status"], &[]).stdout);
+    assert!(status.starts_with("not running"), "{status}");
+}

@@ -688,8 +688,8 @@ async fn the_repository_state_is_asked_for_and_kept_only_after_success() {
 
 #[tokio::test]
 async fn a_scheduled_target_runs_in_place_of_test_under_its_own_key() {
-    let mkfile = "test:V:\n\techo test\nnightly:V:\n\techo nightly\n";
-    let repo = Repo::new(mkfile);
+    let mkfile = format!("{FULL_MKFILE}nightly:V:\n\techo nightly\n");
+    let repo = Repo::new(&mkfile);
     let (_dir, store) = store();
     let driver = base_os(|_| None);
     let test_job = PreparedJob::prepare(repo.options()).expect("prepare");
