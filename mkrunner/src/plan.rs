@@ -115,58 +115,7 @@ impl Mkfile {
         self.run_build(targets, options, runner, output, &mut up_to_date)
     }
 
-    /// The planner recurses once per level of the dependency graph (as mk's `work()` does),
-    /// so it runs on a thread of its own with a stack as big as the `mk` binary's, whatever
-    /// stack the caller has; what it prints comes back to the caller's `output`.
     fn run_build(
-        &self,
-        targets: &[String],
-        options: &BuildOptions,
-        runner: &dyn Runner,
-        output: &mut dyn Write,
-        up_to_date: &mut Vec<String>,
-    ) -> Result<BuildReport, Error> {
-        let (sender, receiver) = mpsc::channel::<Printed>();
-        std::thread::scope(|scope| {
-            let planner = std::thread::Builder::new()
-                .name("mk planner".to_string())
-                .stack_size(PLANNER_STACK)
-                .spawn_scoped(scope, move || {
-                    let mut forward = Forward { sender };
-                    let mut made_already = Vec::new();
-                    let result = self.run_build_here(
-                        targets,
-                        options,
-                        runner,
-                        &mut forward,
-                        &mut made_already,
-                    );
-                    (result, made_already)
-                })
-                .map_err(|source| Error::PlannerThread { source })?;
-            for printed in receiver {
-                // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
-                match printed {
-                    Printed::Text(bytes) => {
-                        let _ = output.write_all(&bytes);
-                    }
-                    Printed::Flush(done) => {
-                        let _ = output.flush();
-                        let _ = done.send(());
-                    }
-                }
-            }
-            match planner.join() {
-                Ok((result, made_already)) => {
-                    up_to_date.extend(made_already);
-                    result
-                }
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
-    }
-
-    fn run_build_here(
         &self,
         targets: &[String],
         options: &BuildOptions,
@@ -191,40 +140,6 @@ impl Mkfile {
             build.flush();
             result.map(|()| build.report)
         })
-    }
-}
-
-/// The planner thread's stack: as much as the `mk` binary gives its own (only the pages a
-/// deep graph touches are used).
-const PLANNER_STACK: usize = 256 << 20;
-
-/// What the planner thread prints, for the caller's thread to write.
-enum Printed {
-    Text(Vec<u8>),
-    /// Flush, then say so: a recipe must not start before mk's echo of it is out.
-    Flush(mpsc::Sender<()>),
-}
-
-/// A writer that hands everything to the caller's thread.
-struct Forward {
-    sender: mpsc::Sender<Printed>,
-}
-
-impl Write for Forward {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.sender
-            .send(Printed::Text(bytes.to_vec()))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let (done, wait) = mpsc::channel();
-        self.sender
-            .send(Printed::Flush(done))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        wait.recv()
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 }
 
@@ -396,7 +311,7 @@ impl<'a, 'm> Build<'a, 'm> {
         let node = self.graph.graph(target);
         self.print_notices();
         let node = node?;
-        self.clear_made(node, &mut std::collections::HashSet::new());
+        self.clear_made(node);
         let mut did = false;
         while self.graph.nodes[node].flags & NOT_MADE != 0 {
             if self.work(node, None)? {
@@ -420,19 +335,21 @@ impl<'a, 'm> Build<'a, 'm> {
         Ok(())
     }
 
-    fn clear_made(&mut self, node: NodeId, seen: &mut std::collections::HashSet<NodeId>) {
-        if !seen.insert(node) {
-            return;
-        }
-        let n = &mut self.graph.nodes[node];
-        n.flags &= !(CAN_PRETEND | PRETENDING);
-        if !n.name.contains('(') || n.time != 0 {
-            n.flags |= CAN_PRETEND;
-        }
-        n.set_made(NOT_MADE);
-        let children: Vec<NodeId> = n.arcs.iter().filter_map(|a| a.node).collect();
-        for child in children {
-            self.clear_made(child, seen);
+    /// mk's `clrmade()`: every node under `node` is to be made again.
+    fn clear_made(&mut self, node: NodeId) {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![node];
+        while let Some(node) = stack.pop() {
+            if !seen.insert(node) {
+                continue;
+            }
+            let n = &mut self.graph.nodes[node];
+            n.flags &= !(CAN_PRETEND | PRETENDING);
+            if !n.name.contains('(') || n.time != 0 {
+                n.flags |= CAN_PRETEND;
+            }
+            n.set_made(NOT_MADE);
+            stack.extend(n.arcs.iter().rev().filter_map(|a| a.node));
         }
     }
 
@@ -444,15 +361,122 @@ impl<'a, 'm> Build<'a, 'm> {
     }
 
     /// mk's `work()`: returns whether something was started (or, under `-n`, printed).
+    ///
+    /// mk's `work()` calls itself for each prerequisite; here each call is a [`Visit`] on a
+    /// stack of our own and [`Build::step`] runs one until it needs a prerequisite's answer,
+    /// so a long chain of rules needs no more thread stack than a short one.
     fn work(&mut self, node: NodeId, parent: Option<(NodeId, usize)>) -> Result<bool, Error> {
-        let mut did = false;
+        let mut stack = vec![Visit::new(node, parent)];
+        let mut answer = false;
+        loop {
+            let Some(visit) = stack.last_mut() else {
+                unreachable!("the loop returns when the last visit ends");
+            };
+            match self.step(visit, answer)? {
+                Next::Visit(child) => stack.push(child),
+                Next::Return(did) => {
+                    stack.pop();
+                    if stack.is_empty() {
+                        return Ok(did);
+                    }
+                    answer = did;
+                }
+            }
+        }
+    }
+
+    /// Run `visit` on from where it stopped; `answer` is what the prerequisite it last asked
+    /// for returned.
+    fn step(&mut self, visit: &mut Visit, answer: bool) -> Result<Next, Error> {
+        let node = visit.node;
+        loop {
+            match visit.at {
+                At::Start => {
+                    if let Some(did) = self.start(visit)? {
+                        return Ok(Next::Return(did));
+                    }
+                    visit.out_of_date = self.options.all;
+                    visit.at = At::Prerequisite(0);
+                }
+                At::Prerequisite(index) => {
+                    let Some(arc) = self.graph.nodes[node].arcs.get(index) else {
+                        visit.at = At::Decide;
+                        continue;
+                    };
+                    match arc.node {
+                        Some(child) => {
+                            visit.at = At::PrerequisiteDone(index);
+                            return Ok(Next::Visit(Visit::new(child, Some((node, index)))));
+                        }
+                        None => {
+                            if self.graph.nodes[node].time == 0 {
+                                if visit.reason.is_none() {
+                                    visit.reason = Some(index);
+                                }
+                                visit.out_of_date = true;
+                            }
+                            visit.at = At::Prerequisite(index + 1);
+                        }
+                    }
+                }
+                At::PrerequisiteDone(index) => {
+                    visit.did = answer || visit.did;
+                    self.weigh(visit, index)?;
+                    visit.at = At::Prerequisite(index + 1);
+                }
+                At::Decide => {
+                    if let Some(did) = self.decide(visit)? {
+                        return Ok(Next::Return(did));
+                    }
+                    visit.at = At::Pretender(0);
+                }
+                At::Pretender(index) => {
+                    // Out of date and we really do have to do something: rescan for pretenders.
+                    let Some(arc) = self.graph.nodes[node].arcs.get(index) else {
+                        visit.at = At::Recipe;
+                        continue;
+                    };
+                    visit.at = At::Pretender(index + 1);
+                    if let Some(child) = arc.node
+                        && self.graph.nodes[child].flags & PRETENDING != 0
+                    {
+                        self.unpretend_for(node, child, visit.reason);
+                        visit.at = At::PretenderDone(index);
+                        return Ok(Next::Visit(Visit::new(child, Some((node, index)))));
+                    }
+                }
+                At::PretenderDone(index) => {
+                    visit.did = answer || visit.did;
+                    visit.ready = false;
+                    visit.at = At::Pretender(index + 1);
+                }
+                At::Recipe => {
+                    if !visit.ready {
+                        // mk's `return did || work(node, p, parc)`: try the node again from
+                        // the start unless something was started.
+                        if visit.did {
+                            return Ok(Next::Return(true));
+                        }
+                        *visit = Visit::new(node, visit.parent);
+                        continue;
+                    }
+                    return Ok(Next::Return(self.do_recipe(node)? || visit.did));
+                }
+            }
+        }
+    }
+
+    /// The start of mk's `work()`, before the prerequisites: `Some(did)` when the node is
+    /// settled without them.
+    fn start(&mut self, visit: &Visit) -> Result<Option<bool>, Error> {
+        let node = visit.node;
         let flags = self.graph.nodes[node].flags;
         if flags & BEING_MADE != 0 {
-            return Ok(false);
+            return Ok(Some(false));
         }
         if flags & MADE != 0
             && flags & PRETENDING != 0
-            && let Some((parent_node, parent_arc)) = parent
+            && let Some((parent_node, parent_arc)) = visit.parent
             && self.out_of_date(parent_node, parent_arc, false)?
         {
             if self.options.explain {
@@ -472,7 +496,7 @@ impl<'a, 'm> Build<'a, 'm> {
             if flags & PRETENDING != 0 {
                 self.graph.nodes[node].time = 0;
             } else {
-                return Ok(false);
+                return Ok(Some(false));
             }
         }
         if self.graph.nodes[node].arcs.is_empty() {
@@ -491,51 +515,49 @@ impl<'a, 'm> Build<'a, 'm> {
             } else {
                 self.graph.nodes[node].set_made(MADE);
             }
-            return Ok(false);
+            return Ok(Some(false));
         }
-        let mut ready = true;
-        let mut out_of_date = self.options.all;
-        let mut reason: Option<usize> = None;
-        for index in 0..self.graph.nodes[node].arcs.len() {
-            match self.graph.nodes[node].arcs[index].node {
-                Some(child) => {
-                    did = self.work(child, Some((node, index)))? || did;
-                    if self.graph.nodes[child].flags & (NOT_MADE | BEING_MADE) != 0 {
-                        ready = false;
+        Ok(None)
+    }
+
+    /// After a prerequisite's visit: whether it is ready, and whether it makes the node out
+    /// of date (the newest such prerequisite is the reason).
+    fn weigh(&mut self, visit: &mut Visit, index: usize) -> Result<(), Error> {
+        let node = visit.node;
+        let Some(child) = self.graph.nodes[node].arcs[index].node else {
+            return Ok(());
+        };
+        if self.graph.nodes[child].flags & (NOT_MADE | BEING_MADE) != 0 {
+            visit.ready = false;
+        }
+        if self.out_of_date(node, index, false)? {
+            visit.out_of_date = true;
+            let replace = match visit.reason {
+                None => true,
+                Some(reason) => match self.graph.nodes[node].arcs[reason].node {
+                    None => true,
+                    Some(reason_node) => {
+                        self.graph.nodes[reason_node].time < self.graph.nodes[child].time
                     }
-                    if self.out_of_date(node, index, false)? {
-                        out_of_date = true;
-                        let replace = match reason {
-                            None => true,
-                            Some(reason) => match self.graph.nodes[node].arcs[reason].node {
-                                None => true,
-                                Some(reason_node) => {
-                                    self.graph.nodes[reason_node].time
-                                        < self.graph.nodes[child].time
-                                }
-                            },
-                        };
-                        if replace {
-                            reason = Some(index);
-                        }
-                    }
-                }
-                None => {
-                    if self.graph.nodes[node].time == 0 {
-                        if reason.is_none() {
-                            reason = Some(index);
-                        }
-                        out_of_date = true;
-                    }
-                }
+                },
+            };
+            if replace {
+                visit.reason = Some(index);
             }
         }
-        if !ready {
-            return Ok(did);
+        Ok(())
+    }
+
+    /// After every prerequisite: `Some(did)` when the node waits, is up to date, or can
+    /// pretend to be made; `None` when it must be made.
+    fn decide(&mut self, visit: &Visit) -> Result<Option<bool>, Error> {
+        let node = visit.node;
+        if !visit.ready {
+            return Ok(Some(visit.did));
         }
-        if !out_of_date {
+        if !visit.out_of_date {
             self.graph.nodes[node].set_made(MADE);
-            return Ok(did);
+            return Ok(Some(visit.did));
         }
         // Can we pretend to be made? (A missing intermediate whose parent is up to date
         // with respect to what it would be made from need not be made.)
@@ -543,8 +565,8 @@ impl<'a, 'm> Build<'a, 'm> {
         if !self.make_intermediates()
             && n.time == 0
             && n.flags & (PRETENDING | CAN_PRETEND) != 0
-            && let Some((parent_node, _)) = parent
-            && let Some(reason) = reason
+            && let Some((parent_node, _)) = visit.parent
+            && let Some(reason) = visit.reason
             && self.graph.nodes[node].arcs[reason].node.is_some()
             && !self.out_of_date_arc(parent_node, node, reason)?
         {
@@ -560,34 +582,25 @@ impl<'a, 'm> Build<'a, 'm> {
                 );
                 self.print_direct(&text);
             }
-            return Ok(did);
+            return Ok(Some(visit.did));
         }
-        // Out of date and we really do have to do something: rescan for pretenders.
-        for index in 0..self.graph.nodes[node].arcs.len() {
-            if let Some(child) = self.graph.nodes[node].arcs[index].node
-                && self.graph.nodes[child].flags & PRETENDING != 0
-            {
-                if self.options.explain {
-                    let because = reason
-                        .and_then(|reason| self.graph.nodes[node].arcs[reason].node)
-                        .map_or("rule with no prerequisites".to_string(), |reason| {
-                            self.graph.nodes[reason].name.clone()
-                        });
-                    let text = format!(
-                        "unpretending {} because of {} because of {}\n",
-                        self.graph.nodes[child].name, self.graph.nodes[node].name, because
-                    );
-                    self.print(&text);
-                }
-                self.unpretend(child);
-                did = self.work(child, Some((node, index)))? || did;
-                ready = false;
-            }
+        Ok(None)
+    }
+
+    fn unpretend_for(&mut self, node: NodeId, child: NodeId, reason: Option<usize>) {
+        if self.options.explain {
+            let because = reason
+                .and_then(|reason| self.graph.nodes[node].arcs[reason].node)
+                .map_or("rule with no prerequisites".to_string(), |reason| {
+                    self.graph.nodes[reason].name.clone()
+                });
+            let text = format!(
+                "unpretending {} because of {} because of {}\n",
+                self.graph.nodes[child].name, self.graph.nodes[node].name, because
+            );
+            self.print(&text);
         }
-        if !ready {
-            return Ok(did || self.work(node, parent)?);
-        }
-        Ok(self.do_recipe(node)? || did)
+        self.unpretend(child);
     }
 
     /// mk's `outofdate(parent, arc)` where the arc is given by index into the parent's arcs.
@@ -1049,6 +1062,54 @@ impl<'a, 'm> Build<'a, 'm> {
             self.slots[slot] = None;
         }
     }
+}
+
+/// One call of mk's `work()` on the planner's stack: the node, the arc it was reached by,
+/// and the locals mk's `work()` keeps between its recursive calls.
+struct Visit {
+    node: NodeId,
+    parent: Option<(NodeId, usize)>,
+    did: bool,
+    ready: bool,
+    out_of_date: bool,
+    /// The arc that makes the node out of date (mk's `ra`).
+    reason: Option<usize>,
+    at: At,
+}
+
+impl Visit {
+    fn new(node: NodeId, parent: Option<(NodeId, usize)>) -> Self {
+        Visit {
+            node,
+            parent,
+            did: false,
+            ready: true,
+            out_of_date: false,
+            reason: None,
+            at: At::Start,
+        }
+    }
+}
+
+/// Where a [`Visit`] stands in mk's `work()`.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    Start,
+    /// About to visit the prerequisite of this arc, or (`Done`) just back from it.
+    Prerequisite(usize),
+    PrerequisiteDone(usize),
+    /// Every prerequisite visited: waiting, up to date, pretending, or to be made.
+    Decide,
+    /// To be made: whether this arc's prerequisite only pretends to be made.
+    Pretender(usize),
+    PretenderDone(usize),
+    Recipe,
+}
+
+/// What a [`Visit`] needs next.
+enum Next {
+    Visit(Visit),
+    Return(bool),
 }
 
 /// libbio's buffer size (`Bsize`): 9base's standard output is written in blocks this big.
