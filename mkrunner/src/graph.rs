@@ -28,6 +28,10 @@ pub(crate) const PROBABLE: u32 = 0x0100;
 pub(crate) const VACUOUS: u32 = 0x0200;
 pub(crate) const NO_RECIPE: u32 = 0x0400;
 pub(crate) const DELETE: u32 = 0x0800;
+/// Checked for cycles, and none found below (kept for later targets).
+const CYCLE_FREE: u32 = 0x1000;
+/// Its recipe chosen by `ambiguous()` (kept for later targets).
+const RECIPE_CHECKED: u32 = 0x2000;
 
 /// The name mk gives the rule it makes up for several command-line targets.
 pub const COMMAND_LINE_TARGET: &str = "command line arguments";
@@ -69,8 +73,6 @@ pub(crate) struct Graph<'m> {
     pub by_name: HashMap<String, NodeId>,
     times: HashMap<String, u64>,
     directory: PathBuf,
-    cycle_free: HashSet<NodeId>,
-    checked: HashSet<NodeId>,
     /// Per archive, its modification time when its members were last read.
     archives: HashMap<String, u64>,
     /// `archive(member)` → the member's date in the archive.
@@ -91,8 +93,6 @@ impl<'m> Graph<'m> {
             by_name: HashMap::new(),
             times: HashMap::new(),
             directory: directory.to_path_buf(),
-            cycle_free: HashSet::new(),
-            checked: HashSet::new(),
             archives: HashMap::new(),
             member_times: HashMap::new(),
             announced: HashSet::new(),
@@ -227,8 +227,7 @@ impl<'m> Graph<'m> {
         self.nodes[node].flags |= PROBABLE;
         self.vacuous(node);
         self.ambiguous(node)?;
-        let mut seen = HashSet::new();
-        self.attribute(node, &mut seen);
+        self.attribute(node);
         Ok(node)
     }
 
@@ -274,6 +273,8 @@ impl<'m> Graph<'m> {
                     };
                     let node = done.node;
                     done.arcs.append(&mut self.nodes[node].arcs);
+                    // Most nodes keep few arcs; a pathological graph has very many nodes.
+                    done.arcs.shrink_to_fit();
                     self.nodes[node].arcs = done.arcs;
                     match stack.last_mut() {
                         Some(parent) => parent.add_arc(node),
@@ -409,7 +410,7 @@ impl<'m> Graph<'m> {
         let mut next = Some(node);
         loop {
             if let Some(node) = next.take()
-                && !self.cycle_free.contains(&node)
+                && self.nodes[node].flags & CYCLE_FREE == 0
             {
                 if self.nodes[node].flags & CYCLE != 0 && !self.nodes[node].arcs.is_empty() {
                     for &(on_path, _) in &path {
@@ -433,8 +434,7 @@ impl<'m> Graph<'m> {
                 None => {
                     let node = *node;
                     path.pop();
-                    self.nodes[node].flags &= !CYCLE;
-                    self.cycle_free.insert(node);
+                    self.nodes[node].flags = (self.nodes[node].flags & !CYCLE) | CYCLE_FREE;
                 }
             }
         }
@@ -498,6 +498,7 @@ impl<'m> Graph<'m> {
             }
         }
         self.nodes[node].arcs.retain(|a| !a.remove);
+        self.nodes[node].arcs.shrink_to_fit();
         if vacuous {
             self.nodes[node].flags |= VACUOUS;
         }
@@ -507,9 +508,10 @@ impl<'m> Graph<'m> {
     /// mk's `ambiguous()`, children before parents: a node's own check reads only its own
     /// arcs, so checking it after all its children finds the same first error as mk.
     fn ambiguous(&mut self, node: NodeId) -> Result<(), Error> {
-        if !self.checked.insert(node) {
+        if self.nodes[node].flags & RECIPE_CHECKED != 0 {
             return Ok(());
         }
+        self.nodes[node].flags |= RECIPE_CHECKED;
         let mut stack: Vec<(NodeId, usize)> = vec![(node, 0)];
         while let Some((node, index)) = stack.last_mut() {
             let node = *node;
@@ -517,8 +519,9 @@ impl<'m> Graph<'m> {
                 Some(arc) => {
                     *index += 1;
                     if let Some(child) = arc.node
-                        && self.checked.insert(child)
+                        && self.nodes[child].flags & RECIPE_CHECKED == 0
                     {
+                        self.nodes[child].flags |= RECIPE_CHECKED;
                         stack.push((child, 0));
                     }
                 }
@@ -579,10 +582,11 @@ impl<'m> Graph<'m> {
 
     /// Attributes flow from rules to the nodes they make (mk's `attribute()`); the order
     /// nodes are visited in does not matter, so a plain stack walks the graph.
-    fn attribute(&mut self, node: NodeId, seen: &mut HashSet<NodeId>) {
+    fn attribute(&mut self, node: NodeId) {
+        let mut seen = vec![false; self.nodes.len()];
         let mut stack = vec![node];
         while let Some(node) = stack.pop() {
-            if !seen.insert(node) {
+            if std::mem::replace(&mut seen[node], true) {
                 continue;
             }
             let mut flags = 0;

@@ -337,10 +337,10 @@ impl<'a, 'm> Build<'a, 'm> {
 
     /// mk's `clrmade()`: every node under `node` is to be made again.
     fn clear_made(&mut self, node: NodeId) {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = vec![false; self.graph.nodes.len()];
         let mut stack = vec![node];
         while let Some(node) = stack.pop() {
-            if !seen.insert(node) {
+            if std::mem::replace(&mut seen[node], true) {
                 continue;
             }
             let n = &mut self.graph.nodes[node];
