@@ -322,6 +322,15 @@ impl<'a, 'm> Build<'a, 'm> {
                 break;
             }
         }
+        // 9base then waits for the target's own recipe (`waitup(-1)`). A target that is
+        // being made with nothing running is one `-k` gave up on (it could not be made):
+        // the wait finds no child, and 9base stops with status 1 (`No child processes`).
+        if self.graph.nodes[node].flags & BEING_MADE != 0 && self.running == 0 {
+            return Err(Error::DontKnowHow {
+                target: self.graph.nodes[node].name.clone(),
+                directory: current_directory(&self.mkfile.directory),
+            });
+        }
         while self.running > 0 || !self.queue.is_empty() {
             if self.wait_one()? {
                 break;
