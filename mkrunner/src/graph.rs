@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use crate::archive;
 use crate::error::Error;
@@ -48,7 +49,8 @@ pub(crate) struct Arc {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
-    pub name: String,
+    /// Shared with [`Graph::by_name`]'s key: a pathological graph has millions of names.
+    pub name: Rc<str>,
     /// Modification time in seconds; 0 for a missing file or a virtual target.
     pub time: u64,
     pub flags: u32,
@@ -70,7 +72,7 @@ pub(crate) struct Graph<'m> {
     extra: Vec<Rule>,
     extra_targets: HashMap<String, Vec<usize>>,
     pub nodes: Vec<Node>,
-    pub by_name: HashMap<String, NodeId>,
+    pub by_name: HashMap<Rc<str>, NodeId>,
     times: HashMap<String, u64>,
     directory: PathBuf,
     /// Per archive, its modification time when its members were last read.
@@ -234,14 +236,15 @@ impl<'m> Graph<'m> {
     fn new_node(&mut self, name: &str) -> Result<NodeId, Error> {
         let time = self.time_of(name, false)?;
         let id = self.nodes.len();
+        let name: Rc<str> = Rc::from(name);
+        self.by_name.insert(Rc::clone(&name), id);
         self.nodes.push(Node {
-            name: name.to_string(),
+            name,
             time,
             flags: if time != 0 { PROBABLE } else { 0 },
             arcs: Vec::new(),
             next: None,
         });
-        self.by_name.insert(name.to_string(), id);
         Ok(id)
     }
 
@@ -260,7 +263,7 @@ impl<'m> Graph<'m> {
                 unreachable!("the loop returns when the last expansion ends");
             };
             match self.next_prerequisite(expansion, in_use) {
-                Some(name) => match self.by_name.get(&name) {
+                Some(name) => match self.by_name.get(name.as_str()) {
                     Some(&child) => expansion.add_arc(child),
                     None => {
                         let child = self.expansion(&name)?;
@@ -417,7 +420,7 @@ impl<'m> Graph<'m> {
                         self.nodes[on_path].flags &= !CYCLE;
                     }
                     return Err(Error::Cycle {
-                        target: self.nodes[node].name.clone(),
+                        target: self.nodes[node].name.to_string(),
                     });
                 }
                 self.nodes[node].flags |= CYCLE;
@@ -572,7 +575,7 @@ impl<'m> Graph<'m> {
         }
         if !bad.is_empty() {
             return Err(Error::Ambiguous {
-                target: self.nodes[node].name.clone(),
+                target: self.nodes[node].name.to_string(),
                 rules: bad,
             });
         }

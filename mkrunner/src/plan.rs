@@ -327,7 +327,7 @@ impl<'a, 'm> Build<'a, 'm> {
         // the wait finds no child, and 9base stops with status 1 (`No child processes`).
         if self.graph.nodes[node].flags & BEING_MADE != 0 && self.running == 0 {
             return Err(Error::DontKnowHow {
-                target: self.graph.nodes[node].name.clone(),
+                target: self.graph.nodes[node].name.to_string(),
                 directory: current_directory(&self.mkfile.directory),
             });
         }
@@ -337,7 +337,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
         }
         if !did {
-            let name = self.graph.nodes[node].name.clone();
+            let name = self.graph.nodes[node].name.to_string();
             self.print(&format!("mk: '{name}' is up to date\n"));
             up_to_date.push(name);
         }
@@ -511,7 +511,7 @@ impl<'a, 'm> Build<'a, 'm> {
         if self.graph.nodes[node].arcs.is_empty() {
             if self.graph.nodes[node].time == 0 {
                 let error = Error::DontKnowHow {
-                    target: self.graph.nodes[node].name.clone(),
+                    target: self.graph.nodes[node].name.to_string(),
                     directory: current_directory(&self.mkfile.directory),
                 };
                 if self.options.keep_going {
@@ -601,7 +601,7 @@ impl<'a, 'm> Build<'a, 'm> {
             let because = reason
                 .and_then(|reason| self.graph.nodes[node].arcs[reason].node)
                 .map_or("rule with no prerequisites".to_string(), |reason| {
-                    self.graph.nodes[reason].name.clone()
+                    self.graph.nodes[reason].name.to_string()
                 });
             let text = format!(
                 "unpretending {} because of {} because of {}\n",
@@ -642,8 +642,8 @@ impl<'a, 'm> Build<'a, 'm> {
     ) -> Result<bool, Error> {
         if let Some(program) = self.graph.rule(rule).attributes.program.clone() {
             let key = (
-                self.graph.nodes[node].name.clone(),
-                self.graph.nodes[child].name.clone(),
+                self.graph.nodes[node].name.to_string(),
+                self.graph.nodes[child].name.to_string(),
             );
             if !eval && let Some(&cached) = self.program_cache.get(&key) {
                 return Ok(cached);
@@ -680,7 +680,7 @@ impl<'a, 'm> Build<'a, 'm> {
     /// mk's `update()`: a recipe finished (or `fake`: failed under `-k`).
     fn update(&mut self, fake: bool, node: NodeId) -> Result<(), Error> {
         self.graph.nodes[node].set_made(if fake { BEING_MADE } else { MADE });
-        let name = self.graph.nodes[node].name.clone();
+        let name = self.graph.nodes[node].name.to_string();
         if self.graph.nodes[node].flags & VIRTUAL == 0 && self.graph.exists(&name) {
             let time = self.graph.time_of(&name, true);
             self.print_notices();
@@ -738,10 +738,10 @@ impl<'a, 'm> Build<'a, 'm> {
             let flags = self.graph.nodes[node].flags;
             if flags & (VIRTUAL | NO_RECIPE) == 0 {
                 return Err(Error::NoRecipe {
-                    target: self.graph.nodes[node].name.clone(),
+                    target: self.graph.nodes[node].name.to_string(),
                 });
             }
-            let name = self.graph.nodes[node].name.clone();
+            let name = self.graph.nodes[node].name.to_string();
             if name.contains('(') && self.graph.nodes[node].time == 0 {
                 self.graph.nodes[node].set_made(MADE);
             } else {
@@ -763,8 +763,8 @@ impl<'a, 'm> Build<'a, 'm> {
         let mut all_targets = Vec::new();
         let mut chain = vec![node];
         if rule.attributes.regex {
-            targets.push(self.graph.nodes[node].name.clone());
-            all_targets.push(self.graph.nodes[node].name.clone());
+            targets.push(self.graph.nodes[node].name.to_string());
+            all_targets.push(self.graph.nodes[node].name.to_string());
         } else {
             for word in &rule.targets {
                 let name = if rule.is_meta {
@@ -773,7 +773,7 @@ impl<'a, 'm> Build<'a, 'm> {
                     word.clone()
                 };
                 all_targets.push(name.clone());
-                let Some(&other) = self.graph.by_name.get(&name) else {
+                let Some(&other) = self.graph.by_name.get(name.as_str()) else {
                     continue;
                 };
                 if !self.options.all && self.graph.nodes[other].time != 0 {
@@ -816,7 +816,7 @@ impl<'a, 'm> Build<'a, 'm> {
             for index in 0..self.graph.nodes[n].arcs.len() {
                 match self.graph.nodes[n].arcs[index].node {
                     Some(child) => {
-                        let name = self.graph.nodes[child].name.clone();
+                        let name = self.graph.nodes[child].name.to_string();
                         if seen_prereqs.insert(child) {
                             prereqs.push(name.clone());
                         }
@@ -946,7 +946,7 @@ impl<'a, 'm> Build<'a, 'm> {
         if self.options.dry_run || self.options.touch {
             for &n in &pending.nodes {
                 if self.options.touch {
-                    let name = self.graph.nodes[n].name.clone();
+                    let name = self.graph.nodes[n].name.to_string();
                     if self.graph.nodes[n].flags & VIRTUAL == 0 {
                         self.touch(&name)?;
                     } else if self.options.explain {
@@ -1020,7 +1020,7 @@ impl<'a, 'm> Build<'a, 'm> {
                 let mut deleted = Vec::new();
                 for &n in &running.nodes {
                     if self.graph.nodes[n].flags & DELETE != 0 {
-                        let name = self.graph.nodes[n].name.clone();
+                        let name = self.graph.nodes[n].name.to_string();
                         if let Err(error) = std::fs::remove_file(self.graph.path(&name)) {
                             self.report.warnings.push(Warning {
                                 message: format!("cannot remove `{name}`: {error}"),
@@ -1050,7 +1050,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
         }
         for target in &running.targets {
-            if let Some(&node) = self.graph.by_name.get(target) {
+            if let Some(&node) = self.graph.by_name.get(target.as_str()) {
                 self.update(fake, node)?;
             }
         }
