@@ -75,11 +75,6 @@ pub enum Error {
     },
     #[error("nothing to mk: the mkfile has no rule without `%` and no target was given")]
     NothingToMk,
-    #[error("cannot start the planner thread")]
-    PlannerThread {
-        #[source]
-        source: std::io::Error,
-    },
     #[error("`{name}` names a member of a file that is not an archive")]
     NotAnArchive { name: String },
     #[error("`NPROC` is `{value}`: mk can run at most {most} jobs at once")]

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use crate::archive;
 use crate::error::Error;
@@ -28,6 +29,10 @@ pub(crate) const PROBABLE: u32 = 0x0100;
 pub(crate) const VACUOUS: u32 = 0x0200;
 pub(crate) const NO_RECIPE: u32 = 0x0400;
 pub(crate) const DELETE: u32 = 0x0800;
+/// Checked for cycles, and none found below (kept for later targets).
+const CYCLE_FREE: u32 = 0x1000;
+/// Its recipe chosen by `ambiguous()` (kept for later targets).
+const RECIPE_CHECKED: u32 = 0x2000;
 
 /// The name mk gives the rule it makes up for several command-line targets.
 pub const COMMAND_LINE_TARGET: &str = "command line arguments";
@@ -44,7 +49,8 @@ pub(crate) struct Arc {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
-    pub name: String,
+    /// Shared with [`Graph::by_name`]'s key: a pathological graph has millions of names.
+    pub name: Rc<str>,
     /// Modification time in seconds; 0 for a missing file or a virtual target.
     pub time: u64,
     pub flags: u32,
@@ -66,11 +72,9 @@ pub(crate) struct Graph<'m> {
     extra: Vec<Rule>,
     extra_targets: HashMap<String, Vec<usize>>,
     pub nodes: Vec<Node>,
-    pub by_name: HashMap<String, NodeId>,
+    pub by_name: HashMap<Rc<str>, NodeId>,
     times: HashMap<String, u64>,
     directory: PathBuf,
-    cycle_free: HashSet<NodeId>,
-    checked: HashSet<NodeId>,
     /// Per archive, its modification time when its members were last read.
     archives: HashMap<String, u64>,
     /// `archive(member)` → the member's date in the archive.
@@ -91,8 +95,6 @@ impl<'m> Graph<'m> {
             by_name: HashMap::new(),
             times: HashMap::new(),
             directory: directory.to_path_buf(),
-            cycle_free: HashSet::new(),
-            checked: HashSet::new(),
             archives: HashMap::new(),
             member_times: HashMap::new(),
             announced: HashSet::new(),
@@ -223,36 +225,72 @@ impl<'m> Graph<'m> {
     pub fn graph(&mut self, target: &str) -> Result<NodeId, Error> {
         let mut in_use = vec![0u8; self.rules.rules.len() + self.extra.len()];
         let node = self.apply_rules(target, &mut in_use)?;
-        self.check_cycles(node, &mut Vec::new())?;
+        self.check_cycles(node)?;
         self.nodes[node].flags |= PROBABLE;
         self.vacuous(node);
         self.ambiguous(node)?;
-        let mut seen = HashSet::new();
-        self.attribute(node, &mut seen);
+        self.attribute(node);
         Ok(node)
     }
 
     fn new_node(&mut self, name: &str) -> Result<NodeId, Error> {
         let time = self.time_of(name, false)?;
         let id = self.nodes.len();
+        let name: Rc<str> = Rc::from(name);
+        self.by_name.insert(Rc::clone(&name), id);
         self.nodes.push(Node {
-            name: name.to_string(),
+            name,
             time,
             flags: if time != 0 { PROBABLE } else { 0 },
             arcs: Vec::new(),
             next: None,
         });
-        self.by_name.insert(name.to_string(), id);
         Ok(id)
     }
 
+    /// mk's `applyrules()`: the node for `target` with an arc for each prerequisite of each
+    /// rule that applies, and the same for every prerequisite new to the graph. mk recurses
+    /// once per prerequisite level; this keeps the levels on a stack of its own, so a long
+    /// chain of rules needs no more thread stack than a short one. A rule being expanded
+    /// further up (`in_use`) does not apply again below.
     fn apply_rules(&mut self, target: &str, in_use: &mut [u8]) -> Result<NodeId, Error> {
         if let Some(&node) = self.by_name.get(target) {
             return Ok(node);
         }
+        let mut stack = vec![self.expansion(target)?];
+        loop {
+            let Some(expansion) = stack.last_mut() else {
+                unreachable!("the loop returns when the last expansion ends");
+            };
+            match self.next_prerequisite(expansion, in_use) {
+                Some(name) => match self.by_name.get(name.as_str()) {
+                    Some(&child) => expansion.add_arc(child),
+                    None => {
+                        let child = self.expansion(&name)?;
+                        stack.push(child);
+                    }
+                },
+                None => {
+                    let Some(mut done) = stack.pop() else {
+                        unreachable!("the expansion was on the stack");
+                    };
+                    let node = done.node;
+                    done.arcs.append(&mut self.nodes[node].arcs);
+                    // Most nodes keep few arcs; a pathological graph has very many nodes.
+                    done.arcs.shrink_to_fit();
+                    self.nodes[node].arcs = done.arcs;
+                    match stack.last_mut() {
+                        Some(parent) => parent.add_arc(node),
+                        None => return Ok(node),
+                    }
+                }
+            }
+        }
+    }
+
+    fn expansion(&mut self, target: &str) -> Result<Expansion, Error> {
         let node = self.new_node(target)?;
-        let mut arcs: Vec<Arc> = Vec::new();
-        let chain: Vec<usize> = self
+        let explicit: Vec<usize> = self
             .rules
             .by_target
             .get(target)
@@ -261,32 +299,84 @@ impl<'m> Graph<'m> {
             .flatten()
             .copied()
             .collect();
-        for index in chain {
+        Ok(Expansion {
+            node,
+            target: target.to_string(),
+            explicit,
+            next_explicit: 0,
+            next_meta: 0,
+            current: None,
+            arcs: Vec::new(),
+        })
+    }
+
+    /// The next prerequisite of `expansion` that needs a node, after adding the arcs that
+    /// need none (rules without prerequisites); `None` when every rule has been tried.
+    fn next_prerequisite(
+        &mut self,
+        expansion: &mut Expansion,
+        in_use: &mut [u8],
+    ) -> Option<String> {
+        loop {
+            if let Some(current) = &mut expansion.current {
+                if let Some(prereq) = self.rule(current.rule).prereqs.get(current.next) {
+                    current.next += 1;
+                    let rule = self.rule(current.rule);
+                    return Some(if !rule.is_meta {
+                        prereq.clone()
+                    } else if rule.regex.is_some() {
+                        regex_substitute(prereq, &current.matches)
+                    } else {
+                        substitute_stem(&current.stem, prereq)
+                    });
+                }
+                in_use[current.rule] -= 1;
+                expansion.current = None;
+            }
+            let (rule, stem, matches) = self.next_rule(expansion, in_use)?;
+            if !self.rule(rule).is_meta {
+                self.nodes[expansion.node].flags |= PROBABLE;
+            }
+            if self.rule(rule).prereqs.is_empty() {
+                expansion.arcs.push(arc(None, rule, stem, matches));
+            } else {
+                in_use[rule] += 1;
+                expansion.current = Some(Applying {
+                    rule,
+                    stem,
+                    matches,
+                    next: 0,
+                });
+            }
+        }
+    }
+
+    /// The next rule that applies to the expansion's target: its explicit rules first, then
+    /// the metarules whose pattern matches, each with its stem (and `:R:` groups).
+    fn next_rule(
+        &self,
+        expansion: &mut Expansion,
+        in_use: &[u8],
+    ) -> Option<(usize, String, Vec<Option<String>>)> {
+        while let Some(&index) = expansion.explicit.get(expansion.next_explicit) {
+            expansion.next_explicit += 1;
             let rule = self.rule(index);
             if rule.is_meta || !rule.has_effect() || in_use[index] >= 1 {
                 continue;
             }
-            let prereqs = rule.prereqs.clone();
-            in_use[index] += 1;
-            self.nodes[node].flags |= PROBABLE;
-            if prereqs.is_empty() {
-                arcs.push(arc(None, index, String::new(), Vec::new()));
-            } else {
-                for prereq in prereqs {
-                    let child = self.apply_rules(&prereq, in_use)?;
-                    arcs.push(arc(Some(child), index, String::new(), Vec::new()));
-                }
-            }
-            in_use[index] -= 1;
+            return Some((index, String::new(), Vec::new()));
         }
         let rules = self.rules;
-        for &index in &rules.meta {
+        let target = expansion.target.as_str();
+        while let Some(&index) = rules.meta.get(expansion.next_meta) {
+            expansion.next_meta += 1;
             let rule = &rules.rules[index];
             if !rule.has_effect() {
                 continue;
             }
             if rule.attributes.not_virtual
-                && arcs
+                && expansion
+                    .arcs
                     .last()
                     .is_some_and(|last| self.rule(last.rule).attributes.is_virtual)
             {
@@ -312,75 +402,92 @@ impl<'m> Graph<'m> {
             if in_use[index] >= 1 {
                 continue;
             }
-            in_use[index] += 1;
-            if rule.prereqs.is_empty() {
-                arcs.push(arc(None, index, stem, matches));
-            } else {
-                for prereq in &rule.prereqs {
-                    let name = if rule.regex.is_some() {
-                        regex_substitute(prereq, &matches)
-                    } else {
-                        substitute_stem(&stem, prereq)
-                    };
-                    let child = self.apply_rules(&name, in_use)?;
-                    arcs.push(arc(Some(child), index, stem.clone(), matches.clone()));
+            return Some((index, stem, matches));
+        }
+        None
+    }
+
+    fn check_cycles(&mut self, node: NodeId) -> Result<(), Error> {
+        // Each entry is a node on the current path and the index of its next arc.
+        let mut path: Vec<(NodeId, usize)> = Vec::new();
+        let mut next = Some(node);
+        loop {
+            if let Some(node) = next.take()
+                && self.nodes[node].flags & CYCLE_FREE == 0
+            {
+                if self.nodes[node].flags & CYCLE != 0 && !self.nodes[node].arcs.is_empty() {
+                    for &(on_path, _) in &path {
+                        self.nodes[on_path].flags &= !CYCLE;
+                    }
+                    return Err(Error::Cycle {
+                        target: self.nodes[node].name.to_string(),
+                    });
+                }
+                self.nodes[node].flags |= CYCLE;
+                path.push((node, 0));
+            }
+            let Some((node, index)) = path.last_mut() else {
+                return Ok(());
+            };
+            match self.nodes[*node].arcs.get(*index) {
+                Some(arc) => {
+                    *index += 1;
+                    next = arc.node;
+                }
+                None => {
+                    let node = *node;
+                    path.pop();
+                    self.nodes[node].flags = (self.nodes[node].flags & !CYCLE) | CYCLE_FREE;
                 }
             }
-            in_use[index] -= 1;
         }
-        arcs.append(&mut self.nodes[node].arcs);
-        self.nodes[node].arcs = arcs;
-        Ok(node)
     }
 
-    fn check_cycles(&mut self, node: NodeId, path: &mut Vec<NodeId>) -> Result<(), Error> {
-        if self.cycle_free.contains(&node) {
-            return Ok(());
-        }
-        if self.nodes[node].flags & CYCLE != 0 && !self.nodes[node].arcs.is_empty() {
-            return Err(Error::Cycle {
-                target: self.nodes[node].name.clone(),
-            });
-        }
-        self.nodes[node].flags |= CYCLE;
-        path.push(node);
-        let children: Vec<NodeId> = self.nodes[node]
-            .arcs
-            .iter()
-            .filter_map(|a| a.node)
-            .collect();
-        for child in children {
-            if let Err(error) = self.check_cycles(child, path) {
-                self.nodes[node].flags &= !CYCLE;
-                return Err(error);
-            }
-        }
-        path.pop();
-        self.nodes[node].flags &= !CYCLE;
-        self.cycle_free.insert(node);
-        Ok(())
-    }
-
+    /// Whether `node` cannot be made: mk's `vacuous()`, which also drops the metarule arcs
+    /// into such nodes. Children are decided before their parents, on a stack of our own.
     fn vacuous(&mut self, node: NodeId) -> bool {
+        // A node on the stack, whether it is vacuous so far, and its next arc.
+        let mut stack: Vec<(NodeId, bool, usize)> = Vec::new();
+        let mut answer = self.enter_vacuous(node, &mut stack);
+        while let Some((node, vacuous, index)) = stack.last_mut() {
+            let node = *node;
+            if *index > 0 {
+                // `answer` is the child's of the arc just before `index`.
+                let arc = &self.nodes[node].arcs[*index - 1];
+                if answer && self.rule(arc.rule).is_meta {
+                    self.nodes[node].arcs[*index - 1].remove = true;
+                } else {
+                    *vacuous = false;
+                }
+            }
+            let Some(arc) = self.nodes[node].arcs.get(*index) else {
+                let vacuous = *vacuous;
+                stack.pop();
+                answer = self.leave_vacuous(node, vacuous);
+                continue;
+            };
+            *index += 1;
+            answer = match arc.node {
+                Some(child) => self.enter_vacuous(child, &mut stack),
+                // An arc with no prerequisite always stays.
+                None => false,
+            };
+        }
+        answer
+    }
+
+    /// Start deciding `node`: its answer if already known (or being decided: not vacuous
+    /// yet), else put it on the stack.
+    fn enter_vacuous(&mut self, node: NodeId, stack: &mut Vec<(NodeId, bool, usize)>) -> bool {
         if self.nodes[node].flags & READY != 0 {
             return self.nodes[node].flags & VACUOUS != 0;
         }
         self.nodes[node].flags |= READY;
-        let mut vacuous = self.nodes[node].flags & PROBABLE == 0;
-        for index in 0..self.nodes[node].arcs.len() {
-            let arc = &self.nodes[node].arcs[index];
-            let rule = arc.rule;
-            let child = arc.node;
-            let remove = match child {
-                Some(child) => self.vacuous(child) && self.rule(rule).is_meta,
-                None => false,
-            };
-            if remove {
-                self.nodes[node].arcs[index].remove = true;
-            } else {
-                vacuous = false;
-            }
-        }
+        stack.push((node, self.nodes[node].flags & PROBABLE == 0, 0));
+        false
+    }
+
+    fn leave_vacuous(&mut self, node: NodeId, vacuous: bool) -> bool {
         // If a rule made arcs that stay, none of that rule's arcs go.
         let kept_rules: HashSet<usize> = self.nodes[node]
             .arcs
@@ -394,22 +501,48 @@ impl<'m> Graph<'m> {
             }
         }
         self.nodes[node].arcs.retain(|a| !a.remove);
+        self.nodes[node].arcs.shrink_to_fit();
         if vacuous {
             self.nodes[node].flags |= VACUOUS;
         }
         vacuous
     }
 
+    /// mk's `ambiguous()`, children before parents: a node's own check reads only its own
+    /// arcs, so checking it after all its children finds the same first error as mk.
     fn ambiguous(&mut self, node: NodeId) -> Result<(), Error> {
-        if !self.checked.insert(node) {
+        if self.nodes[node].flags & RECIPE_CHECKED != 0 {
             return Ok(());
         }
+        self.nodes[node].flags |= RECIPE_CHECKED;
+        let mut stack: Vec<(NodeId, usize)> = vec![(node, 0)];
+        while let Some((node, index)) = stack.last_mut() {
+            let node = *node;
+            match self.nodes[node].arcs.get(*index) {
+                Some(arc) => {
+                    *index += 1;
+                    if let Some(child) = arc.node
+                        && self.nodes[child].flags & RECIPE_CHECKED == 0
+                    {
+                        self.nodes[child].flags |= RECIPE_CHECKED;
+                        stack.push((child, 0));
+                    }
+                }
+                None => {
+                    stack.pop();
+                    self.choose_recipe(node)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One node's part of `ambiguous()`: an explicit recipe beats meta ones, and two
+    /// different recipes are an error.
+    fn choose_recipe(&mut self, node: NodeId) -> Result<(), Error> {
         let mut chosen: Option<usize> = None;
         let mut bad: Vec<String> = Vec::new();
         for index in 0..self.nodes[node].arcs.len() {
-            if let Some(child) = self.nodes[node].arcs[index].node {
-                self.ambiguous(child)?;
-            }
             let rule_index = self.nodes[node].arcs[index].rule;
             if self.rule(rule_index).recipe.is_empty() {
                 continue;
@@ -442,7 +575,7 @@ impl<'m> Graph<'m> {
         }
         if !bad.is_empty() {
             return Err(Error::Ambiguous {
-                target: self.nodes[node].name.clone(),
+                target: self.nodes[node].name.to_string(),
                 rules: bad,
             });
         }
@@ -450,33 +583,70 @@ impl<'m> Graph<'m> {
         Ok(())
     }
 
-    fn attribute(&mut self, node: NodeId, seen: &mut HashSet<NodeId>) {
-        if !seen.insert(node) {
-            return;
+    /// Attributes flow from rules to the nodes they make (mk's `attribute()`); the order
+    /// nodes are visited in does not matter, so a plain stack walks the graph.
+    fn attribute(&mut self, node: NodeId) {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![node];
+        while let Some(node) = stack.pop() {
+            if std::mem::replace(&mut seen[node], true) {
+                continue;
+            }
+            let mut flags = 0;
+            for arc in &self.nodes[node].arcs {
+                let attributes = &self.rule(arc.rule).attributes;
+                if attributes.is_virtual {
+                    flags |= VIRTUAL;
+                }
+                if attributes.no_recipe_ok {
+                    flags |= NO_RECIPE;
+                }
+                if attributes.delete_on_error {
+                    flags |= DELETE;
+                }
+                if let Some(child) = arc.node {
+                    stack.push(child);
+                }
+            }
+            self.nodes[node].flags |= flags;
+            if self.nodes[node].flags & VIRTUAL != 0 {
+                self.nodes[node].time = 0;
+            }
         }
-        let mut flags = 0;
-        let mut children = Vec::new();
-        for arc in &self.nodes[node].arcs {
-            let attributes = &self.rule(arc.rule).attributes;
-            if attributes.is_virtual {
-                flags |= VIRTUAL;
-            }
-            if attributes.no_recipe_ok {
-                flags |= NO_RECIPE;
-            }
-            if attributes.delete_on_error {
-                flags |= DELETE;
-            }
-            if let Some(child) = arc.node {
-                children.push(child);
-            }
-        }
-        self.nodes[node].flags |= flags;
-        for child in children {
-            self.attribute(child, seen);
-        }
-        if self.nodes[node].flags & VIRTUAL != 0 {
-            self.nodes[node].time = 0;
+    }
+}
+
+/// A node whose arcs [`Graph::apply_rules`] is building.
+struct Expansion {
+    node: NodeId,
+    target: String,
+    /// The explicit rules for the target, and the next of them (then of the metarules) to try.
+    explicit: Vec<usize>,
+    next_explicit: usize,
+    next_meta: usize,
+    /// The rule whose prerequisites are being added.
+    current: Option<Applying>,
+    arcs: Vec<Arc>,
+}
+
+struct Applying {
+    rule: usize,
+    stem: String,
+    matches: Vec<Option<String>>,
+    /// The next prerequisite of the rule.
+    next: usize,
+}
+
+impl Expansion {
+    /// An arc to `child`, the prerequisite just returned by `next_prerequisite`.
+    fn add_arc(&mut self, child: NodeId) {
+        if let Some(current) = &self.current {
+            self.arcs.push(arc(
+                Some(child),
+                current.rule,
+                current.stem.clone(),
+                current.matches.clone(),
+            ));
         }
     }
 }

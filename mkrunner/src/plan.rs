@@ -115,58 +115,7 @@ impl Mkfile {
         self.run_build(targets, options, runner, output, &mut up_to_date)
     }
 
-    /// The planner recurses once per level of the dependency graph (as mk's `work()` does),
-    /// so it runs on a thread of its own with a stack as big as the `mk` binary's, whatever
-    /// stack the caller has; what it prints comes back to the caller's `output`.
     fn run_build(
-        &self,
-        targets: &[String],
-        options: &BuildOptions,
-        runner: &dyn Runner,
-        output: &mut dyn Write,
-        up_to_date: &mut Vec<String>,
-    ) -> Result<BuildReport, Error> {
-        let (sender, receiver) = mpsc::channel::<Printed>();
-        std::thread::scope(|scope| {
-            let planner = std::thread::Builder::new()
-                .name("mk planner".to_string())
-                .stack_size(PLANNER_STACK)
-                .spawn_scoped(scope, move || {
-                    let mut forward = Forward { sender };
-                    let mut made_already = Vec::new();
-                    let result = self.run_build_here(
-                        targets,
-                        options,
-                        runner,
-                        &mut forward,
-                        &mut made_already,
-                    );
-                    (result, made_already)
-                })
-                .map_err(|source| Error::PlannerThread { source })?;
-            for printed in receiver {
-                // mk's standard output failing (a closed pipe) is not a reason to stop recipes.
-                match printed {
-                    Printed::Text(bytes) => {
-                        let _ = output.write_all(&bytes);
-                    }
-                    Printed::Flush(done) => {
-                        let _ = output.flush();
-                        let _ = done.send(());
-                    }
-                }
-            }
-            match planner.join() {
-                Ok((result, made_already)) => {
-                    up_to_date.extend(made_already);
-                    result
-                }
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
-    }
-
-    fn run_build_here(
         &self,
         targets: &[String],
         options: &BuildOptions,
@@ -191,40 +140,6 @@ impl Mkfile {
             build.flush();
             result.map(|()| build.report)
         })
-    }
-}
-
-/// The planner thread's stack: as much as the `mk` binary gives its own (only the pages a
-/// deep graph touches are used).
-const PLANNER_STACK: usize = 256 << 20;
-
-/// What the planner thread prints, for the caller's thread to write.
-enum Printed {
-    Text(Vec<u8>),
-    /// Flush, then say so: a recipe must not start before mk's echo of it is out.
-    Flush(mpsc::Sender<()>),
-}
-
-/// A writer that hands everything to the caller's thread.
-struct Forward {
-    sender: mpsc::Sender<Printed>,
-}
-
-impl Write for Forward {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.sender
-            .send(Printed::Text(bytes.to_vec()))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let (done, wait) = mpsc::channel();
-        self.sender
-            .send(Printed::Flush(done))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        wait.recv()
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 }
 
@@ -396,7 +311,7 @@ impl<'a, 'm> Build<'a, 'm> {
         let node = self.graph.graph(target);
         self.print_notices();
         let node = node?;
-        self.clear_made(node, &mut std::collections::HashSet::new());
+        self.clear_made(node);
         let mut did = false;
         while self.graph.nodes[node].flags & NOT_MADE != 0 {
             if self.work(node, None)? {
@@ -407,32 +322,43 @@ impl<'a, 'm> Build<'a, 'm> {
                 break;
             }
         }
+        // 9base then waits for the target's own recipe (`waitup(-1)`). A target that is
+        // being made with nothing running is one `-k` gave up on (it could not be made):
+        // the wait finds no child, and 9base stops with status 1 (`No child processes`).
+        if self.graph.nodes[node].flags & BEING_MADE != 0 && self.running == 0 {
+            return Err(Error::DontKnowHow {
+                target: self.graph.nodes[node].name.to_string(),
+                directory: current_directory(&self.mkfile.directory),
+            });
+        }
         while self.running > 0 || !self.queue.is_empty() {
             if self.wait_one()? {
                 break;
             }
         }
         if !did {
-            let name = self.graph.nodes[node].name.clone();
+            let name = self.graph.nodes[node].name.to_string();
             self.print(&format!("mk: '{name}' is up to date\n"));
             up_to_date.push(name);
         }
         Ok(())
     }
 
-    fn clear_made(&mut self, node: NodeId, seen: &mut std::collections::HashSet<NodeId>) {
-        if !seen.insert(node) {
-            return;
-        }
-        let n = &mut self.graph.nodes[node];
-        n.flags &= !(CAN_PRETEND | PRETENDING);
-        if !n.name.contains('(') || n.time != 0 {
-            n.flags |= CAN_PRETEND;
-        }
-        n.set_made(NOT_MADE);
-        let children: Vec<NodeId> = n.arcs.iter().filter_map(|a| a.node).collect();
-        for child in children {
-            self.clear_made(child, seen);
+    /// mk's `clrmade()`: every node under `node` is to be made again.
+    fn clear_made(&mut self, node: NodeId) {
+        let mut seen = vec![false; self.graph.nodes.len()];
+        let mut stack = vec![node];
+        while let Some(node) = stack.pop() {
+            if std::mem::replace(&mut seen[node], true) {
+                continue;
+            }
+            let n = &mut self.graph.nodes[node];
+            n.flags &= !(CAN_PRETEND | PRETENDING);
+            if !n.name.contains('(') || n.time != 0 {
+                n.flags |= CAN_PRETEND;
+            }
+            n.set_made(NOT_MADE);
+            stack.extend(n.arcs.iter().rev().filter_map(|a| a.node));
         }
     }
 
@@ -444,15 +370,122 @@ impl<'a, 'm> Build<'a, 'm> {
     }
 
     /// mk's `work()`: returns whether something was started (or, under `-n`, printed).
+    ///
+    /// mk's `work()` calls itself for each prerequisite; here each call is a [`Visit`] on a
+    /// stack of our own and [`Build::step`] runs one until it needs a prerequisite's answer,
+    /// so a long chain of rules needs no more thread stack than a short one.
     fn work(&mut self, node: NodeId, parent: Option<(NodeId, usize)>) -> Result<bool, Error> {
-        let mut did = false;
+        let mut stack = vec![Visit::new(node, parent)];
+        let mut answer = false;
+        loop {
+            let Some(visit) = stack.last_mut() else {
+                unreachable!("the loop returns when the last visit ends");
+            };
+            match self.step(visit, answer)? {
+                Next::Visit(child) => stack.push(child),
+                Next::Return(did) => {
+                    stack.pop();
+                    if stack.is_empty() {
+                        return Ok(did);
+                    }
+                    answer = did;
+                }
+            }
+        }
+    }
+
+    /// Run `visit` on from where it stopped; `answer` is what the prerequisite it last asked
+    /// for returned.
+    fn step(&mut self, visit: &mut Visit, answer: bool) -> Result<Next, Error> {
+        let node = visit.node;
+        loop {
+            match visit.at {
+                At::Start => {
+                    if let Some(did) = self.start(visit)? {
+                        return Ok(Next::Return(did));
+                    }
+                    visit.out_of_date = self.options.all;
+                    visit.at = At::Prerequisite(0);
+                }
+                At::Prerequisite(index) => {
+                    let Some(arc) = self.graph.nodes[node].arcs.get(index) else {
+                        visit.at = At::Decide;
+                        continue;
+                    };
+                    match arc.node {
+                        Some(child) => {
+                            visit.at = At::PrerequisiteDone(index);
+                            return Ok(Next::Visit(Visit::new(child, Some((node, index)))));
+                        }
+                        None => {
+                            if self.graph.nodes[node].time == 0 {
+                                if visit.reason.is_none() {
+                                    visit.reason = Some(index);
+                                }
+                                visit.out_of_date = true;
+                            }
+                            visit.at = At::Prerequisite(index + 1);
+                        }
+                    }
+                }
+                At::PrerequisiteDone(index) => {
+                    visit.did = answer || visit.did;
+                    self.weigh(visit, index)?;
+                    visit.at = At::Prerequisite(index + 1);
+                }
+                At::Decide => {
+                    if let Some(did) = self.decide(visit)? {
+                        return Ok(Next::Return(did));
+                    }
+                    visit.at = At::Pretender(0);
+                }
+                At::Pretender(index) => {
+                    // Out of date and we really do have to do something: rescan for pretenders.
+                    let Some(arc) = self.graph.nodes[node].arcs.get(index) else {
+                        visit.at = At::Recipe;
+                        continue;
+                    };
+                    visit.at = At::Pretender(index + 1);
+                    if let Some(child) = arc.node
+                        && self.graph.nodes[child].flags & PRETENDING != 0
+                    {
+                        self.unpretend_for(node, child, visit.reason);
+                        visit.at = At::PretenderDone(index);
+                        return Ok(Next::Visit(Visit::new(child, Some((node, index)))));
+                    }
+                }
+                At::PretenderDone(index) => {
+                    visit.did = answer || visit.did;
+                    visit.ready = false;
+                    visit.at = At::Pretender(index + 1);
+                }
+                At::Recipe => {
+                    if !visit.ready {
+                        // mk's `return did || work(node, p, parc)`: try the node again from
+                        // the start unless something was started.
+                        if visit.did {
+                            return Ok(Next::Return(true));
+                        }
+                        *visit = Visit::new(node, visit.parent);
+                        continue;
+                    }
+                    return Ok(Next::Return(self.do_recipe(node)? || visit.did));
+                }
+            }
+        }
+    }
+
+    /// The start of mk's `work()`, before the prerequisites: `Some(did)` when the node is
+    /// settled without them.
+    fn start(&mut self, visit: &Visit) -> Result<Option<bool>, Error> {
+        let node = visit.node;
         let flags = self.graph.nodes[node].flags;
         if flags & BEING_MADE != 0 {
-            return Ok(false);
+            return Ok(Some(false));
         }
         if flags & MADE != 0
             && flags & PRETENDING != 0
-            && let Some((parent_node, parent_arc)) = parent
+            && let Some((parent_node, parent_arc)) = visit.parent
             && self.out_of_date(parent_node, parent_arc, false)?
         {
             if self.options.explain {
@@ -472,13 +505,13 @@ impl<'a, 'm> Build<'a, 'm> {
             if flags & PRETENDING != 0 {
                 self.graph.nodes[node].time = 0;
             } else {
-                return Ok(false);
+                return Ok(Some(false));
             }
         }
         if self.graph.nodes[node].arcs.is_empty() {
             if self.graph.nodes[node].time == 0 {
                 let error = Error::DontKnowHow {
-                    target: self.graph.nodes[node].name.clone(),
+                    target: self.graph.nodes[node].name.to_string(),
                     directory: current_directory(&self.mkfile.directory),
                 };
                 if self.options.keep_going {
@@ -491,51 +524,49 @@ impl<'a, 'm> Build<'a, 'm> {
             } else {
                 self.graph.nodes[node].set_made(MADE);
             }
-            return Ok(false);
+            return Ok(Some(false));
         }
-        let mut ready = true;
-        let mut out_of_date = self.options.all;
-        let mut reason: Option<usize> = None;
-        for index in 0..self.graph.nodes[node].arcs.len() {
-            match self.graph.nodes[node].arcs[index].node {
-                Some(child) => {
-                    did = self.work(child, Some((node, index)))? || did;
-                    if self.graph.nodes[child].flags & (NOT_MADE | BEING_MADE) != 0 {
-                        ready = false;
+        Ok(None)
+    }
+
+    /// After a prerequisite's visit: whether it is ready, and whether it makes the node out
+    /// of date (the newest such prerequisite is the reason).
+    fn weigh(&mut self, visit: &mut Visit, index: usize) -> Result<(), Error> {
+        let node = visit.node;
+        let Some(child) = self.graph.nodes[node].arcs[index].node else {
+            return Ok(());
+        };
+        if self.graph.nodes[child].flags & (NOT_MADE | BEING_MADE) != 0 {
+            visit.ready = false;
+        }
+        if self.out_of_date(node, index, false)? {
+            visit.out_of_date = true;
+            let replace = match visit.reason {
+                None => true,
+                Some(reason) => match self.graph.nodes[node].arcs[reason].node {
+                    None => true,
+                    Some(reason_node) => {
+                        self.graph.nodes[reason_node].time < self.graph.nodes[child].time
                     }
-                    if self.out_of_date(node, index, false)? {
-                        out_of_date = true;
-                        let replace = match reason {
-                            None => true,
-                            Some(reason) => match self.graph.nodes[node].arcs[reason].node {
-                                None => true,
-                                Some(reason_node) => {
-                                    self.graph.nodes[reason_node].time
-                                        < self.graph.nodes[child].time
-                                }
-                            },
-                        };
-                        if replace {
-                            reason = Some(index);
-                        }
-                    }
-                }
-                None => {
-                    if self.graph.nodes[node].time == 0 {
-                        if reason.is_none() {
-                            reason = Some(index);
-                        }
-                        out_of_date = true;
-                    }
-                }
+                },
+            };
+            if replace {
+                visit.reason = Some(index);
             }
         }
-        if !ready {
-            return Ok(did);
+        Ok(())
+    }
+
+    /// After every prerequisite: `Some(did)` when the node waits, is up to date, or can
+    /// pretend to be made; `None` when it must be made.
+    fn decide(&mut self, visit: &Visit) -> Result<Option<bool>, Error> {
+        let node = visit.node;
+        if !visit.ready {
+            return Ok(Some(visit.did));
         }
-        if !out_of_date {
+        if !visit.out_of_date {
             self.graph.nodes[node].set_made(MADE);
-            return Ok(did);
+            return Ok(Some(visit.did));
         }
         // Can we pretend to be made? (A missing intermediate whose parent is up to date
         // with respect to what it would be made from need not be made.)
@@ -543,8 +574,8 @@ impl<'a, 'm> Build<'a, 'm> {
         if !self.make_intermediates()
             && n.time == 0
             && n.flags & (PRETENDING | CAN_PRETEND) != 0
-            && let Some((parent_node, _)) = parent
-            && let Some(reason) = reason
+            && let Some((parent_node, _)) = visit.parent
+            && let Some(reason) = visit.reason
             && self.graph.nodes[node].arcs[reason].node.is_some()
             && !self.out_of_date_arc(parent_node, node, reason)?
         {
@@ -560,34 +591,25 @@ impl<'a, 'm> Build<'a, 'm> {
                 );
                 self.print_direct(&text);
             }
-            return Ok(did);
+            return Ok(Some(visit.did));
         }
-        // Out of date and we really do have to do something: rescan for pretenders.
-        for index in 0..self.graph.nodes[node].arcs.len() {
-            if let Some(child) = self.graph.nodes[node].arcs[index].node
-                && self.graph.nodes[child].flags & PRETENDING != 0
-            {
-                if self.options.explain {
-                    let because = reason
-                        .and_then(|reason| self.graph.nodes[node].arcs[reason].node)
-                        .map_or("rule with no prerequisites".to_string(), |reason| {
-                            self.graph.nodes[reason].name.clone()
-                        });
-                    let text = format!(
-                        "unpretending {} because of {} because of {}\n",
-                        self.graph.nodes[child].name, self.graph.nodes[node].name, because
-                    );
-                    self.print(&text);
-                }
-                self.unpretend(child);
-                did = self.work(child, Some((node, index)))? || did;
-                ready = false;
-            }
+        Ok(None)
+    }
+
+    fn unpretend_for(&mut self, node: NodeId, child: NodeId, reason: Option<usize>) {
+        if self.options.explain {
+            let because = reason
+                .and_then(|reason| self.graph.nodes[node].arcs[reason].node)
+                .map_or("rule with no prerequisites".to_string(), |reason| {
+                    self.graph.nodes[reason].name.to_string()
+                });
+            let text = format!(
+                "unpretending {} because of {} because of {}\n",
+                self.graph.nodes[child].name, self.graph.nodes[node].name, because
+            );
+            self.print(&text);
         }
-        if !ready {
-            return Ok(did || self.work(node, parent)?);
-        }
-        Ok(self.do_recipe(node)? || did)
+        self.unpretend(child);
     }
 
     /// mk's `outofdate(parent, arc)` where the arc is given by index into the parent's arcs.
@@ -620,8 +642,8 @@ impl<'a, 'm> Build<'a, 'm> {
     ) -> Result<bool, Error> {
         if let Some(program) = self.graph.rule(rule).attributes.program.clone() {
             let key = (
-                self.graph.nodes[node].name.clone(),
-                self.graph.nodes[child].name.clone(),
+                self.graph.nodes[node].name.to_string(),
+                self.graph.nodes[child].name.to_string(),
             );
             if !eval && let Some(&cached) = self.program_cache.get(&key) {
                 return Ok(cached);
@@ -658,7 +680,7 @@ impl<'a, 'm> Build<'a, 'm> {
     /// mk's `update()`: a recipe finished (or `fake`: failed under `-k`).
     fn update(&mut self, fake: bool, node: NodeId) -> Result<(), Error> {
         self.graph.nodes[node].set_made(if fake { BEING_MADE } else { MADE });
-        let name = self.graph.nodes[node].name.clone();
+        let name = self.graph.nodes[node].name.to_string();
         if self.graph.nodes[node].flags & VIRTUAL == 0 && self.graph.exists(&name) {
             let time = self.graph.time_of(&name, true);
             self.print_notices();
@@ -716,10 +738,10 @@ impl<'a, 'm> Build<'a, 'm> {
             let flags = self.graph.nodes[node].flags;
             if flags & (VIRTUAL | NO_RECIPE) == 0 {
                 return Err(Error::NoRecipe {
-                    target: self.graph.nodes[node].name.clone(),
+                    target: self.graph.nodes[node].name.to_string(),
                 });
             }
-            let name = self.graph.nodes[node].name.clone();
+            let name = self.graph.nodes[node].name.to_string();
             if name.contains('(') && self.graph.nodes[node].time == 0 {
                 self.graph.nodes[node].set_made(MADE);
             } else {
@@ -741,8 +763,8 @@ impl<'a, 'm> Build<'a, 'm> {
         let mut all_targets = Vec::new();
         let mut chain = vec![node];
         if rule.attributes.regex {
-            targets.push(self.graph.nodes[node].name.clone());
-            all_targets.push(self.graph.nodes[node].name.clone());
+            targets.push(self.graph.nodes[node].name.to_string());
+            all_targets.push(self.graph.nodes[node].name.to_string());
         } else {
             for word in &rule.targets {
                 let name = if rule.is_meta {
@@ -751,7 +773,7 @@ impl<'a, 'm> Build<'a, 'm> {
                     word.clone()
                 };
                 all_targets.push(name.clone());
-                let Some(&other) = self.graph.by_name.get(&name) else {
+                let Some(&other) = self.graph.by_name.get(name.as_str()) else {
                     continue;
                 };
                 if !self.options.all && self.graph.nodes[other].time != 0 {
@@ -794,7 +816,7 @@ impl<'a, 'm> Build<'a, 'm> {
             for index in 0..self.graph.nodes[n].arcs.len() {
                 match self.graph.nodes[n].arcs[index].node {
                     Some(child) => {
-                        let name = self.graph.nodes[child].name.clone();
+                        let name = self.graph.nodes[child].name.to_string();
                         if seen_prereqs.insert(child) {
                             prereqs.push(name.clone());
                         }
@@ -924,7 +946,7 @@ impl<'a, 'm> Build<'a, 'm> {
         if self.options.dry_run || self.options.touch {
             for &n in &pending.nodes {
                 if self.options.touch {
-                    let name = self.graph.nodes[n].name.clone();
+                    let name = self.graph.nodes[n].name.to_string();
                     if self.graph.nodes[n].flags & VIRTUAL == 0 {
                         self.touch(&name)?;
                     } else if self.options.explain {
@@ -998,7 +1020,7 @@ impl<'a, 'm> Build<'a, 'm> {
                 let mut deleted = Vec::new();
                 for &n in &running.nodes {
                     if self.graph.nodes[n].flags & DELETE != 0 {
-                        let name = self.graph.nodes[n].name.clone();
+                        let name = self.graph.nodes[n].name.to_string();
                         if let Err(error) = std::fs::remove_file(self.graph.path(&name)) {
                             self.report.warnings.push(Warning {
                                 message: format!("cannot remove `{name}`: {error}"),
@@ -1028,7 +1050,7 @@ impl<'a, 'm> Build<'a, 'm> {
             }
         }
         for target in &running.targets {
-            if let Some(&node) = self.graph.by_name.get(target) {
+            if let Some(&node) = self.graph.by_name.get(target.as_str()) {
                 self.update(fake, node)?;
             }
         }
@@ -1049,6 +1071,54 @@ impl<'a, 'm> Build<'a, 'm> {
             self.slots[slot] = None;
         }
     }
+}
+
+/// One call of mk's `work()` on the planner's stack: the node, the arc it was reached by,
+/// and the locals mk's `work()` keeps between its recursive calls.
+struct Visit {
+    node: NodeId,
+    parent: Option<(NodeId, usize)>,
+    did: bool,
+    ready: bool,
+    out_of_date: bool,
+    /// The arc that makes the node out of date (mk's `ra`).
+    reason: Option<usize>,
+    at: At,
+}
+
+impl Visit {
+    fn new(node: NodeId, parent: Option<(NodeId, usize)>) -> Self {
+        Visit {
+            node,
+            parent,
+            did: false,
+            ready: true,
+            out_of_date: false,
+            reason: None,
+            at: At::Start,
+        }
+    }
+}
+
+/// Where a [`Visit`] stands in mk's `work()`.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    Start,
+    /// About to visit the prerequisite of this arc, or (`Done`) just back from it.
+    Prerequisite(usize),
+    PrerequisiteDone(usize),
+    /// Every prerequisite visited: waiting, up to date, pretending, or to be made.
+    Decide,
+    /// To be made: whether this arc's prerequisite only pretends to be made.
+    Pretender(usize),
+    PretenderDone(usize),
+    Recipe,
+}
+
+/// What a [`Visit`] needs next.
+enum Next {
+    Visit(Visit),
+    Return(bool),
 }
 
 /// libbio's buffer size (`Bsize`): 9base's standard output is written in blocks this big.

@@ -9,15 +9,6 @@ use mkrunner::{BuildOptions, HostRunner, Mkfile, ParseOptions, Source};
 const USAGE: &str = "usage: mk [-f file] [-n] [-a] [-e] [-t] [-k] [-i] [-s] [-w files] [targets ...]\n       mk [-f file] --outline NAME,... [assignments ...]";
 
 fn main() -> ExitCode {
-    // mk recurses as deep as the dependency graph; give it room.
-    let worker = std::thread::Builder::new().stack_size(256 << 20).spawn(run);
-    match worker.map(|handle| handle.join()) {
-        Ok(Ok(code)) => code,
-        _ => ExitCode::FAILURE,
-    }
-}
-
-fn run() -> ExitCode {
     let arguments: Vec<String> = std::env::args_os()
         .skip(1)
         .map(|argument| argument.to_string_lossy().into_owned())

@@ -1,6 +1,6 @@
 //! The differential suite: every case runs with our `mk` and with Debian's 9base mk, each in
-//! a fresh directory, and the two must agree on standard output, exit status and the files
-//! left behind (names and contents).
+//! a fresh copy (times included) of one directory the setup ran in once, and the two must
+//! agree on standard output, exit status and the files left behind (names and contents).
 //!
 //! Cases live in `tests/cases/*.case`, several to a file:
 //!
@@ -8,7 +8,7 @@
 //! === name of the case
 //! --- args            (optional: one argument per line; `''` is an empty argument)
 //! --- env             (optional: NAME=value lines, added to a clean environment)
-//! --- setup           (optional: sh script run first in the directory)
+//! --- setup           (optional: sh script run once, before both copies are made)
 //! --- mkfile          (the mkfile, verbatim)
 //! ```
 //!
@@ -104,21 +104,27 @@ fn snapshot(directory: &Path, prefix: &Path, files: &mut BTreeMap<String, String
     }
 }
 
-fn run_case(mk: &Path, case: &Case) -> Observed {
+fn search_path() -> String {
+    format!(
+        "{}:/usr/local/bin:/usr/bin:/bin",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Write the mkfile and run the setup once, in a directory both programs then get a copy
+/// of: a setup run once per program could straddle a second boundary in one run and not
+/// in the other, and mk, which compares whole seconds, would rightly answer differently.
+fn prepare(case: &Case) -> tempfile::TempDir {
     let directory = tempfile::tempdir().expect("a temporary directory");
     let root = directory.path();
     std::fs::write(root.join("mkfile"), &case.mkfile).expect("write the mkfile");
-    let path = format!(
-        "{}:/usr/local/bin:/usr/bin:/bin",
-        std::env::var("PATH").unwrap_or_default()
-    );
     if !case.setup.is_empty() {
         let status = Command::new("sh")
             .arg("-ec")
             .arg(&case.setup)
             .current_dir(root)
             .env_clear()
-            .env("PATH", &path)
+            .env("PATH", search_path())
             .status()
             .expect("run the setup script");
         assert!(
@@ -128,6 +134,26 @@ fn run_case(mk: &Path, case: &Case) -> Observed {
             case.name
         );
     }
+    directory
+}
+
+/// A fresh copy of the prepared directory, modification times included (`cp -a`).
+fn copy_of(prepared: &Path) -> tempfile::TempDir {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(prepared.join("."))
+        .arg(directory.path())
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp -a {} failed", prepared.display());
+    directory
+}
+
+fn run_case(mk: &Path, case: &Case, prepared: &Path) -> Observed {
+    let directory = copy_of(prepared);
+    let root = directory.path();
+    let path = search_path();
     let output = Command::new(mk)
         .args(&case.args)
         .current_dir(root)
@@ -201,8 +227,9 @@ fn ours_and_9base_agree() {
             continue;
         }
         ran += 1;
-        let reference = run_case(Path::new(REFERENCE_MK), case);
-        let observed = run_case(&ours, case);
+        let prepared = prepare(case);
+        let reference = run_case(Path::new(REFERENCE_MK), case, prepared.path());
+        let observed = run_case(&ours, case, prepared.path());
         if reference != observed {
             failures.push(format!(
                 "{}: `{}`\n  9base: {reference:?}\n  ours:  {observed:?}",
