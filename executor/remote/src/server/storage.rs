@@ -488,3 +488,122 @@ impl Credential<'_> {
         format!("{prefix}{}", &hex[..12])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ci_exec_job::store::BlobRef;
+
+    fn record(key: &str, sha256: &str) -> ResultRecord {
+        let blob = BlobRef {
+            sha256: sha256.to_owned(),
+            size: 4,
+        };
+        ResultRecord {
+            format: ci_exec_job::key::FORMAT_VERSION,
+            key: key.to_owned(),
+            exit_code: 0,
+            created_unix: 1,
+            driver: "native".into(),
+            environment_digest: None,
+            image: None,
+            host: "h".into(),
+            ci_exec_version: "0".into(),
+            commit: "c".into(),
+            tree: "t".into(),
+            stdout: blob.clone(),
+            stderr: blob,
+            artifacts: vec![],
+            steps: vec![],
+            repository: Some("example.com/r".into()),
+            target: None,
+            signature: None,
+        }
+    }
+
+    fn upload(storage: &Storage, repository: &str, content: &[u8]) -> String {
+        let sha = hex::encode(Sha256::digest(content));
+        let path = storage.upload_path();
+        fs::write(&path, content).expect("upload");
+        storage.add_blob(repository, &sha, &path).expect("add");
+        sha
+    }
+
+    #[test]
+    fn gc_drops_old_results_then_the_blobs_nothing_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let grant = storage
+            .add_grant(Credential::Token("t"), "example.com/r", true)
+            .expect("grant");
+        let sha = upload(&storage, "example.com/r", b"blob");
+        let key = "ab".repeat(32);
+        let published = storage
+            .publish("example.com/r", &record(&key, &sha), "{}", "k:x", &grant)
+            .expect("publish");
+        assert_eq!(published, Publish::Created);
+        assert_eq!(
+            storage
+                .publish("example.com/r", &record(&key, &sha), "{ }", "k:x", &grant)
+                .expect("publish"),
+            Publish::Conflict
+        );
+        let missing = record(&"cd".repeat(32), &"ef".repeat(32));
+        assert!(matches!(
+            storage.publish("example.com/r", &missing, "{}", "k:x", &grant),
+            Ok(Publish::MissingBlob(_))
+        ));
+
+        // Within the retention and right now: nothing goes.
+        assert_eq!(storage.collect_garbage(30).expect("gc"), (0, 0));
+        // Two days on, with one day kept: the result, its membership and its blob go.
+        let later = unix_now() + 2 * 86400;
+        assert_eq!(storage.collect_garbage_at(1, later).expect("gc"), (1, 1));
+        assert!(
+            storage
+                .result("example.com/r", &key)
+                .expect("read")
+                .is_none()
+        );
+        assert!(!storage.is_member("example.com/r", &sha).expect("read"));
+        assert_eq!(
+            fs::read_dir(dir.path().join("cas")).expect("cas").count(),
+            0
+        );
+    }
+
+    #[test]
+    fn revoking_a_grant_withdraws_the_keys_it_published_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let grant = storage
+            .add_grant(Credential::Token("secret"), "example.com/r", true)
+            .expect("grant");
+        storage
+            .trust_key("example.com/r", "laptop:AAAA", &grant)
+            .expect("trust");
+        assert_eq!(
+            storage.trusted_keys("example.com/r").expect("keys"),
+            ["laptop:AAAA"]
+        );
+        assert!(
+            storage
+                .trusted_keys("example.com/other")
+                .expect("keys")
+                .is_empty()
+        );
+        assert_eq!(storage.revoke(&grant.id[..6]).expect("revoke"), 1);
+        assert!(
+            storage
+                .trusted_keys("example.com/r")
+                .expect("keys")
+                .is_empty()
+        );
+        assert!(
+            storage
+                .grant(Credential::Token("secret"))
+                .expect("grant")
+                .is_none()
+        );
+    }
+}
