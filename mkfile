@@ -17,7 +17,7 @@ static-mk:V:
 image:V: static-mk
 	cargo run --release -p ci-exec -- image build
 
-bench:V: bench-mk bench-native bench-job bench-qemu
+bench:V: bench-mk bench-native bench-job bench-remote bench-qemu
 
 bench-mk:V:
 	benches/mk/bench.sh
@@ -27,6 +27,10 @@ bench-native:V:
 
 bench-job:V:
 	benches/job/bench.sh --drivers 'native qemu'
+
+bench-remote:V:
+	benches/remote/replay.sh
+	cargo bench -p ci-exec-remote --bench lookup
 
 bench-qemu:V:
 	benches/qemu/bench.sh
