@@ -19,9 +19,21 @@ struct Serve {
 
 impl Serve {
     fn start() -> Serve {
-        let data = tempfile::tempdir().expect("tempdir");
+        Serve::start_on(tempfile::tempdir().expect("tempdir"), "127.0.0.1:0")
+    }
+
+    /// Kills the server with SIGKILL and starts another on the same data and address.
+    fn kill_and_restart(mut self) -> Serve {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let address = self.url.trim_start_matches("http://").to_owned();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"));
+        Serve::start_on(data, &address)
+    }
+
+    fn start_on(data: tempfile::TempDir, address: &str) -> Serve {
         let mut child = Command::new(BINARY)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", address, "--data"])
             .arg(data.path())
             .stderr(Stdio::piped())
             .spawn()
@@ -446,4 +458,35 @@ fn the_daemon_serves_its_store_and_records_scheduled_runs() {
     assert_exit(&daemon(&d, &["stop"], &[]), 0);
     let status = text(&daemon(&d, &["status"], &[]).stdout);
     assert!(status.starts_with("not running"), "{status}");
+}
+
+#[test]
+fn a_killed_orchestrator_keeps_every_result_it_acknowledged() {
+    if !available("native") {
+        return;
+    }
+    let serve = Serve::start();
+    let publish = serve.token(REPO, true);
+    let read = serve.token(REPO, false);
+    let repo = repository();
+    let a = Executor::new();
+    let first = a.test(&repo, &serve.url, Some(&publish));
+    assert_exit(&first, 0);
+    assert!(
+        text(&first.stderr).contains("==> published result"),
+        "{}",
+        text(&first.stderr)
+    );
+
+    let serve = serve.kill_and_restart();
+    let b = Executor::new();
+    let replay = b.test(&repo, &serve.url, Some(&read));
+    assert_exit(&replay, 0);
+    assert!(
+        text(&replay.stderr).contains(&format!("from {}", serve.url)),
+        "{}",
+        text(&replay.stderr)
+    );
+    assert_eq!(replay.stdout, first.stdout);
+    assert_eq!(files(&b.artifacts()), files(&a.artifacts()));
 }
