@@ -169,6 +169,26 @@ impl Orchestrator {
         }
     }
 
+    /// An authorized `GET` of `route`; any status is returned for the caller to judge.
+    fn get(&self, route: &Route) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
+        self.authorized(self.agent.get(self.address(route)))
+            .call()
+            .map_err(|error| self.unreachable(error))
+    }
+
+    /// A record-sized body as text ([`MAX_RECORD_BYTES`] at most).
+    fn small_body(
+        &self,
+        response: &mut ureq::http::Response<ureq::Body>,
+    ) -> Result<String, ClientError> {
+        response
+            .body_mut()
+            .with_config()
+            .limit(MAX_RECORD_BYTES as u64)
+            .read_to_string()
+            .map_err(|error| self.unreachable(error))
+    }
+
     fn unreachable(&self, source: ureq::Error) -> ClientError {
         ClientError::Unreachable {
             url: self.url.clone(),
@@ -215,21 +235,13 @@ impl Orchestrator {
             repository: self.repository.clone(),
             key: key.to_owned(),
         };
-        let mut response = self
-            .authorized(self.agent.get(self.address(&route)))
-            .call()
-            .map_err(|error| self.unreachable(error))?;
+        let mut response = self.get(&route)?;
         match response.status().as_u16() {
             200 => {}
             404 => return Ok(Fetched::Miss),
             _ => return Err(self.refused(response)),
         }
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_RECORD_BYTES as u64)
-            .read_to_string()
-            .map_err(|error| self.unreachable(error))?;
+        let body = self.small_body(&mut response)?;
         let record: ResultRecord = match serde_json::from_str(&body) {
             Ok(record) => record,
             Err(error) => {
@@ -260,10 +272,7 @@ impl Orchestrator {
                 repository: self.repository.clone(),
                 sha256: sha256.to_owned(),
             };
-            let mut response = self
-                .authorized(self.agent.get(self.address(&route)))
-                .call()
-                .map_err(|error| self.unreachable(error))?;
+            let mut response = self.get(&route)?;
             if response.status().as_u16() != 200 {
                 return Ok(Fetched::Untrusted(format!(
                     "its blob `{sha256}` cannot be fetched ({})",
@@ -305,19 +314,11 @@ impl Orchestrator {
         let route = Route::Keys {
             repository: self.repository.clone(),
         };
-        let mut response = self
-            .authorized(self.agent.get(self.address(&route)))
-            .call()
-            .map_err(|error| self.unreachable(error))?;
+        let mut response = self.get(&route)?;
         if response.status().as_u16() != 200 {
             return Err(self.refused(response));
         }
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_RECORD_BYTES as u64)
-            .read_to_string()
-            .map_err(|error| self.unreachable(error))?;
+        let body = self.small_body(&mut response)?;
         let keys: TrustedKeys = serde_json::from_str(&body).unwrap_or_default();
         // One bad entry must not hide the good ones.
         Ok(keys

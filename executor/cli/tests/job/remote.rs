@@ -147,20 +147,20 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
-fn ran_for_real(output: &Output) -> bool {
-    text(&output.stderr).contains("==> passed in")
+/// An orchestrator holding the result executor A ran and published with a publish token.
+struct Published {
+    serve: Serve,
+    read: String,
+    repo: Repo,
+    a: Executor,
+    first: Output,
 }
 
-#[test]
-fn a_result_published_by_one_executor_is_replayed_by_another() {
-    if !available("native") {
-        return;
-    }
+fn published() -> Published {
     let serve = Serve::start();
     let publish = serve.token(REPO, true);
     let read = serve.token(REPO, false);
     let repo = repository();
-
     let a = Executor::new();
     let first = a.test(&repo, &serve.url, Some(&publish));
     assert_exit(&first, 0);
@@ -170,6 +170,31 @@ fn a_result_published_by_one_executor_is_replayed_by_another() {
         "{}",
         text(&first.stderr)
     );
+    Published {
+        serve,
+        read,
+        repo,
+        a,
+        first,
+    }
+}
+
+fn ran_for_real(output: &Output) -> bool {
+    text(&output.stderr).contains("==> passed in")
+}
+
+#[test]
+fn a_result_published_by_one_executor_is_replayed_by_another() {
+    if !available("native") {
+        return;
+    }
+    let Published {
+        serve,
+        read,
+        repo,
+        a,
+        first,
+    } = published();
 
     let b = Executor::new();
     let replay = b.test(&repo, &serve.url, Some(&read));
@@ -465,18 +490,13 @@ fn a_killed_orchestrator_keeps_every_result_it_acknowledged() {
     if !available("native") {
         return;
     }
-    let serve = Serve::start();
-    let publish = serve.token(REPO, true);
-    let read = serve.token(REPO, false);
-    let repo = repository();
-    let a = Executor::new();
-    let first = a.test(&repo, &serve.url, Some(&publish));
-    assert_exit(&first, 0);
-    assert!(
-        text(&first.stderr).contains("==> published result"),
-        "{}",
-        text(&first.stderr)
-    );
+    let Published {
+        serve,
+        read,
+        repo,
+        a,
+        first,
+    } = published();
 
     let serve = serve.kill_and_restart();
     let b = Executor::new();
