@@ -7,7 +7,7 @@
 //! error, and BSD (`#1/len`) and GNU (`//` table, `/offset`) long names are both understood.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 /// The magic string every `ar` file starts with.
@@ -105,6 +105,50 @@ fn read_members<R: Read + Seek>(
     Ok(())
 }
 
+/// `-t` on `archive(member)`, as 9base's `atouch`: a missing archive is created (its magic
+/// alone); when the member was read from the archive (`known`), the header whose name field,
+/// trailing blanks dropped, is exactly `member` gets the current date. GNU `ar` ends names
+/// with `/`, which that comparison keeps, so 9base leaves such headers alone — and so does
+/// this.
+pub(crate) fn touch_member(path: &Path, member: &str, known: bool) -> std::io::Result<()> {
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut file = std::fs::File::create(path)?;
+            file.write_all(MAGIC)?;
+            file
+        }
+        Err(error) => return Err(error),
+    };
+    if !known {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(MAGIC.len() as u64))?;
+    let mut header = [0u8; 60];
+    while file.read_exact(&mut header).is_ok() {
+        // 9base: blanks dropped from the end, never the first byte; then a C string.
+        let last = (1..16).rev().find(|&i| header[i] != b' ').unwrap_or(0);
+        let name = &header[..=last];
+        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+        if name == member.as_bytes() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs());
+            file.seek(SeekFrom::Current(16 - 60))?;
+            file.write_all(format!("{now:<12}").as_bytes())?;
+            break;
+        }
+        let mut size = decimal(&header[48..58]);
+        size += size & 1;
+        file.seek(SeekFrom::Current(i64::try_from(size).unwrap_or(i64::MAX)))?;
+    }
+    Ok(())
+}
+
 /// `/123 `: an offset into the GNU long-name table.
 fn gnu_offset(field: &[u8]) -> Option<usize> {
     let digits = field.strip_prefix(b"/")?;
@@ -164,6 +208,37 @@ mod tests {
         assert_eq!(dates.get("bsd.o"), Some(&2000));
         assert_eq!(dates.get("a_rather_long_name.o"), Some(&1));
         assert_eq!(dates.get("short.o"), Some(&7));
+    }
+
+    #[test]
+    fn touching_a_member_rewrites_only_its_date_as_9base_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lib.a");
+        let mut archive = MAGIC.to_vec();
+        archive.extend(header("a.o", 1000, 2));
+        archive.extend(b"a\n");
+        archive.extend(header("b.o/", 1000, 3));
+        archive.extend(b"bb\n\n");
+        std::fs::write(&path, &archive).expect("write");
+
+        touch_member(&path, "a.o", true).expect("touch");
+        let touched = std::fs::read(&path).expect("read");
+        let date = decimal(&touched[8 + 16..8 + 28]);
+        assert!(date > 1_700_000_000, "now, not {date}");
+        assert_eq!(
+            touched[8 + 28..],
+            archive[8 + 28..],
+            "only the date changed"
+        );
+
+        // A GNU name keeps its `/` in 9base's comparison: left alone.
+        let before = std::fs::read(&path).expect("read");
+        touch_member(&path, "b.o", true).expect("touch");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+
+        let missing = dir.path().join("new.a");
+        touch_member(&missing, "x.o", false).expect("create");
+        assert_eq!(std::fs::read(&missing).expect("read"), MAGIC);
     }
 
     #[test]

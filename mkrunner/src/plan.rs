@@ -712,11 +712,16 @@ impl<'a, 'm> Build<'a, 'm> {
         if self.options.dry_run {
             return Ok(());
         }
-        let path = self.graph.path(name);
         let touch_error = |source| Error::Touch {
             path: name.to_string(),
             source,
         };
+        if let Some((archive, member)) = crate::archive::split(name) {
+            let path = self.graph.path(archive);
+            let known = crate::archive::member_dates(&path).contains_key(member);
+            return crate::archive::touch_member(&path, member, known).map_err(touch_error);
+        }
+        let path = self.graph.path(name);
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
