@@ -59,6 +59,12 @@ pub enum Error {
     MissingIncludeProgram { location: Location },
     #[error("include program `{command}` failed")]
     IncludeProgramFailed { command: String, location: Location },
+    #[error("includes nest more than {limit} deep at `{name}` (does it include itself?)")]
+    IncludesTooDeep {
+        name: String,
+        limit: usize,
+        location: Location,
+    },
     #[error("cannot run `{command}`")]
     Command {
         command: String,
@@ -136,6 +142,7 @@ impl Error {
             | Error::MissingIncludeFile { location }
             | Error::MissingIncludeProgram { location }
             | Error::IncludeProgramFailed { location, .. }
+            | Error::IncludesTooDeep { location, .. }
             | Error::Command { location, .. }
             | Error::BadRegex { location, .. } => Some(location),
             _ => None,

@@ -86,6 +86,8 @@ pub struct Parser<'r> {
     pub warnings: Vec<Warning>,
     shell: Vec<String>,
     recipes: usize,
+    /// How many includes deep the text being read is.
+    depth: usize,
 }
 
 impl std::fmt::Debug for Parser<'_> {
@@ -97,6 +99,9 @@ impl std::fmt::Debug for Parser<'_> {
             .finish_non_exhaustive()
     }
 }
+
+/// How deep includes may nest.
+const MAX_INCLUDE_DEPTH: usize = 64;
 
 enum Separator {
     Colon,
@@ -117,6 +122,7 @@ impl<'r> Parser<'r> {
             warnings: Vec::new(),
             shell: vec!["sh".to_string()],
             recipes: 0,
+            depth: 0,
         };
         parser.variables.set("MKSHELL", parser.shell.clone());
         parser
@@ -395,6 +401,23 @@ impl<'r> Parser<'r> {
         })
     }
 
+    /// Parses an included text one level deeper. 9base recurses without a limit and
+    /// crashes on a file that includes itself; a limit gives a diagnostic instead (no real
+    /// mkfile nests includes anywhere near it).
+    fn parse_included(&mut self, name: &str, text: &str, location: Location) -> Result<(), Error> {
+        if self.depth >= MAX_INCLUDE_DEPTH {
+            return Err(Error::IncludesTooDeep {
+                name: name.to_owned(),
+                limit: MAX_INCLUDE_DEPTH,
+                location,
+            });
+        }
+        self.depth += 1;
+        let result = self.parse_text(name, text, false);
+        self.depth -= 1;
+        result
+    }
+
     fn include(
         &mut self,
         lexer: &Lexer<'_>,
@@ -409,7 +432,10 @@ impl<'r> Parser<'r> {
         }
         let path = self.directory.join(&name);
         match std::fs::read(&path) {
-            Ok(bytes) => self.parse_text(&name, &String::from_utf8_lossy(&bytes), false),
+            Ok(bytes) => {
+                let location = self.location(lexer, line, 0);
+                self.parse_included(&name, &String::from_utf8_lossy(&bytes), location)
+            }
             Err(error) => {
                 self.warnings.push(Warning {
                     message: format!("skipping missing include file `{name}`: {error}"),
@@ -449,7 +475,11 @@ impl<'r> Parser<'r> {
                 location: location.clone(),
                 source: Box::new(source),
             })?;
-        self.parse_text(&command, &String::from_utf8_lossy(&outcome.stdout), false)?;
+        self.parse_included(
+            &command,
+            &String::from_utf8_lossy(&outcome.stdout),
+            location.clone(),
+        )?;
         if !outcome.status.success() {
             return Err(Error::IncludeProgramFailed { command, location });
         }
@@ -694,5 +724,36 @@ mod tests {
         assert!(!parser.variables.is_exported("H"));
         assert!(parser.variables.is_assigned("A"));
         assert_eq!(get("MKSHELL"), Some(vec!["sh".to_string()]));
+    }
+}
+
+#[cfg(test)]
+mod include_depth {
+    use super::*;
+    use crate::exec::HostRunner;
+
+    /// Regression: a file that includes itself overflowed the stack (9base segfaults).
+    #[test]
+    fn a_file_that_includes_itself_is_a_diagnostic_even_on_a_small_stack() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("inc"), "X=1\n<inc\n").expect("write");
+        let directory = dir.path().to_owned();
+        let message = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let runner = HostRunner;
+                let mut parser = Parser::new(&runner, directory);
+                parser
+                    .parse_text("mkfile", "<inc\nall:V:\n\ttrue\n", false)
+                    .expect_err("too deep")
+                    .to_string()
+            })
+            .expect("thread")
+            .join()
+            .expect("no overflow");
+        assert!(
+            message.contains("nest more than 64 deep at `inc`"),
+            "{message}"
+        );
     }
 }
