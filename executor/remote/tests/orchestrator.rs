@@ -40,6 +40,7 @@ fn start(tls: Option<TlsOptions>, listen: &str) -> Running {
         tls,
         keep_days: None,
         max_blob_bytes: 1 << 20,
+        oidc: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready, url) = std::sync::mpsc::channel();
@@ -493,6 +494,7 @@ fn plain_http_is_refused_off_loopback() {
         tls: None,
         keep_days: None,
         max_blob_bytes: 1,
+        oidc: None,
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let error = runtime
@@ -566,6 +568,7 @@ fn tls_with_client_certificates_mapped_to_a_repository() {
         repository: REPO.into(),
         ca: Some(ca.clone()),
         client_certificate: Some(client_files),
+        id_token: None,
     })
     .expect("client");
     assert_eq!(
@@ -580,6 +583,7 @@ fn tls_with_client_certificates_mapped_to_a_repository() {
         repository: REPO.into(),
         ca: Some(ca),
         client_certificate: None,
+        id_token: None,
     })
     .expect("client");
     let error = anonymous
