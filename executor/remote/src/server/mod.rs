@@ -439,7 +439,13 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     let authorizing = {
         let (app, route) = (app.clone(), route.clone());
         tokio::task::spawn_blocking(move || {
-            authorize(&app, bearer.as_deref(), certificate.as_deref(), &route, writes)
+            authorize(
+                &app,
+                bearer.as_deref(),
+                certificate.as_deref(),
+                &route,
+                writes,
+            )
         })
     };
     let grant = match authorizing.await {

@@ -107,7 +107,11 @@ pub fn acceptable_issuer(url: &str) -> bool {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
         _ => host,
     };
-    host == "localhost" || host == "[::1]" || host.starts_with("127.")
+    host == "localhost"
+        || host == "[::1]"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// What a verified token may do.
@@ -382,7 +386,9 @@ impl Oidc {
             .jti
             .as_deref()
             .filter(|jti| !jti.is_empty())
-            .ok_or_else(|| refused("the ID token has no `jti`, so a replay cannot be told".into()))?;
+            .ok_or_else(|| {
+                refused("the ID token has no `jti`, so a replay cannot be told".into())
+            })?;
         if !self.storage.use_token_id(&issuer, jti, claims.exp)? {
             return Err(refused(
                 "this ID token was already used (`jti`); request a new one".into(),
@@ -409,12 +415,11 @@ impl Oidc {
             ErrorKind::ExpiredSignature => "the ID token expired (`exp`)".into(),
             ErrorKind::ImmatureSignature => "the ID token is not valid yet (`nbf`)".into(),
             ErrorKind::InvalidAudience => {
-                let audience = jsonwebtoken::dangerous::insecure_decode_claims::<
-                    serde_json::Value,
-                >(token)
-                .ok()
-                .map(|claims| claims["aud"].to_string())
-                .unwrap_or_default();
+                let audience =
+                    jsonwebtoken::dangerous::insecure_decode_claims::<serde_json::Value>(token)
+                        .ok()
+                        .map(|claims| claims["aud"].to_string())
+                        .unwrap_or_default();
                 format!(
                     "the ID token is for audience {audience}, not `{}`",
                     self.audience
@@ -547,7 +552,9 @@ pub fn looks_like_jwt(token: &str) -> bool {
 impl Authenticator for Oidc {
     fn authenticate(&self, presented: &Presented<'_>) -> Result<Option<Grant>, AuthError> {
         match presented.bearer {
-            Some(token) if looks_like_jwt(token) => self.verify(token).map(|(_, grant)| Some(grant)),
+            Some(token) if looks_like_jwt(token) => {
+                self.verify(token).map(|(_, grant)| Some(grant))
+            }
             _ => Ok(None),
         }
     }
@@ -555,4 +562,109 @@ impl Authenticator for Oidc {
 
 fn normalize(url: &str) -> String {
     url.trim_end_matches('/').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn github(event: &str, git_ref: &str, protected: bool) -> Claims {
+        Claims {
+            event_name: Some(event.into()),
+            git_ref: Some(git_ref.into()),
+            ref_protected: Some(FlagClaim::Text(protected.to_string())),
+            ..Claims::default()
+        }
+    }
+
+    fn gitlab(source: &str, git_ref: &str, ref_path: &str, protected: bool) -> Claims {
+        Claims {
+            pipeline_source: Some(source.into()),
+            git_ref: Some(git_ref.into()),
+            ref_path: Some(ref_path.into()),
+            ref_protected: Some(FlagClaim::Bool(protected)),
+            ..Claims::default()
+        }
+    }
+
+    #[test]
+    fn claims_choose_the_scope() {
+        let own = |scope: &str| Access::Own(scope.into());
+        let cases = [
+            (github("push", "refs/heads/main", true), Access::Trusted),
+            (github("schedule", "refs/heads/main", true), Access::Trusted),
+            (
+                github("workflow_dispatch", "refs/heads/main", true),
+                Access::Trusted,
+            ),
+            (
+                github("push", "refs/heads/topic", false),
+                own("ref/refs/heads/topic"),
+            ),
+            (
+                github("pull_request", "refs/pull/12/merge", false),
+                own("pr/12"),
+            ),
+            (
+                github("pull_request_target", "refs/heads/main", true),
+                Access::ReadOnly,
+            ),
+            (
+                github("workflow_run", "refs/heads/main", true),
+                Access::ReadOnly,
+            ),
+            (
+                github("issue_comment", "refs/heads/main", true),
+                Access::ReadOnly,
+            ),
+            (
+                gitlab("push", "main", "refs/heads/main", true),
+                Access::Trusted,
+            ),
+            (
+                gitlab(
+                    "merge_request_event",
+                    "topic",
+                    "refs/merge-requests/3/head",
+                    false,
+                ),
+                own("mr/3"),
+            ),
+            (
+                gitlab("push", "topic", "refs/heads/topic", false),
+                own("ref/topic"),
+            ),
+            (Claims::default(), Access::ReadOnly),
+        ];
+        for (claims, expected) in cases {
+            assert_eq!(access_of(&claims), expected, "{claims:?}");
+        }
+    }
+
+    #[test]
+    fn only_https_or_loopback_http_issuers() {
+        for (url, ok) in [
+            ("https://token.actions.githubusercontent.com", true),
+            ("http://127.0.0.1:8080", true),
+            ("http://localhost:1", true),
+            ("http://[::1]:1/x", true),
+            ("http://gitlab.example.org", false),
+            ("http://127.0.0.1.evil.org", false),
+            ("ftp://127.0.0.1", false),
+        ] {
+            assert_eq!(acceptable_issuer(url), ok, "{url}");
+        }
+    }
+
+    #[test]
+    fn ids_come_as_strings_or_numbers_and_need_their_owner() {
+        let claims: Claims = serde_json::from_str(
+            r#"{"iss":"i","exp":1,"repository_id":"10","repository_owner_id":20}"#,
+        )
+        .expect("claims");
+        assert_eq!(claims.identity(), Ok(("10".into(), "20".into())));
+        let claims: Claims =
+            serde_json::from_str(r#"{"iss":"i","exp":1,"repository_id":"10"}"#).expect("claims");
+        assert!(claims.identity().is_err());
+    }
 }
