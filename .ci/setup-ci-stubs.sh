@@ -6,8 +6,9 @@
 # /var/cache/ci-exec/validators and found there by the tests (CI_EXEC_VALIDATORS).
 #
 # A registry that does not answer must not turn CI red by itself: a failed install is a
-# warning, and the tests that need a validator then fail under CI=true with this script's
-# name in their message — a registry hiccup and a bad stub read differently.
+# warning written to `$dir/unavailable`, and the tests that need the validators then skip
+# with that reason printed (under CI=true too: the reason is a registry, not our code). A
+# validator that is installed always runs, and a bad stub fails the tests.
 ci_exec_validators=/var/cache/ci-exec/validators
 (
     set -uo pipefail
@@ -42,9 +43,15 @@ ci_exec_validators=/var/cache/ci-exec/validators
         retry npm install --silent --no-audit --no-fund --prefix "$dir" 'gitlab-ci-local@4.70.1' ||
             echo "warning: .ci/setup-ci-stubs.sh: could not install gitlab-ci-local from npm" >&2
     fi
+    rm -f "$dir/unavailable"
     for tool in venv/bin/actionlint venv/bin/zizmor node_modules/.bin/gitlab-ci-local; do
-        [ -x "$dir/$tool" ] && echo "setup-ci-stubs: $("$dir/$tool" --version 2>&1 | head -1)" >&2
+        if [ -x "$dir/$tool" ]; then
+            echo "setup-ci-stubs: $("$dir/$tool" --version 2>&1 | head -1)" >&2
+        else
+            echo "$tool could not be installed (package registry unreachable?)" >>"$dir/unavailable"
+        fi
     done
+    command -v rsync >/dev/null 2>&1 || echo "rsync could not be installed" >>"$dir/unavailable"
     true
 )
 export CI_EXEC_VALIDATORS="$ci_exec_validators"
