@@ -118,7 +118,7 @@ impl Executor {
     }
 }
 
-fn repository() -> Repo {
+pub(super) fn repository() -> Repo {
     let repo = Repo::example("artifacts-cache");
     repo.git(&[
         "remote",
