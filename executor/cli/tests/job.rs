@@ -938,3 +938,6 @@ fn results_list_and_show() {
 
 #[path = "job/remote.rs"]
 mod remote;
+
+#[path = "job/ci.rs"]
+mod ci;

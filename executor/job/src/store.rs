@@ -479,8 +479,10 @@ impl ResultStore {
     /// that may belong to a run that is still recording). Returns (records, bytes) removed.
     pub fn retain(&self, keep: Keep) -> Result<(usize, u64), JobError> {
         let now = unix_now();
-        let mut successful: std::collections::BTreeMap<String, Vec<(u64, PathBuf)>> =
-            Default::default();
+        // Runs are ordered by their record's whole-second creation time, then by the file's
+        // modification time: two runs within a second must not lose the newer one.
+        type Runs = Vec<((u64, SystemTime), PathBuf)>;
+        let mut successful: std::collections::BTreeMap<String, Runs> = Default::default();
         let mut doomed = Vec::new();
         let mut kept = std::collections::HashSet::new();
         for sub in ["ok", "failed"] {
@@ -503,10 +505,14 @@ impl ResultStore {
                         record.repository.as_deref().unwrap_or_default(),
                         record.target.as_deref().unwrap_or("test")
                     );
+                    let written = entry
+                        .metadata()
+                        .and_then(|metadata| metadata.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
                     successful
                         .entry(job)
                         .or_default()
-                        .push((record.created_unix, path));
+                        .push(((record.created_unix, written), path));
                     continue;
                 }
                 let failed_for = match keep {
@@ -521,10 +527,15 @@ impl ResultStore {
             }
         }
         for mut runs in successful.into_values() {
-            runs.sort_by_key(|(created, _)| std::cmp::Reverse(*created));
-            for (index, (created, path)) in runs.into_iter().enumerate() {
+            runs.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
+            // Runs indistinguishable from the last one kept stay too.
+            let last_kept = match keep {
+                Keep::Latest(count) => runs.get(count.max(1) - 1).map(|(order, _)| *order),
+                Keep::For(_) => None,
+            };
+            for (index, ((created, written), path)) in runs.into_iter().enumerate() {
                 let stays = match keep {
-                    Keep::Latest(count) => index < count,
+                    Keep::Latest(count) => index < count || Some((created, written)) == last_kept,
                     Keep::For(secs) => now.saturating_sub(created) < secs,
                 };
                 if stays {
@@ -797,6 +808,27 @@ mod tests {
             2,
             "other and nightly are older than 5 s"
         );
+    }
+
+    #[test]
+    fn retention_keeps_the_later_of_two_runs_in_the_same_second() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ResultStore::open(Some(dir.path().to_owned())).expect("open");
+        let first = record(&store, "first", 0);
+        let mut second = record(&store, "second", 0);
+        second.created_unix = first.created_unix;
+        store.put_record(&first).expect("put");
+        let path = dir.path().join("ok/first.json");
+        let earlier = SystemTime::now() - std::time::Duration::from_millis(500);
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_modified(earlier))
+            .expect("first written earlier");
+        store.put_record(&second).expect("put");
+        store.retain(Keep::default()).expect("retain");
+        assert!(store.get("second").expect("get").is_some(), "the later run");
+        assert!(store.get("first").expect("get").is_none());
     }
 
     #[test]

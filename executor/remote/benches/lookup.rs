@@ -31,6 +31,7 @@ fn main() {
         tls: None,
         keep_days: None,
         max_blob_bytes: 1 << 20,
+        oidc: None,
     };
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ci_exec_job::store::{ImportError, ResultRecord, ResultStore};
 
 use crate::identity::{self, ExecutorKey, PublicKey};
-use crate::wire::{ErrorBody, MAX_RECORD_BYTES, Route, TrustedKeys};
+use crate::wire::{ErrorBody, Login, MAX_RECORD_BYTES, Route, TrustedKeys};
 
 /// How long a connection may take before the orchestrator counts as down: a job never waits
 /// longer than this for one that is unreachable.
@@ -26,6 +26,8 @@ pub struct ClientOptions {
     /// `https://host[:port]` (or `http://127.0.0.1:port`), without a path.
     pub url: String,
     pub token: Option<String>,
+    /// A CI job's OIDC ID token, traded for a session token by [`Orchestrator::log_in`].
+    pub id_token: Option<String>,
     pub repository: String,
     /// Trust this CA (PEM) for the orchestrator's certificate, instead of the public roots.
     pub ca: Option<PathBuf>,
@@ -53,6 +55,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the orchestrator's login answer is malformed: {reason}")]
+    BadLogin { reason: String },
     #[error("`{}` holds no usable PEM {what}", path.display())]
     Pem { path: PathBuf, what: &'static str },
     #[error("the local result store failed")]
@@ -86,6 +90,7 @@ pub enum Published {
 pub struct Orchestrator {
     url: String,
     token: Option<String>,
+    id_token: Option<String>,
     repository: String,
     agent: ureq::Agent,
     tls: ureq::tls::TlsConfig,
@@ -127,6 +132,7 @@ impl Orchestrator {
         Ok(Orchestrator {
             url: options.url.trim_end_matches('/').to_owned(),
             token: options.token,
+            id_token: options.id_token,
             repository: options.repository,
             agent: agent(&tls, RESPONSE_TIMEOUT),
             tls,
@@ -156,6 +162,37 @@ impl Orchestrator {
             key,
             announced: std::sync::Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Trades the ID token for a session token, used for every later request. `None` when
+    /// there is no ID token (the bearer token or certificate is used as it is).
+    pub fn log_in(&mut self) -> Result<Option<Login>, ClientError> {
+        let Some(id_token) = self.id_token.take() else {
+            return Ok(None);
+        };
+        let route = Route::Login {
+            repository: self.repository.clone(),
+        };
+        let mut response = self
+            .agent
+            .post(self.address(&route))
+            .header("Authorization", format!("Bearer {id_token}"))
+            .send_empty()
+            .map_err(|error| self.unreachable(error))?;
+        if response.status().as_u16() != 200 {
+            return Err(self.refused(response));
+        }
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .map_err(|error| self.unreachable(error))?;
+        let login: Login = serde_json::from_str(&body).map_err(|error| ClientError::BadLogin {
+            reason: error.to_string(),
+        })?;
+        self.token = Some(login.token.clone());
+        Ok(Some(login))
     }
 
     fn address(&self, route: &Route) -> String {

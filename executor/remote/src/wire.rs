@@ -5,6 +5,7 @@
 //! HEAD|GET|PUT /<repository>/results/<key>     a result record (JSON), write-once
 //! HEAD|GET|PUT /<repository>/cas/<sha256>      a blob (stdout, stderr, an artifact)
 //! GET          /<repository>/keys              the executor keys the repository trusts
+//! POST         /<repository>/login             a CI job's OIDC ID token → a session token
 //! GET          /status                         liveness, no authentication
 //!
 //! connected executors (`ci-exec test --serve-results`, `ci-exec daemon`):
@@ -40,6 +41,10 @@ pub enum Route {
     Keys {
         repository: String,
     },
+    /// Trade an ID token (good for one use) for a session token ([`Login`]).
+    Login {
+        repository: String,
+    },
     /// A connected executor's session: announce (`PUT`) or leave (`DELETE`).
     Session {
         repository: String,
@@ -65,6 +70,7 @@ impl Route {
             Route::Result { repository, .. }
             | Route::Blob { repository, .. }
             | Route::Keys { repository }
+            | Route::Login { repository }
             | Route::Session { repository, .. }
             | Route::Next { repository, .. }
             | Route::Reply { repository, .. } => Some(repository),
@@ -91,6 +97,11 @@ impl Route {
         };
         if let Some(repository) = path.strip_suffix("/keys") {
             return Ok(Route::Keys {
+                repository: repository_of(repository)?,
+            });
+        }
+        if let Some(repository) = path.strip_suffix("/login") {
+            return Ok(Route::Login {
                 repository: repository_of(repository)?,
             });
         }
@@ -148,6 +159,7 @@ impl Route {
             Route::Result { repository, key } => format!("/{repository}/results/{key}"),
             Route::Blob { repository, sha256 } => format!("/{repository}/cas/{sha256}"),
             Route::Keys { repository } => format!("/{repository}/keys"),
+            Route::Login { repository } => format!("/{repository}/login"),
             Route::Session {
                 repository,
                 session,
@@ -198,6 +210,18 @@ pub fn is_digest(text: &str) -> bool {
 pub struct TrustedKeys {
     /// `name:base64` public keys of the executors whose publish tokens published results.
     pub keys: Vec<String>,
+}
+
+/// `POST /<repository>/login`: what an ID token was traded for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    /// The bearer token for the rest of the job (`cis_…`).
+    pub token: String,
+    pub expires_unix: u64,
+    /// Whether it may publish.
+    pub publish: bool,
+    /// `None`: the repository's trusted scope; else the scope it writes (`pr/12`).
+    pub scope: Option<String>,
 }
 
 /// `PUT /<repository>/executors/<session>`: what a connected executor holds, signed by its
@@ -253,6 +277,9 @@ mod tests {
             },
             Route::Keys {
                 repository: "local/abc".into(),
+            },
+            Route::Login {
+                repository: "gitlab.com/g/p".into(),
             },
             Route::Session {
                 repository: "github.com/o/executors".into(),

@@ -8,8 +8,14 @@ use std::path::Path;
 use ci_exec_job::store::{Artifact, ResultRecord, ResultStore, unix_now};
 use ci_exec_remote::client::{ClientOptions, Fetched, Orchestrator, Published};
 use ci_exec_remote::identity::ExecutorKey;
+use ci_exec_remote::server::oidc::OidcOptions;
 use ci_exec_remote::server::storage::{Credential, Storage};
 use ci_exec_remote::server::{ServeOptions, Server, TlsOptions};
+
+#[path = "support/issuer.rs"]
+mod issuer;
+#[path = "orchestrator/oidc.rs"]
+mod oidc;
 
 const REPO: &str = "github.com/acme/widget";
 
@@ -33,6 +39,10 @@ impl Drop for Running {
 }
 
 fn start(tls: Option<TlsOptions>, listen: &str) -> Running {
+    start_with(tls, listen, None)
+}
+
+fn start_with(tls: Option<TlsOptions>, listen: &str, oidc: Option<OidcOptions>) -> Running {
     let data = tempfile::tempdir().expect("tempdir");
     let options = ServeOptions {
         listen: listen.parse().expect("address"),
@@ -40,6 +50,7 @@ fn start(tls: Option<TlsOptions>, listen: &str) -> Running {
         tls,
         keep_days: None,
         max_blob_bytes: 1 << 20,
+        oidc,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready, url) = std::sync::mpsc::channel();
@@ -493,6 +504,7 @@ fn plain_http_is_refused_off_loopback() {
         tls: None,
         keep_days: None,
         max_blob_bytes: 1,
+        oidc: None,
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let error = runtime
@@ -566,6 +578,7 @@ fn tls_with_client_certificates_mapped_to_a_repository() {
         repository: REPO.into(),
         ca: Some(ca.clone()),
         client_certificate: Some(client_files),
+        id_token: None,
     })
     .expect("client");
     assert_eq!(
@@ -580,6 +593,7 @@ fn tls_with_client_certificates_mapped_to_a_repository() {
         repository: REPO.into(),
         ca: Some(ca),
         client_certificate: None,
+        id_token: None,
     })
     .expect("client");
     let error = anonymous

@@ -475,6 +475,7 @@ impl Daemon {
         let client = Orchestrator::new(ClientOptions {
             url: url.clone(),
             token: Some(token.clone()),
+            id_token: None,
             repository: name.clone(),
             ca: std::env::var_os("CI_EXEC_ORCHESTRATOR_CA").map(PathBuf::from),
             client_certificate: None,

@@ -8,6 +8,7 @@ mod doctor;
 mod driver;
 mod drivers;
 mod image;
+mod init;
 mod key;
 mod results;
 mod run;
@@ -45,7 +46,9 @@ pub enum Command {
     Schedule(schedule::ScheduleArgs),
     /// Serve results to other executors: the orchestrator (`serve gc` drops old ones)
     Serve(serve::ServeArgs),
-    /// Create, list or revoke the orchestrator's per-repository tokens
+    /// Write the CI stub that runs `ci-exec test` on GitHub Actions or GitLab CI
+    Init(init::InitArgs),
+    /// Create, list or revoke the orchestrator's per-repository tokens and CI bindings
     #[command(subcommand)]
     Token(token::TokenCommand),
     /// Show this executor's signing key
@@ -75,7 +78,8 @@ impl Command {
             | Command::Test(_)
             | Command::Serve(_)
             | Command::Schedule(_)
-            | Command::Daemon(_) => false,
+            | Command::Daemon(_)
+            | Command::Init(_) => false,
         }
     }
 }
@@ -104,6 +108,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Serve(args) => serve::run(args).await,
         Command::Schedule(args) => schedule::run(args).await,
         Command::Daemon(command) => daemon::run(command).await,
+        Command::Init(args) => init::run(args),
         Command::Token(command) => token::run(command),
         Command::Key(command) => key::run(command),
         #[cfg(feature = "qemu")]

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ci_exec_remote::server::oidc::OidcOptions;
 use ci_exec_remote::server::storage::Storage;
 use ci_exec_remote::server::{ServeOptions, Server, TlsOptions};
 
@@ -34,6 +35,18 @@ pub struct ServeArgs {
     /// The largest blob (stdout, stderr, artifact) accepted, in bytes
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 30)]
     max_blob_bytes: u64,
+    /// Accept CI jobs' OIDC ID tokens from this issuer (repeatable):
+    /// `https://token.actions.githubusercontent.com`, `https://gitlab.com`, a GitLab instance;
+    /// bind repositories to their ids with `ci-exec token bind`
+    #[arg(long = "oidc-issuer", value_name = "URL")]
+    oidc_issuers: Vec<String>,
+    /// The audience ID tokens must name: this orchestrator's URL as CI jobs reach it (what
+    /// `ci-exec init --orchestrator` was given); defaults to the listen address on loopback
+    #[arg(long, value_name = "URL", requires = "oidc_issuers")]
+    oidc_audience: Option<String>,
+    /// How long the session a CI job gets for its ID token lasts
+    #[arg(long, value_name = "MINUTES", default_value_t = 120)]
+    oidc_session_minutes: u64,
 }
 
 /// The orchestrator's data directory, shared by `serve`, `serve gc` and `token`.
@@ -96,6 +109,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             }),
         keep_days: args.keep_days,
         max_blob_bytes: args.max_blob_bytes,
+        oidc: (!args.oidc_issuers.is_empty()).then(|| OidcOptions {
+            issuers: args.oidc_issuers.clone(),
+            audience: args.oidc_audience.clone().unwrap_or_default(),
+            session: std::time::Duration::from_secs(args.oidc_session_minutes * 60),
+        }),
     };
     let server = match Server::bind(&options).await {
         Ok(server) => server,
@@ -107,7 +125,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             }
             return Err(match error {
                 ci_exec_remote::server::ServeError::PlainHttpOffLoopback { .. }
-                | ci_exec_remote::server::ServeError::TlsFile { .. } => cli.into(),
+                | ci_exec_remote::server::ServeError::TlsFile { .. }
+                | ci_exec_remote::server::ServeError::Oidc(_) => cli.into(),
                 other => anyhow::Error::new(other),
             });
         }
@@ -117,6 +136,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         server.url(),
         options.data.display()
     );
+    for issuer in &args.oidc_issuers {
+        eprintln!("ci-exec serve: accepting ID tokens of `{issuer}`");
+    }
     server.run(super::run::interrupted()).await;
     eprintln!("ci-exec serve: stopped");
     Ok(SUCCESS)

@@ -8,6 +8,7 @@ use ci_exec_job::store::Keep;
 use ci_exec_job::{JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
 use ci_exec_remote::client::{ClientOptions, Fetched, Orchestrator, Published};
 use ci_exec_remote::identity::{ExecutorKey, PublicKey};
+use ci_exec_remote::platform;
 
 use super::run::interrupted;
 use crate::drivers::new_driver;
@@ -106,7 +107,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         eprintln!("warning: submodule `{submodule}` is not part of the committed tree; skipped");
     }
     let remote = match &args.orchestrator {
-        Some(url) => Some(Remote::connect(url, &job)?),
+        Some(url) => Remote::connect(url, &job)?,
         None => None,
     };
 
@@ -165,6 +166,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<u8> {
         write_report(path, &report)?;
     }
     summarize(&report, &*driver, keep, &config);
+    step_summary(&report, &*driver);
     if let Some(remote) = remote
         && args.serve_results
         && report.exit_code == 0
@@ -198,7 +200,11 @@ struct Remote {
 }
 
 impl Remote {
-    fn connect(url: &str, job: &PreparedJob) -> anyhow::Result<Remote> {
+    /// The orchestrator with this job's credential: `CI_EXEC_TOKEN`, a client certificate,
+    /// or the CI platform's ID token (traded for a session here). `None`, with a warning,
+    /// when a CI job has no credential (a fork's pull request) or the login fails: the job
+    /// then runs here.
+    fn connect(url: &str, job: &PreparedJob) -> anyhow::Result<Option<Remote>> {
         if !job.has_shared_name() {
             return Err(CliError::usage(format!(
                 "repository `{}` has no `origin` remote, so the orchestrator cannot tell which repository it is",
@@ -235,26 +241,71 @@ impl Remote {
                 .into());
             }
         };
+        let mut id_token = None;
         if token.is_none() && client_certificate.is_none() {
-            return Err(
-                CliError::usage(format!("orchestrator `{url}` needs a credential"))
+            let audience = url.trim_end_matches('/');
+            match platform::id_token(audience, &|name| std::env::var(name).ok()) {
+                Ok(Some((jwt, source))) => {
+                    eprintln!("==> using the CI job's ID token from {source}");
+                    id_token = Some(jwt);
+                }
+                Ok(None) if in_ci() => {
+                    eprintln!(
+                        "warning: no credential for orchestrator `{url}` (no `CI_EXEC_TOKEN`, no ID token: a fork's pull request?); running without it"
+                    );
+                    return Ok(None);
+                }
+                Ok(None) => {
+                    return Err(CliError::usage(format!(
+                        "orchestrator `{url}` needs a credential"
+                    ))
                     .hint("export `CI_EXEC_TOKEN` (from `ci-exec token create --repo REPO`)")
-                    .into(),
-            );
+                    .into());
+                }
+                Err(error) => {
+                    eprintln!(
+                        "warning: {}; running without the orchestrator\nhint: {}",
+                        error_chain(&error),
+                        error.hint()
+                    );
+                    return Ok(None);
+                }
+            }
         }
-        let client = Orchestrator::new(ClientOptions {
+        let mut client = Orchestrator::new(ClientOptions {
             url: url.to_owned(),
             token,
+            id_token,
             repository: job.repository().to_owned(),
             ca: path("CI_EXEC_ORCHESTRATOR_CA"),
             client_certificate,
         })?;
+        match tokio::task::block_in_place(|| client.log_in()) {
+            Ok(None) => {}
+            Ok(Some(login)) => eprintln!(
+                "==> logged in to {url} as a CI job of `{}`: {} the {} scope",
+                job.repository(),
+                if login.publish {
+                    "reads and publishes to"
+                } else {
+                    "only reads"
+                },
+                login.scope.as_deref().unwrap_or("trusted")
+            ),
+            Err(error) => {
+                eprintln!(
+                    "warning: cannot log in to the orchestrator: {}; running the job here",
+                    error_chain(&error)
+                );
+                return Ok(None);
+            }
+        }
         let key = ExecutorKey::load_or_create(&ExecutorKey::default_path())?;
-        Ok(Remote {
+        Ok(Some(Remote {
             client,
             key,
             pinned,
-        })
+        }))
     }
 
     /// Brings the orchestrator's result of `key` into `store`; whether it did. Any failure
@@ -334,6 +385,43 @@ impl Remote {
                 error_chain(&error)
             ),
         }
+    }
+}
+
+/// Whether this runs in a CI job (GitHub Actions, GitLab CI, or any that sets `CI`).
+fn in_ci() -> bool {
+    ["GITHUB_ACTIONS", "GITLAB_CI", "CI"]
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|value| value == "true"))
+}
+
+/// On GitHub Actions, the result key and whether it was replayed, in the job's summary
+/// page (`$GITHUB_STEP_SUMMARY`); the log has the same on its last line.
+fn step_summary(report: &JobReport, driver: &dyn Driver) {
+    let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") else {
+        return;
+    };
+    let outcome = if report.replayed {
+        format!(
+            "passed, **replayed** from {}",
+            report.replayed_from.as_deref().unwrap_or("the local store")
+        )
+    } else if report.exit_code == 0 {
+        format!("passed, ran on `{}`", driver.name())
+    } else {
+        format!("**failed** with status {}", report.exit_code)
+    };
+    let line = format!(
+        "### ci-exec\n\n| result key | outcome |\n|---|---|\n| `{}` | {outcome} |\n",
+        report.key
+    );
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, line.as_bytes()));
+    if let Err(error) = written {
+        eprintln!("warning: cannot write the step summary: {error}");
     }
 }
 

@@ -28,7 +28,25 @@ pub enum TokenCommand {
         #[arg(long, value_name = "PEM")]
         cert: Option<PathBuf>,
     },
-    /// Every token and certificate, by id (never the token itself)
+    /// Let CI jobs of one repository in, by their platform's OIDC identity (no secret):
+    /// GitHub's repository and owner ids, or GitLab's project and namespace ids
+    Bind {
+        #[command(flatten)]
+        data: DataDir,
+        /// The repository, as executors name it (`github.com/owner/name`)
+        #[arg(long, value_name = "REPO")]
+        repo: String,
+        /// The issuer of the ID tokens, as `serve --oidc-issuer` names it
+        #[arg(long, value_name = "URL")]
+        issuer: String,
+        /// The repository's numeric id (GitHub `repository_id`, GitLab `project_id`)
+        #[arg(long, value_name = "ID")]
+        id: String,
+        /// Its owner's numeric id (GitHub `repository_owner_id`, GitLab `namespace_id`)
+        #[arg(long, value_name = "ID")]
+        owner_id: String,
+    },
+    /// Every token, certificate and CI binding, by id (never the token itself)
     List {
         #[command(flatten)]
         data: DataDir,
@@ -82,8 +100,39 @@ pub fn run(command: TokenCommand) -> anyhow::Result<u8> {
                 }
             }
         }
+        TokenCommand::Bind {
+            data,
+            repo,
+            issuer,
+            id,
+            owner_id,
+        } => {
+            if !valid_repository_name(&repo) {
+                return Err(CliError::usage(format!("`{repo}` is not a repository name"))
+                    .hint("name it as `host/owner/name`, the way `ci-exec test` derives it from `origin`")
+                    .into());
+            }
+            let numeric = |text: &str| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+            if !numeric(&id) || !numeric(&owner_id) {
+                return Err(CliError::usage("`--id` and `--owner-id` are numeric ids, not names")
+                    .hint("GitHub: `gh api repos/OWNER/NAME --jq '.id, .owner.id'`; GitLab: the project's and its namespace's ids on its settings page")
+                    .into());
+            }
+            let issuer = issuer.trim_end_matches('/');
+            if !ci_exec_remote::server::oidc::acceptable_issuer(issuer) {
+                return Err(CliError::usage(format!("issuer `{issuer}` is not an `https://` URL"))
+                    .hint("`https://token.actions.githubusercontent.com` for GitHub Actions, `https://gitlab.com` for GitLab.com")
+                    .into());
+            }
+            let binding = data.open()?.bind(issuer, &id, &owner_id, &repo)?;
+            eprintln!(
+                "binding {}: CI jobs of `{issuer}` for repository id {id} (owner id {owner_id}) act for `{repo}`; protected refs publish, pull requests write their own scope",
+                binding.id
+            );
+        }
         TokenCommand::List { data } => {
-            let grants = data.open()?.grants()?;
+            let storage = data.open()?;
+            let grants = storage.grants()?;
             println!(
                 "{:<17}  {:<8}  {:<20}  REPOSITORY",
                 "ID", "ACCESS", "CREATED"
@@ -96,6 +145,20 @@ pub fn run(command: TokenCommand) -> anyhow::Result<u8> {
                 println!(
                     "{:<17}  {access:<8}  {created:<20}  {}",
                     grant.id, grant.repository
+                );
+            }
+            for binding in storage.bindings()? {
+                let created = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(binding.created_unix),
+                );
+                println!(
+                    "{:<17}  {:<8}  {created:<20}  {} (id {}, owner id {} at {})",
+                    binding.id,
+                    "ci",
+                    binding.repository,
+                    binding.subject,
+                    binding.owner,
+                    binding.issuer
                 );
             }
         }

@@ -8,18 +8,23 @@ use std::process::{Child, Command, Output, Stdio};
 
 use super::{BINARY, Repo, assert_exit, available, text, walk};
 
-const REPO: &str = "github.com/acme/widget";
+pub(super) const REPO: &str = "github.com/acme/widget";
 
 /// `ci-exec serve` on a free loopback port, with its own data directory; killed when dropped.
-struct Serve {
+pub(super) struct Serve {
     child: Child,
-    url: String,
-    data: tempfile::TempDir,
+    pub(super) url: String,
+    pub(super) data: tempfile::TempDir,
 }
 
 impl Serve {
     fn start() -> Serve {
-        Serve::start_on(tempfile::tempdir().expect("tempdir"), "127.0.0.1:0")
+        Serve::start_with(&[])
+    }
+
+    /// With more arguments (`--oidc-issuer URL`).
+    pub(super) fn start_with(args: &[&str]) -> Serve {
+        Serve::start_on(tempfile::tempdir().expect("tempdir"), "127.0.0.1:0", args)
     }
 
     /// Kills the server with SIGKILL and starts another on the same data and address.
@@ -28,13 +33,14 @@ impl Serve {
         let _ = self.child.wait();
         let address = self.url.trim_start_matches("http://").to_owned();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"));
-        Serve::start_on(data, &address)
+        Serve::start_on(data, &address, &[])
     }
 
-    fn start_on(data: tempfile::TempDir, address: &str) -> Serve {
+    fn start_on(data: tempfile::TempDir, address: &str, args: &[&str]) -> Serve {
         let mut child = Command::new(BINARY)
             .args(["serve", "--listen", address, "--data"])
             .arg(data.path())
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .expect("ci-exec serve starts");
@@ -52,7 +58,7 @@ impl Serve {
         Serve { child, url, data }
     }
 
-    fn token(&self, repository: &str, publish: bool) -> String {
+    pub(super) fn token(&self, repository: &str, publish: bool) -> String {
         let mut command = Command::new(BINARY);
         command
             .args(["token", "create", "--repo", repository, "--data"])
@@ -74,28 +80,28 @@ impl Drop for Serve {
 }
 
 /// One executor: its own state directory (key), result store and artifacts directory.
-struct Executor {
-    dir: tempfile::TempDir,
+pub(super) struct Executor {
+    pub(super) dir: tempfile::TempDir,
 }
 
 impl Executor {
-    fn new() -> Executor {
+    pub(super) fn new() -> Executor {
         Executor {
             dir: tempfile::tempdir().expect("tempdir"),
         }
     }
 
-    fn artifacts(&self) -> PathBuf {
+    pub(super) fn artifacts(&self) -> PathBuf {
         self.dir.path().join("artifacts")
     }
 
-    fn test(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Output {
+    pub(super) fn test(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Output {
         self.command(repo, orchestrator, token)
             .output()
             .expect("ci-exec runs")
     }
 
-    fn command(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Command {
+    pub(super) fn command(&self, repo: &Repo, orchestrator: &str, token: Option<&str>) -> Command {
         let mut command = Command::new(BINARY);
         command
             .args(["test", "--driver=native", "--orchestrator", orchestrator])
@@ -118,13 +124,13 @@ impl Executor {
         command
     }
 
-    fn report(&self) -> serde_json::Value {
+    pub(super) fn report(&self) -> serde_json::Value {
         let bytes = std::fs::read(self.dir.path().join("report.json")).expect("report");
         serde_json::from_slice(&bytes).expect("json")
     }
 }
 
-fn repository() -> Repo {
+pub(super) fn repository() -> Repo {
     let repo = Repo::example("artifacts-cache");
     repo.git(&[
         "remote",
@@ -135,7 +141,7 @@ fn repository() -> Repo {
     repo
 }
 
-fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(super) fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files: Vec<_> = walk(dir)
         .into_iter()
         .map(|path| {
@@ -179,7 +185,7 @@ fn published() -> Published {
     }
 }
 
-fn ran_for_real(output: &Output) -> bool {
+pub(super) fn ran_for_real(output: &Output) -> bool {
     text(&output.stderr).contains("==> passed in")
 }
 

@@ -1,6 +1,6 @@
 //! Who a request is. Each kind of credential is an [`Authenticator`]; the server asks each in
-//! turn. Two kinds exist: bearer tokens and client certificates, both as grants in storage.
-//! A CI platform's OIDC identity token is the third kind to come: one more implementor.
+//! turn: bearer tokens, session tokens and client certificates as grants in storage
+//! ([`Grants`]), and a CI platform's OIDC identity token ([`super::oidc::Oidc`]).
 
 use std::sync::Arc;
 
@@ -21,27 +21,50 @@ impl Presented<'_> {
     }
 }
 
-pub trait Authenticator: Send + Sync + std::fmt::Debug {
-    /// The grant `presented` proves, or `None` when this authenticator does not know it.
-    fn authenticate(&self, presented: &Presented<'_>) -> Result<Option<Grant>, StorageError>;
+/// Why a credential that an authenticator recognised is not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The credential is refused: a 401 with this one line (expired, wrong audience, …).
+    #[error("{0}")]
+    Refused(String),
+    /// The orchestrator itself failed (a 500).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
-/// Tokens from `ci-exec token create` and certificates registered with `--cert`.
+pub trait Authenticator: Send + Sync + std::fmt::Debug {
+    /// The grant `presented` proves, or `None` when this authenticator does not know it.
+    /// It may block (storage, or fetching an issuer's keys): the server calls it off its async
+    /// threads.
+    fn authenticate(&self, presented: &Presented<'_>) -> Result<Option<Grant>, AuthError>;
+}
+
+/// Tokens from `ci-exec token create`, certificates registered with `--cert`, and the
+/// session tokens `POST …/login` hands out.
 #[derive(Debug)]
 pub struct Grants(pub Arc<Storage>);
 
 impl Authenticator for Grants {
-    fn authenticate(&self, presented: &Presented<'_>) -> Result<Option<Grant>, StorageError> {
+    fn authenticate(&self, presented: &Presented<'_>) -> Result<Option<Grant>, AuthError> {
         if let Some(certificate) = presented.certificate
             && let Some(grant) = self.0.grant(Credential::Certificate(certificate))?
         {
             return Ok(Some(grant));
         }
         match presented.bearer {
-            Some(token) => self.0.grant(Credential::Token(token)),
+            Some(token) if token.starts_with(SESSION_PREFIX) => Ok(self.0.session(token)?),
+            Some(token) => Ok(self.0.grant(Credential::Token(token))?),
             None => Ok(None),
         }
     }
+}
+
+/// How a session token starts (a bearer token from `ci-exec token create` starts `cie_`).
+pub const SESSION_PREFIX: &str = "cis_";
+
+/// A new session token: `cis_` and 32 random bytes, URL-safe base64.
+pub fn new_session_token() -> Result<String, getrandom::Error> {
+    new_token().map(|token| token.replacen("cie_", SESSION_PREFIX, 1))
 }
 
 /// A new bearer token: `cie_` and 32 random bytes, URL-safe base64.

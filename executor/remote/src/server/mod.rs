@@ -1,8 +1,9 @@
 //! `ci-exec serve`: the orchestrator. It stores signed results per repository, serves them to
-//! executors that hold a token (or client certificate) of that repository, and lets only
-//! publish grants write — write-once.
+//! executors that hold a token (or client certificate, or a CI job's OIDC identity) of that
+//! repository, and lets only publish grants write — write-once, each into its own scope.
 
 pub mod auth;
+pub mod oidc;
 pub mod relay;
 pub mod storage;
 
@@ -29,8 +30,9 @@ use tower::ServiceExt as _;
 use ci_exec_job::store::ResultRecord;
 
 use crate::identity;
-use crate::wire::{Announcement, ErrorBody, MAX_RECORD_BYTES, Route, TrustedKeys};
-use auth::{Authenticator, Grants, Presented};
+use crate::wire::{Announcement, ErrorBody, Login, MAX_RECORD_BYTES, Route, TrustedKeys};
+use auth::{AuthError, Authenticator, Grants, Presented};
+use oidc::{Oidc, OidcConfigError, OidcOptions};
 use relay::{Answer, Relay, SessionProblem};
 use storage::{Grant, Publish, Storage, StorageError};
 
@@ -43,6 +45,8 @@ pub struct ServeOptions {
     pub keep_days: Option<u64>,
     /// The largest blob accepted.
     pub max_blob_bytes: u64,
+    /// Accept CI jobs' OIDC ID tokens of these issuers.
+    pub oidc: Option<OidcOptions>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +74,8 @@ pub enum ServeError {
     Tls(#[source] rustls::Error),
     #[error("the orchestrator's storage failed")]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Oidc(#[from] OidcConfigError),
 }
 
 impl ServeError {
@@ -82,6 +88,7 @@ impl ServeError {
             ServeError::TlsFile { .. } => {
                 Some("give PEM files: a certificate chain and its private key")
             }
+            ServeError::Oidc(error) => Some(error.hint()),
             _ => None,
         }
     }
@@ -93,6 +100,8 @@ struct App {
     authenticators: Vec<Box<dyn Authenticator>>,
     max_blob_bytes: u64,
     relay: Relay,
+    /// How long a session token from `login` lasts.
+    session_lifetime: Duration,
 }
 
 /// The client certificate of a TLS connection, put into each of its requests.
@@ -132,13 +141,31 @@ impl Server {
                     addr: options.listen,
                     source,
                 })?;
+        let mut authenticators: Vec<Box<dyn Authenticator>> =
+            vec![Box::new(Grants(storage.clone()))];
+        if let Some(oidc) = &options.oidc {
+            let mut oidc = oidc.clone();
+            // On loopback the audience may default to the address itself (tests, a laptop);
+            // anywhere else clients name the orchestrator by a URL only the operator knows.
+            if oidc.audience.is_empty() && options.listen.ip().is_loopback() {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                if let Ok(addr) = listener.local_addr() {
+                    oidc.audience = format!("{scheme}://{addr}");
+                }
+            }
+            authenticators.push(Box::new(Oidc::new(storage.clone(), &oidc)?));
+        }
         Ok(Server {
             listener,
             app: Arc::new(App {
-                authenticators: vec![Box::new(Grants(storage.clone()))],
+                authenticators,
                 storage,
                 max_blob_bytes: options.max_blob_bytes,
                 relay: Relay::default(),
+                session_lifetime: options
+                    .oidc
+                    .as_ref()
+                    .map_or(Duration::from_secs(7200), |oidc| oidc.session),
             }),
             tls,
             keep_days: options.keep_days,
@@ -368,6 +395,7 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         Route::Session { .. } => &[Method::PUT, Method::DELETE],
         Route::Next { .. } => &[Method::GET],
         Route::Reply { .. } => &[Method::PUT],
+        Route::Login { .. } => &[Method::POST],
         _ => &[Method::GET, Method::HEAD, Method::PUT],
     };
     if !allowed.contains(&method) {
@@ -382,30 +410,79 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         }
         return response;
     }
-    let grant = match authorize(&app, &request, &route, writes) {
-        Ok(grant) => grant,
-        Err(refusal) => return refusal.into_response(),
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+        })
+        .map(|token| token.trim().to_owned());
+    let certificate = request
+        .extensions()
+        .get::<PeerCertificate>()
+        .and_then(|peer| peer.0.clone());
+    if matches!(route, Route::Login { .. })
+        && bearer
+            .as_deref()
+            .is_some_and(|token| token.starts_with(auth::SESSION_PREFIX))
+    {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "log in with a CI job's ID token, not with a session token",
+        )
+        .into_response();
+    }
+    // Off the async threads: storage lookups, and an issuer's keys may have to be fetched.
+    let authorizing = {
+        let (app, route) = (app.clone(), route.clone());
+        tokio::task::spawn_blocking(move || {
+            authorize(
+                &app,
+                bearer.as_deref(),
+                certificate.as_deref(),
+                &route,
+                writes,
+            )
+        })
+    };
+    let grant = match authorizing.await {
+        Ok(Ok(grant)) => grant,
+        Ok(Err(refusal)) => return refusal.into_response(),
+        Err(error) => return internal(error).into_response(),
     };
     let result = match route {
         Route::Result { repository, key } => match method {
             Method::PUT => put_result(&app, repository, key, grant, request.into_body()).await,
-            _ => get_result(&app, repository, key, method == Method::HEAD).await,
+            _ => get_result(&app, &grant, repository, key, method == Method::HEAD).await,
         },
         Route::Blob { repository, sha256 } => match method {
             Method::PUT => {
                 let (parts, body) = request.into_parts();
-                put_blob(&app, repository, sha256, &parts.headers, body).await
+                put_blob(&app, &grant, sha256, &parts.headers, body).await
             }
-            _ => get_blob(&app, repository, sha256, method == Method::HEAD).await,
+            _ => get_blob(&app, &grant, repository, sha256, method == Method::HEAD).await,
         },
-        Route::Keys { repository } => {
-            blocking(&app, move |storage| storage.trusted_keys(&repository))
-                .await
-                .map(|keys| {
-                    let body = serde_json::to_vec(&TrustedKeys { keys }).unwrap_or_default();
-                    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-                })
+        Route::Keys { .. } => {
+            let namespaces = grant.read_namespaces();
+            blocking(&app, move |storage| {
+                let mut keys = Vec::new();
+                for namespace in &namespaces {
+                    keys.extend(storage.trusted_keys(namespace)?);
+                }
+                keys.sort();
+                keys.dedup();
+                Ok(keys)
+            })
+            .await
+            .map(|keys| {
+                let body = serde_json::to_vec(&TrustedKeys { keys }).unwrap_or_default();
+                ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            })
         }
+        Route::Login { .. } => login(&app, grant).await,
         Route::Session {
             repository,
             session,
@@ -415,6 +492,10 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
                 .leave(&repository, &session, &grant.id)
                 .map(|()| StatusCode::NO_CONTENT.into_response())
                 .map_err(session_refusal),
+            _ if grant.scope.is_some() => Err(reply(
+                StatusCode::FORBIDDEN,
+                "only credentials of the repository's trusted scope serve connected results",
+            )),
             _ => announce(&app, repository, session, grant, request.into_body()).await,
         },
         Route::Next {
@@ -440,24 +521,16 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
 
 /// Checks the request's credentials against the route: 401 without a known credential, 403
 /// for another repository or a write without a publish grant.
-fn authorize(app: &App, request: &Request, route: &Route, writes: bool) -> Result<Grant, Refusal> {
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| {
-            value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let certificate = request
-        .extensions()
-        .get::<PeerCertificate>()
-        .and_then(|peer| peer.0.clone());
+fn authorize(
+    app: &App,
+    bearer: Option<&str>,
+    certificate: Option<&Vec<u8>>,
+    route: &Route,
+    writes: bool,
+) -> Result<Grant, Refusal> {
     let presented = Presented {
         bearer,
-        certificate: certificate.as_deref().map(Vec::as_slice),
+        certificate: certificate.map(Vec::as_slice),
     };
     if presented.is_empty() {
         return Err(reply(
@@ -473,7 +546,10 @@ fn authorize(app: &App, request: &Request, route: &Route, writes: bool) -> Resul
                 break;
             }
             Ok(None) => {}
-            Err(error) => return Err(internal(error)),
+            Err(AuthError::Refused(message)) => {
+                return Err(reply(StatusCode::UNAUTHORIZED, message));
+            }
+            Err(AuthError::Storage(error)) => return Err(internal(error)),
         }
     }
     let Some(grant) = grant else {
@@ -495,21 +571,58 @@ fn authorize(app: &App, request: &Request, route: &Route, writes: bool) -> Resul
     if writes && !grant.publish {
         return Err(reply(
             StatusCode::FORBIDDEN,
-            "this credential may only read: publishing needs one made with `ci-exec token create --publish`",
+            if grant.id.starts_with("oidc-") {
+                "this CI job may only read: only protected refs built by push, schedule or manual runs publish"
+            } else {
+                "this credential may only read: publishing needs one made with `ci-exec token create --publish`"
+            },
         ));
     }
     Ok(grant)
 }
 
+/// `POST …/login`: a session token standing for the grant the ID token proved, for the rest
+/// of the job (the ID token itself was good for this one request).
+async fn login(app: &Arc<App>, grant: Grant) -> Result<Response, Refusal> {
+    let token = auth::new_session_token().map_err(internal)?;
+    let expires_unix = ci_exec_job::store::unix_now() + app.session_lifetime.as_secs();
+    let (stored_token, stored_grant) = (token.clone(), grant.clone());
+    blocking(app, move |storage| {
+        storage.add_session(&stored_token, &stored_grant, expires_unix)
+    })
+    .await?;
+    tracing::info!(
+        "login: `{}` ({}) for scope `{}`, {}",
+        grant.repository,
+        grant.id,
+        grant.scope.as_deref().unwrap_or("trusted"),
+        if grant.publish { "publish" } else { "read" }
+    );
+    let body = serde_json::to_vec(&Login {
+        token,
+        expires_unix,
+        publish: grant.publish,
+        scope: grant.scope,
+    })
+    .map_err(internal)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
 async fn get_result(
     app: &Arc<App>,
+    grant: &Grant,
     repository: String,
     key: String,
     head: bool,
 ) -> Result<Response, Refusal> {
-    let (stored_repository, stored_key) = (repository.clone(), key.clone());
+    let (namespaces, stored_key) = (grant.read_namespaces(), key.clone());
     let published = blocking(app, move |storage| {
-        storage.result(&stored_repository, &stored_key)
+        for namespace in &namespaces {
+            if let Some(published) = storage.result(namespace, &stored_key)? {
+                return Ok(Some(published));
+            }
+        }
+        Ok(None)
     })
     .await?;
     match published {
@@ -577,8 +690,9 @@ async fn put_result(
     identity::verify_signature(&record, &signer)
         .map_err(|problem| bad(format!("the record's signature is refused: {problem}")))?;
     let signer = signer.to_string();
+    let namespace = grant.write_namespace();
     let outcome = blocking(app, move |storage| {
-        storage.publish(&repository, &record, &raw, &signer, &grant)
+        storage.publish(&namespace, &record, &raw, &signer, &grant)
     })
     .await?;
     match outcome {
@@ -596,14 +710,20 @@ async fn put_result(
 
 async fn get_blob(
     app: &Arc<App>,
+    grant: &Grant,
     repository: String,
     sha256: String,
     head: bool,
 ) -> Result<Response, Refusal> {
     let path = app.storage.blob_path(&sha256);
-    let (stored_repository, stored_sha256) = (repository.clone(), sha256.clone());
+    let (namespaces, stored_sha256) = (grant.read_namespaces(), sha256.clone());
     let member = blocking(app, move |storage| {
-        storage.is_member(&stored_repository, &stored_sha256)
+        for namespace in &namespaces {
+            if storage.is_member(namespace, &stored_sha256)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     })
     .await?;
     if !member {
@@ -803,7 +923,7 @@ fn session_refusal(problem: SessionProblem) -> Refusal {
 
 async fn put_blob(
     app: &Arc<App>,
-    repository: String,
+    grant: &Grant,
     sha256: String,
     headers: &HeaderMap,
     body: Body,
@@ -848,8 +968,9 @@ async fn put_blob(
         return Err(refusal);
     }
     let stored = upload.clone();
+    let namespace = grant.write_namespace();
     let result = blocking(app, move |storage| {
-        storage.add_blob(&repository, &sha256, &stored)
+        storage.add_blob(&namespace, &sha256, &stored)
     })
     .await;
     if result.is_err() {

@@ -43,6 +43,16 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS keys (
         repository TEXT NOT NULL, public_key TEXT NOT NULL, publisher TEXT NOT NULL,
         PRIMARY KEY (repository, public_key));
+    CREATE TABLE IF NOT EXISTS bindings (
+        id TEXT PRIMARY KEY, issuer TEXT NOT NULL, subject TEXT NOT NULL, owner TEXT NOT NULL,
+        repository TEXT NOT NULL, created_unix INTEGER NOT NULL, UNIQUE (issuer, subject));
+    CREATE TABLE IF NOT EXISTS used_token_ids (
+        issuer TEXT NOT NULL, jti TEXT NOT NULL, expires_unix INTEGER NOT NULL,
+        PRIMARY KEY (issuer, jti));
+    CREATE TABLE IF NOT EXISTS sessions (
+        digest TEXT PRIMARY KEY, id TEXT NOT NULL, repository TEXT NOT NULL,
+        publish INTEGER NOT NULL, scope TEXT, created_unix INTEGER NOT NULL,
+        expires_unix INTEGER NOT NULL);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +82,52 @@ pub struct Grant {
     pub repository: String,
     pub publish: bool,
     pub created_unix: u64,
-    /// A short, non-secret name for logs and records: the first 12 hex digits of the digest.
+    /// A short, non-secret name for logs and records: the first 12 hex digits of the digest
+    /// (`oidc-…` for a CI identity's binding).
     pub id: String,
+    /// `None`: the repository's trusted scope (what tokens, certificates and CI runs of
+    /// protected refs read and write). `Some("pr/12")`: a scope of its own, which it writes
+    /// and reads besides the trusted one — a pull request never puts a result in front of the
+    /// default branch.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+impl Grant {
+    /// Where this grant's results are stored: the repository, or `repository@scope`.
+    pub fn write_namespace(&self) -> String {
+        namespace(&self.repository, self.scope.as_deref())
+    }
+
+    /// Where it looks results up, in order: the trusted scope first, then its own.
+    pub fn read_namespaces(&self) -> Vec<String> {
+        let mut namespaces = vec![self.repository.clone()];
+        if self.scope.is_some() {
+            namespaces.push(self.write_namespace());
+        }
+        namespaces
+    }
+}
+
+/// The storage name of `repository`'s `scope`. `@` never occurs in a repository name, so a
+/// scope can never be mistaken for another repository.
+pub fn namespace(repository: &str, scope: Option<&str>) -> String {
+    match scope {
+        None => repository.to_owned(),
+        Some(scope) => format!("{repository}@{scope}"),
+    }
+}
+
+/// A repository bound to a CI platform's identity: tokens of `issuer` whose repository (or
+/// project) id is `subject` and whose owner (or namespace) id is `owner` act for `repository`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub id: String,
+    pub issuer: String,
+    pub subject: String,
+    pub owner: String,
+    pub repository: String,
+    pub created_unix: u64,
 }
 
 /// A result as the orchestrator holds it.
@@ -160,6 +214,7 @@ impl Storage {
             publish,
             created_unix: unix_now(),
             id: credential.id(),
+            scope: None,
         };
         self.connection()
             .execute(
@@ -209,12 +264,163 @@ impl Storage {
         if id.is_empty() {
             return Ok(0);
         }
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(db("write"))?;
+        let mut removed = 0;
+        for table in ["grants", "bindings", "sessions"] {
+            removed += transaction
+                .execute(
+                    &format!("DELETE FROM {table} WHERE substr(id, 1, length(?1)) = ?1"),
+                    [id],
+                )
+                .map_err(db("write"))?;
+        }
+        transaction.commit().map_err(db("commit to"))?;
+        Ok(removed)
+    }
+
+    /// Binds `repository` to a CI identity (see [`Binding`]); replaces an earlier binding of
+    /// the same issuer and subject.
+    pub fn bind(
+        &self,
+        issuer: &str,
+        subject: &str,
+        owner: &str,
+        repository: &str,
+    ) -> Result<Binding, StorageError> {
+        let digest = hex::encode(Sha256::digest(format!("{issuer}\0{subject}").as_bytes()));
+        let binding = Binding {
+            id: format!("oidc-{}", &digest[..12]),
+            issuer: issuer.to_owned(),
+            subject: subject.to_owned(),
+            owner: owner.to_owned(),
+            repository: repository.to_owned(),
+            created_unix: unix_now(),
+        };
         self.connection()
             .execute(
-                "DELETE FROM grants WHERE substr(id, 1, length(?1)) = ?1",
-                [id],
+                "INSERT OR REPLACE INTO bindings (id, issuer, subject, owner, repository, created_unix)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    binding.id,
+                    binding.issuer,
+                    binding.subject,
+                    binding.owner,
+                    binding.repository,
+                    binding.created_unix
+                ],
             )
-            .map_err(db("write"))
+            .map_err(db("write"))?;
+        Ok(binding)
+    }
+
+    /// The binding of `issuer`'s repository or project id `subject`.
+    pub fn binding(&self, issuer: &str, subject: &str) -> Result<Option<Binding>, StorageError> {
+        self.connection()
+            .prepare_cached(
+                "SELECT id, issuer, subject, owner, repository, created_unix FROM bindings
+                 WHERE issuer = ?1 AND subject = ?2",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([issuer, subject], binding_of_row)
+                    .optional()
+            })
+            .map_err(db("read"))
+    }
+
+    /// Every binding, for `ci-exec token list`.
+    pub fn bindings(&self) -> Result<Vec<Binding>, StorageError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare(
+                "SELECT id, issuer, subject, owner, repository, created_unix FROM bindings
+                 ORDER BY created_unix",
+            )
+            .map_err(db("read"))?;
+        statement
+            .query_map([], binding_of_row)
+            .and_then(|rows| rows.collect())
+            .map_err(db("read"))
+    }
+
+    /// Records that `issuer`'s token `jti` was used; `false` when it already was. Ids are
+    /// kept until their token expires (a token cannot be presented after that anyway).
+    pub fn use_token_id(
+        &self,
+        issuer: &str,
+        jti: &str,
+        expires_unix: u64,
+    ) -> Result<bool, StorageError> {
+        let connection = self.connection();
+        connection
+            .execute(
+                "DELETE FROM used_token_ids WHERE expires_unix < ?1",
+                [unix_now().saturating_sub(SETTLE_SECS)],
+            )
+            .map_err(db("write"))?;
+        let inserted = connection
+            .execute(
+                "INSERT OR IGNORE INTO used_token_ids (issuer, jti, expires_unix) VALUES (?1, ?2, ?3)",
+                params![issuer, jti, expires_unix],
+            )
+            .map_err(db("write"))?;
+        Ok(inserted == 1)
+    }
+
+    /// Stores a session token (only its digest) standing for `grant` until `expires_unix`.
+    pub fn add_session(
+        &self,
+        token: &str,
+        grant: &Grant,
+        expires_unix: u64,
+    ) -> Result<(), StorageError> {
+        let connection = self.connection();
+        connection
+            .execute("DELETE FROM sessions WHERE expires_unix < ?1", [unix_now()])
+            .map_err(db("write"))?;
+        connection
+            .execute(
+                "INSERT INTO sessions (digest, id, repository, publish, scope, created_unix, expires_unix)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    Credential::Token(token).digest(),
+                    grant.id,
+                    grant.repository,
+                    grant.publish,
+                    grant.scope,
+                    grant.created_unix,
+                    expires_unix
+                ],
+            )
+            .map_err(db("write"))?;
+        Ok(())
+    }
+
+    /// The grant of an unexpired session token.
+    pub fn session(&self, token: &str) -> Result<Option<Grant>, StorageError> {
+        self.connection()
+            .prepare_cached(
+                "SELECT id, repository, publish, created_unix, scope FROM sessions
+                 WHERE digest = ?1 AND expires_unix >= ?2",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row(
+                        params![Credential::Token(token).digest(), unix_now()],
+                        |row| {
+                            Ok(Grant {
+                                id: row.get(0)?,
+                                repository: row.get(1)?,
+                                publish: row.get(2)?,
+                                created_unix: row.get(3)?,
+                                scope: row.get(4)?,
+                            })
+                        },
+                    )
+                    .optional()
+            })
+            .map_err(db("read"))
     }
 
     pub fn result(&self, repository: &str, key: &str) -> Result<Option<Published>, StorageError> {
@@ -353,18 +559,20 @@ impl Storage {
         Ok(())
     }
 
-    /// The keys trusted for `repository`: those that signed results published by a grant
-    /// that still exists.
-    pub fn trusted_keys(&self, repository: &str) -> Result<Vec<String>, StorageError> {
+    /// The keys trusted for `namespace`: those that signed results published by a grant or
+    /// CI binding that still exists.
+    pub fn trusted_keys(&self, namespace: &str) -> Result<Vec<String>, StorageError> {
         let connection = self.connection();
         let mut statement = connection
             .prepare_cached(
-                "SELECT DISTINCT keys.public_key FROM keys JOIN grants ON grants.id = keys.publisher
-                 WHERE keys.repository = ?1 ORDER BY keys.public_key",
+                "SELECT DISTINCT public_key FROM keys
+                 WHERE repository = ?1 AND (publisher IN (SELECT id FROM grants)
+                     OR publisher IN (SELECT id FROM bindings))
+                 ORDER BY public_key",
             )
             .map_err(db("read"))?;
         statement
-            .query_map([repository], |row| row.get(0))
+            .query_map([namespace], |row| row.get(0))
             .and_then(|rows| rows.collect())
             .map_err(db("read"))
     }
@@ -451,12 +659,24 @@ impl Storage {
     }
 }
 
+fn binding_of_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Binding> {
+    Ok(Binding {
+        id: row.get(0)?,
+        issuer: row.get(1)?,
+        subject: row.get(2)?,
+        owner: row.get(3)?,
+        repository: row.get(4)?,
+        created_unix: row.get(5)?,
+    })
+}
+
 fn grant_of_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Grant> {
     Ok(Grant {
         id: row.get(0)?,
         repository: row.get(1)?,
         publish: row.get(2)?,
         created_unix: row.get(3)?,
+        scope: None,
     })
 }
 
