@@ -577,13 +577,23 @@ impl HostServer {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let mut stream = stream;
-                let mut request = [0u8; 4096];
-                let _ = stream.read(&mut request);
+                // The whole request head, however it was split: closing a socket with unread
+                // bytes sends a reset, which can overtake the response (bash's printf writes
+                // a request in pieces).
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => request.extend_from_slice(&chunk[..read]),
+                    }
+                }
                 let _ = write!(
                     stream,
                     "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
+                let _ = stream.shutdown(std::net::Shutdown::Write);
             }
         });
         HostServer { port }
@@ -592,7 +602,8 @@ impl HostServer {
 
 /// A shell line that fetches `http://$SERVER/` with bash's /dev/tcp (no curl in a minimal
 /// image) and prints the body, or `unreachable`. mk passes recipes to the shell as written.
-const FETCH: &str = "bash -c 'exec 3<>/dev/tcp/${SERVER%:*}/${SERVER#*:} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && sed \"1,/^\\r$/d\" <&3' 2>/dev/null || echo unreachable";
+/// A connection that opens but yields no body prints `empty response`.
+const FETCH: &str = "bash -c 'exec 3<>/dev/tcp/${SERVER%:*}/${SERVER#*:} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && body=$(sed \"1,/^\\r$/d\" <&3) && echo \"${body:-empty response}\"' 2>/dev/null || echo unreachable";
 
 job_test!(
     a_repository_shaped_like_a_real_one_builds_its_test_image_online,
@@ -669,8 +680,9 @@ job_test!(
         assert_exit(&online, 0);
         assert!(
             text(&online.stdout).contains("test: reached"),
-            "{}",
-            text(&online.stdout)
+            "{}{}",
+            text(&online.stdout),
+            text(&online.stderr)
         );
         let none = repo.test(
             driver,
