@@ -32,6 +32,7 @@ fn main() {
         keep_days: None,
         max_blob_bytes: 1 << 20,
         oidc: None,
+        public_read: Vec::new(),
     };
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");

@@ -8,7 +8,6 @@ use std::path::Path;
 use ci_exec_job::store::{Artifact, ResultRecord, ResultStore, unix_now};
 use ci_exec_remote::client::{ClientOptions, Fetched, Orchestrator, Published};
 use ci_exec_remote::identity::ExecutorKey;
-use ci_exec_remote::server::oidc::OidcOptions;
 use ci_exec_remote::server::storage::{Credential, Storage};
 use ci_exec_remote::server::{ServeOptions, Server, TlsOptions};
 
@@ -39,19 +38,26 @@ impl Drop for Running {
 }
 
 fn start(tls: Option<TlsOptions>, listen: &str) -> Running {
-    start_with(tls, listen, None)
+    start_with(tls, listen, |_| {})
 }
 
-fn start_with(tls: Option<TlsOptions>, listen: &str, oidc: Option<OidcOptions>) -> Running {
+/// With options changed by `configure`.
+fn start_with(
+    tls: Option<TlsOptions>,
+    listen: &str,
+    configure: impl FnOnce(&mut ServeOptions),
+) -> Running {
     let data = tempfile::tempdir().expect("tempdir");
-    let options = ServeOptions {
+    let mut options = ServeOptions {
         listen: listen.parse().expect("address"),
         data: data.path().to_owned(),
         tls,
         keep_days: None,
         max_blob_bytes: 1 << 20,
-        oidc,
+        oidc: None,
+        public_read: Vec::new(),
     };
+    configure(&mut options);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready, url) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
@@ -357,6 +363,42 @@ fn wrong_missing_and_foreign_tokens_are_refused() {
 }
 
 #[test]
+fn a_public_repository_is_read_without_a_credential_and_nothing_else_is() {
+    let server = start_with(None, "127.0.0.1:0", |options| {
+        options.public_read = vec![REPO.to_owned()];
+    });
+    let publish = server.token(REPO, true);
+    let a = executor("a");
+    let record = recorded(&a.store, &key(5));
+    assert_eq!(
+        server
+            .client(Some(&publish))
+            .publish(&record, &a.store, &a.key)
+            .expect("publish"),
+        Published::Created
+    );
+    let addr = server.addr();
+    let path = format!("/{REPO}/results/{}", key(5));
+    assert_eq!(raw(addr, &request("GET", &path, None, b"")).0, 200);
+    assert_eq!(
+        raw(addr, &request("GET", &format!("/{REPO}/keys"), None, b"")).0,
+        200
+    );
+    let (status, body) = raw(addr, &request("PUT", &path, None, b"{}"));
+    assert_eq!(status, 401, "{body}");
+    let other = format!("/github.com/acme/other/results/{}", key(5));
+    assert_eq!(raw(addr, &request("GET", &other, None, b"")).0, 401);
+
+    // An executor with no credential fetches, verifies and stores it.
+    let b = executor("b");
+    let fetched = server
+        .client(None)
+        .fetch(&key(5), &b.store, &[], &b.key.public())
+        .expect("fetch");
+    assert!(matches!(fetched, Fetched::Stored(_)), "{fetched:?}");
+}
+
+#[test]
 fn bad_uploads_store_nothing() {
     let server = start(None, "127.0.0.1:0");
     let publish = server.token(REPO, true);
@@ -505,6 +547,7 @@ fn plain_http_is_refused_off_loopback() {
         keep_days: None,
         max_blob_bytes: 1,
         oidc: None,
+        public_read: Vec::new(),
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let error = runtime

@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// How long the session a CI job gets for its ID token lasts
     #[arg(long, value_name = "MINUTES", default_value_t = 120)]
     oidc_session_minutes: u64,
+    /// Let anyone read this repository's trusted results without a credential (repeatable):
+    /// for a public repository, whose forks' pull requests get no ID token yet may replay
+    /// what the default branch published. Publishing still needs a credential
+    #[arg(long = "public-read", value_name = "REPO")]
+    public_read: Vec<String>,
 }
 
 /// The orchestrator's data directory, shared by `serve`, `serve gc` and `token`.
@@ -96,6 +101,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         eprintln!("dropped {results} results and {blobs} blobs");
         return Ok(SUCCESS);
     }
+    if let Some(bad) = args
+        .public_read
+        .iter()
+        .find(|name| !ci_exec_job::source::valid_repository_name(name))
+    {
+        return Err(
+            CliError::usage(format!("`--public-read {bad}` is not a repository name"))
+                .hint("name it as `host/owner/name`, the way `ci-exec test --repo` does")
+                .into(),
+        );
+    }
     let options = ServeOptions {
         listen: args.listen,
         data: args.data.path(),
@@ -114,6 +130,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             audience: args.oidc_audience.clone().unwrap_or_default(),
             session: std::time::Duration::from_secs(args.oidc_session_minutes * 60),
         }),
+        public_read: args.public_read.clone(),
     };
     let server = match Server::bind(&options).await {
         Ok(server) => server,

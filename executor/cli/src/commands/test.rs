@@ -197,6 +197,8 @@ struct Remote {
     client: Orchestrator,
     key: ExecutorKey,
     pinned: Vec<PublicKey>,
+    /// No credential: reads only what the orchestrator serves publicly, publishes nothing.
+    anonymous: bool,
 }
 
 impl Remote {
@@ -241,7 +243,7 @@ impl Remote {
                 .into());
             }
         };
-        let mut id_token = None;
+        let (mut id_token, mut anonymous) = (None, false);
         if token.is_none() && client_certificate.is_none() {
             let audience = url.trim_end_matches('/');
             match platform::id_token(audience, &|name| std::env::var(name).ok()) {
@@ -251,9 +253,9 @@ impl Remote {
                 }
                 Ok(None) if in_ci() => {
                     eprintln!(
-                        "warning: no credential for orchestrator `{url}` (no `CI_EXEC_TOKEN`, no ID token: a fork's pull request?); running without it"
+                        "warning: no credential for orchestrator `{url}` (no `CI_EXEC_TOKEN`, no ID token: a fork's pull request?); reading it anonymously, publishing nothing"
                     );
-                    return Ok(None);
+                    anonymous = true;
                 }
                 Ok(None) => {
                     return Err(CliError::usage(format!(
@@ -305,6 +307,7 @@ impl Remote {
             client,
             key,
             pinned,
+            anonymous,
         }))
     }
 
@@ -333,6 +336,10 @@ impl Remote {
 
     /// Stays connected, serving the result of `key` from `store`, until SIGINT or SIGTERM.
     async fn serve_until_stopped(self, key: &str, store: ResultStore) {
+        if self.anonymous {
+            eprintln!("note: not serving results: there is no credential for the orchestrator");
+            return;
+        }
         let record = match store.get(key) {
             Ok(Some(record)) => record,
             _ => return,
@@ -360,6 +367,9 @@ impl Remote {
 
     /// Publishes the recorded result of `key`; a failure is a warning (the run stands).
     fn publish(&self, key: &str, store: &ResultStore) {
+        if self.anonymous {
+            return;
+        }
         let record = match store.get(key) {
             Ok(Some(record)) => record,
             _ => return,

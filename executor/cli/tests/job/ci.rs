@@ -502,25 +502,42 @@ fn the_gitlab_job_run_by_gitlab_ci_local_replays_the_laptops_result() {
 }
 
 #[test]
-fn a_forks_pull_request_without_an_id_token_runs_the_job_without_the_orchestrator() {
+fn a_forks_pull_request_without_an_id_token_reads_only_a_public_repository() {
     if !available("native") {
         return;
     }
-    let issuer = Issuer::start();
-    let serve = Serve::start_with(&["--oidc-issuer", &issuer.url]);
-    let repo = super::remote::repository();
     // GitHub gives a fork's `pull_request` job no `id-token: write`: no request URL.
-    let output = Executor::new()
-        .command(&repo, &serve.url, None)
-        .env("GITHUB_ACTIONS", "true")
-        .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL")
-        .env_remove("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
-        .env_remove("CI_EXEC_ID_TOKEN")
-        .output()
-        .expect("ci-exec test");
-    assert_exit(&output, 0);
-    let stderr = text(&output.stderr);
-    assert!(stderr.contains("a fork's pull request?"), "{stderr}");
-    assert!(ran_for_real(&output), "{stderr}");
-    assert!(!stderr.contains("published"), "{stderr}");
+    let fork_job = |repo: &Repo, url: &str| {
+        Executor::new()
+            .command(repo, url, None)
+            .env("GITHUB_ACTIONS", "true")
+            .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL")
+            .env_remove("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+            .env_remove("CI_EXEC_ID_TOKEN")
+            .output()
+            .expect("ci-exec test")
+    };
+    let repo = super::remote::repository();
+    for public in [false, true] {
+        let serve = if public {
+            Serve::start_with(&["--public-read", REPO])
+        } else {
+            Serve::start()
+        };
+        let publish = serve.token(REPO, true);
+        let laptop = Executor::new().test(&repo, &serve.url, Some(&publish));
+        assert_exit(&laptop, 0);
+        let output = fork_job(&repo, &serve.url);
+        assert_exit(&output, 0);
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("a fork's pull request?"), "{stderr}");
+        assert!(!stderr.contains("published"), "{stderr}");
+        if public {
+            assert!(!ran_for_real(&output), "{stderr}");
+            assert_eq!(output.stdout, laptop.stdout, "replayed byte-exact");
+        } else {
+            assert!(stderr.contains("(401)"), "{stderr}");
+            assert!(ran_for_real(&output), "{stderr}");
+        }
+    }
 }

@@ -18,7 +18,7 @@ pub(super) struct Serve {
 }
 
 impl Serve {
-    fn start() -> Serve {
+    pub(super) fn start() -> Serve {
         Serve::start_with(&[])
     }
 
@@ -117,7 +117,11 @@ impl Executor {
             .env_remove("CI_EXEC_DRIVER")
             .env_remove("CI_EXEC_REPO")
             .env_remove("CI_EXEC_TRUSTED_KEYS")
-            .env_remove("CI_EXEC_ENV");
+            .env_remove("CI_EXEC_ENV")
+            // A laptop, not a CI job (tests that play one set these again).
+            .env_remove("CI")
+            .env_remove("GITHUB_ACTIONS")
+            .env_remove("GITLAB_CI");
         if let Some(token) = token {
             command.env("CI_EXEC_TOKEN", token);
         }

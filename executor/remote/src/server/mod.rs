@@ -47,6 +47,9 @@ pub struct ServeOptions {
     pub max_blob_bytes: u64,
     /// Accept CI jobs' OIDC ID tokens of these issuers.
     pub oidc: Option<OidcOptions>,
+    /// Repositories whose trusted results anyone may read without a credential (a fork's
+    /// pull request has none, yet may replay what the default branch published).
+    pub public_read: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +105,8 @@ struct App {
     relay: Relay,
     /// How long a session token from `login` lasts.
     session_lifetime: Duration,
+    /// [`ServeOptions::public_read`].
+    public_read: std::collections::HashSet<String>,
 }
 
 /// The client certificate of a TLS connection, put into each of its requests.
@@ -162,6 +167,7 @@ impl Server {
                 storage,
                 max_blob_bytes: options.max_blob_bytes,
                 relay: Relay::default(),
+                public_read: options.public_read.iter().cloned().collect(),
                 session_lifetime: options
                     .oidc
                     .as_ref()
@@ -532,6 +538,24 @@ fn authorize(
         bearer,
         certificate: certificate.map(Vec::as_slice),
     };
+    let repository = route.repository().unwrap_or_default();
+    if presented.is_empty()
+        && !writes
+        && matches!(
+            route,
+            Route::Result { .. } | Route::Blob { .. } | Route::Keys { .. }
+        )
+        && app.public_read.contains(repository)
+    {
+        // Anonymous reads of the trusted scope, nothing else.
+        return Ok(Grant {
+            repository: repository.to_owned(),
+            publish: false,
+            created_unix: 0,
+            id: "anonymous".to_owned(),
+            scope: None,
+        });
+    }
     if presented.is_empty() {
         return Err(reply(
             StatusCode::UNAUTHORIZED,
@@ -558,7 +582,6 @@ fn authorize(
             "unknown token or certificate (revoked, or of another orchestrator)",
         ));
     };
-    let repository = route.repository().unwrap_or_default();
     if grant.repository != repository {
         return Err(reply(
             StatusCode::FORBIDDEN,

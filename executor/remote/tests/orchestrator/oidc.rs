@@ -5,21 +5,20 @@ use serde_json::{Value, json};
 
 use super::issuer::{self, Issuer};
 use super::*;
+use ci_exec_remote::server::oidc::OidcOptions;
 
 const REPOSITORY_ID: u64 = 4242;
 const OWNER_ID: u64 = 77;
 
 /// An orchestrator that accepts `issuer`'s tokens, with `REPO` bound to its ids.
 fn serve(issuer: &Issuer) -> Running {
-    let server = start_with(
-        None,
-        "127.0.0.1:0",
-        Some(OidcOptions {
+    let server = start_with(None, "127.0.0.1:0", |options| {
+        options.oidc = Some(OidcOptions {
             issuers: vec![issuer.url.clone()],
             audience: String::new(),
             session: std::time::Duration::from_secs(600),
-        }),
-    );
+        })
+    });
     server
         .storage()
         .bind(
