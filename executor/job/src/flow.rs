@@ -25,6 +25,8 @@ const RUN_CI: &str = "/var/run/ci";
 /// directories mkfiles write into (`echo $CONTAINERIMAGE > $target` expects them).
 const UNPACK: &str =
     "mkdir -p /var/run/ci/env /var/run/ci/artifacts /var/run/ci/cache && tar -x -f - -C .";
+/// Copies the base OS's mk into the tools volume, for the test container.
+const INSTALL_MK: &str = "mkdir -p /opt/ci-exec/bin && cp \"$(command -v mk)\" /opt/ci-exec/bin/mk";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the user asked for.
@@ -487,9 +489,16 @@ impl BoundJob<'_> {
         }
         // Every base-OS step starts in the source directory, so paths relative to it work on
         // every driver (the native driver places mounts under the task's own directory).
+        // A base OS that has our mk shares it with the test container in the same step (one
+        // guest command less: each costs ~0.15 s under TCG).
+        let unpack = if self.support.mk == MkSource::BaseOs && self.support.test_in_container {
+            format!("{UNPACK} && {INSTALL_MK}")
+        } else {
+            UNPACK.to_owned()
+        };
         run.base(
             "unpack source",
-            &["sh", "-c", UNPACK],
+            &["sh", "-c", &unpack],
             env,
             Some(self.job.snapshot.archive.clone()),
         )
@@ -574,11 +583,10 @@ impl BoundJob<'_> {
         let mut task_env = env.clone();
         task_env.extend(test_env);
         let code = if in_container {
-            if self.support.mk != MkSource::Upload {
-                // The base OS has our mk: share it with the test container.
-                let install =
-                    format!("mkdir -p {TOOLS_PATH} && cp \"$(command -v mk)\" {TOOLS_PATH}/mk");
-                run.base("install mk", &["sh", "-c", &install], &env, None)
+            if self.support.mk == MkSource::Host {
+                // The base OS has our mk: share it with the test container (`BaseOs`: done
+                // with the unpacking).
+                run.base("install mk", &["sh", "-c", INSTALL_MK], &env, None)
                     .await
                     .and_then(|code| expect_success("install mk", code))?;
             }

@@ -367,6 +367,16 @@ async fn start_wrapper(
         )
     };
     let mut files = vec![("stdout", Vec::new()), ("stderr", Vec::new()), wrapper];
+    if let Runner::Crun { name, template, .. } = runner {
+        // The bundle is the task's directory on the share.
+        let volumes: Vec<(String, String)> = task
+            .mounts
+            .iter()
+            .map(|mount| (guest::guest_volume_dir(&mount.volume), mount.path.clone()))
+            .collect();
+        let config = template.config(task, env, &volumes, &crate::oci::Template::root(name));
+        files.push(("config.json", config.to_string().into_bytes()));
+    }
     let mut stream = None;
     match stdin {
         HostStdin::None => {}
@@ -454,13 +464,17 @@ impl Driver for QemuDriver {
             });
         }
         let name = ci_exec_driver::resource_name(&self.config.namespace, &task.id);
-        let runner = if task.image.is_empty() {
-            Runner::GuestOs
-        } else {
-            Runner::PodmanRun {
+        let runner = match machine.oci() {
+            _ if task.image.is_empty() => Runner::GuestOs,
+            Some(template) if template.fits(&task) => Runner::Crun {
                 image: &task.image,
                 name: &name,
-            }
+                template,
+            },
+            _ => Runner::PodmanRun {
+                image: &task.image,
+                name: &name,
+            },
         };
         let (dir, pid) = self.start_task(&machine, &task, &task.env, runner).await?;
         let handle = Arc::new(TaskHandle {
@@ -686,7 +700,8 @@ impl TaskHandle {
         );
         let script = match &self.podman_name {
             Some(name) => format!(
-                "/usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; {kill}"
+                "{}; /usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; {kill}",
+                crate::oci::kill_script(name)
             ),
             None => kill,
         };

@@ -119,6 +119,13 @@ pub enum Runner<'a> {
     PodmanStart { image: &'a str, name: &'a str },
     /// `podman exec` in the running container `name`.
     PodmanExec { name: &'a str },
+    /// `crun run` of the warm state's template of this image as container `name`
+    /// ([`crate::oci`]), with `podman run` as the fallback.
+    Crun {
+        image: &'a str,
+        name: &'a str,
+        template: &'a crate::oci::Template,
+    },
 }
 
 /// The wrapper script for a task (`run.sh`), which the agent starts as
@@ -167,6 +174,14 @@ fn podman_argv(
 ) -> Vec<String> {
     match runner {
         Runner::GuestOs => Vec::new(),
+        Runner::Crun {
+            image,
+            name,
+            template,
+        } => {
+            let fallback = podman_argv(task, env, Runner::PodmanRun { image, name }, has_stdin);
+            template.command(&guest_task_dir(&task.id), name, &fallback)
+        }
         Runner::PodmanRun { image, name } | Runner::PodmanStart { image, name } => {
             let mut argv: Vec<String> = [
                 "/usr/bin/podman",

@@ -19,6 +19,7 @@ pub mod error;
 mod guest;
 mod image;
 pub mod machine;
+mod oci;
 mod output;
 pub mod qga;
 pub mod qmp;

@@ -355,6 +355,9 @@ pub struct Machine {
     /// Its second disk is a repository's state, mounted by [`Machine::prepare_guest`]
     /// (`Some(fresh)`).
     repository_state: Option<bool>,
+    /// The saved state's template of the default test image for crun ([`crate::oci`]); none
+    /// when a repository's saved state (its own image store) is mounted.
+    oci: Option<crate::oci::Template>,
     version: String,
 }
 
@@ -575,6 +578,14 @@ impl Machine {
             shared_ram: spec.ram_file.as_ref().is_some_and(|ram| ram.shared),
             network: spec.network,
             repository_state: spec.repository_state,
+            oci: spec
+                .incoming
+                .as_deref()
+                .and_then(Path::parent)
+                // A repository's saved storage mounted over the image's hides what the
+                // template's root filesystem is made of.
+                .filter(|_| spec.repository_state != Some(false))
+                .and_then(crate::oci::Template::load),
             version,
         })
     }
@@ -719,6 +730,11 @@ impl Machine {
             self.sh_ok(&script.join(" && "), AGENT_TIMEOUT).await?;
         }
         Ok(())
+    }
+
+    /// The template that runs tasks of the default test image with crun, if this guest has one.
+    pub fn oci(&self) -> Option<&crate::oci::Template> {
+        self.oci.as_ref()
     }
 
     /// Whether the guest has an outbound network.

@@ -25,7 +25,7 @@ use crate::run_dir::RunDir;
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
-const FORMAT_VERSION: u32 = 6;
+const FORMAT_VERSION: u32 = 7;
 
 /// The directory of the warm state for `spec`.
 pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
@@ -129,6 +129,31 @@ pub async fn create(
             .await
         {
             tracing::debug!(%error, "podman warm-up before saving the state");
+        }
+        // The default test image, prepared for crun (`oci.rs`): every VM started from the state
+        // runs its tasks without podman's own start.
+        match machine
+            .sh(
+                &crate::oci::prepare_script(crate::driver::DEFAULT_TEST_IMAGE),
+                Duration::from_secs(180),
+            )
+            .await
+        {
+            Ok(status) if status.shell_code() == 0 => {
+                match crate::oci::Template::parse(crate::driver::DEFAULT_TEST_IMAGE, &status.stdout) {
+                    Some(template) => {
+                        if let Err(error) = template.save(&building) {
+                            tracing::debug!(%error, "keeping the crun template");
+                        }
+                    }
+                    None => tracing::debug!("the crun template's output did not parse"),
+                }
+            }
+            Ok(status) => tracing::debug!(
+                stderr = %String::from_utf8_lossy(&status.stderr),
+                "no crun template: podman run it is"
+            ),
+            Err(error) => tracing::debug!(%error, "no crun template"),
         }
         // The NIC is configured once, here, instead of in every VM started from the state.
         if cold.network {
