@@ -25,6 +25,9 @@ const RUN_CI: &str = "/var/run/ci";
 /// directories mkfiles write into (`echo $CONTAINERIMAGE > $target` expects them).
 const UNPACK: &str =
     "mkdir -p /var/run/ci/env /var/run/ci/artifacts /var/run/ci/cache && tar -x -f - -C .";
+/// [`UNPACK`], then the base OS's mk copied into the tools volume (one `mkdir` for both).
+const UNPACK_AND_INSTALL_MK: &str = "mkdir -p /var/run/ci/env /var/run/ci/artifacts /var/run/ci/cache /opt/ci-exec/bin && \
+     tar -x -f - -C . && cp \"$(command -v mk)\" /opt/ci-exec/bin/mk";
 /// Copies the base OS's mk into the tools volume, for the test container.
 const INSTALL_MK: &str = "mkdir -p /opt/ci-exec/bin && cp \"$(command -v mk)\" /opt/ci-exec/bin/mk";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -492,13 +495,13 @@ impl BoundJob<'_> {
         // A base OS that has our mk shares it with the test container in the same step (one
         // guest command less: each costs ~0.15 s under TCG).
         let unpack = if self.support.mk == MkSource::BaseOs && self.support.test_in_container {
-            format!("{UNPACK} && {INSTALL_MK}")
+            UNPACK_AND_INSTALL_MK
         } else {
-            UNPACK.to_owned()
+            UNPACK
         };
         run.base(
             "unpack source",
-            &["sh", "-c", &unpack],
+            &["sh", "-c", unpack],
             env,
             Some(self.job.snapshot.archive.clone()),
         )

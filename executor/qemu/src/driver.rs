@@ -367,14 +367,25 @@ async fn start_wrapper(
         )
     };
     let mut files = vec![("stdout", Vec::new()), ("stderr", Vec::new()), wrapper];
-    if let Runner::Crun { name, template, .. } = runner {
+    if let Runner::Crun {
+        name,
+        template,
+        premounted,
+        ..
+    } = runner
+    {
         // The bundle is the task's directory on the share.
         let volumes: Vec<(String, String)> = task
             .mounts
             .iter()
             .map(|mount| (guest::guest_volume_dir(&mount.volume), mount.path.clone()))
             .collect();
-        let config = template.config(task, env, &volumes, &crate::oci::Template::root(name));
+        let config = template.config(
+            task,
+            env,
+            &volumes,
+            &crate::oci::Template::root(name, premounted),
+        );
         files.push(("config.json", config.to_string().into_bytes()));
     }
     let mut stream = None;
@@ -470,6 +481,7 @@ impl Driver for QemuDriver {
                 image: &task.image,
                 name: &name,
                 template,
+                premounted: machine.take_premounted_root(),
             },
             _ => Runner::PodmanRun {
                 image: &task.image,

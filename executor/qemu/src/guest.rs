@@ -125,6 +125,8 @@ pub enum Runner<'a> {
         image: &'a str,
         name: &'a str,
         template: &'a crate::oci::Template,
+        /// On the root filesystem the saved state mounted (the VM's first such task).
+        premounted: bool,
     },
 }
 
@@ -178,9 +180,10 @@ fn podman_argv(
             image,
             name,
             template,
+            premounted,
         } => {
             let fallback = podman_argv(task, env, Runner::PodmanRun { image, name }, has_stdin);
-            template.command(&guest_task_dir(&task.id), name, &fallback)
+            template.command(&guest_task_dir(&task.id), name, &fallback, premounted)
         }
         Runner::PodmanRun { image, name } | Runner::PodmanStart { image, name } => {
             let mut argv: Vec<String> = [

@@ -358,6 +358,8 @@ pub struct Machine {
     /// The saved state's template of the default test image for crun ([`crate::oci`]); none
     /// when a repository's saved state (its own image store) is mounted.
     oci: Option<crate::oci::Template>,
+    /// The saved state's fresh root filesystem for the first crun task is still unused.
+    premounted_root: std::sync::atomic::AtomicBool,
     version: String,
 }
 
@@ -586,6 +588,7 @@ impl Machine {
                 // template's root filesystem is made of.
                 .filter(|_| spec.repository_state != Some(false))
                 .and_then(crate::oci::Template::load),
+            premounted_root: std::sync::atomic::AtomicBool::new(true),
             version,
         })
     }
@@ -735,6 +738,13 @@ impl Machine {
     /// The template that runs tasks of the default test image with crun, if this guest has one.
     pub fn oci(&self) -> Option<&crate::oci::Template> {
         self.oci.as_ref()
+    }
+
+    /// Whether the caller is the first to run on the saved state's fresh root filesystem
+    /// ([`crate::oci`]); each VM has one.
+    pub fn take_premounted_root(&self) -> bool {
+        self.premounted_root
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the guest has an outbound network.

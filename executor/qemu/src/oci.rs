@@ -35,7 +35,9 @@ const HOST_FILE: &str = "oci.json";
 const IMAGES_JSON: &str = "/var/lib/containers/storage/overlay-images/images.json";
 
 /// The guest script that prepares `image` for crun and prints the template: the image's
-/// root filesystem on the first line, then the template container's `config.json`. Exits
+/// root filesystem on the first line, then the template container's `config.json`. It also
+/// mounts a fresh overlay of the image for the first task of every VM started from the saved
+/// state (each gets its own copy of the disk), which then needs no `mkdir` or `mount`. Exits
 /// non-zero (and the driver keeps using `podman run`) when the guest has no crun or no such
 /// image.
 pub fn prepare_script(image: &str) -> String {
@@ -53,6 +55,9 @@ u=/run/containers/storage/overlay-containers/$id/userdata
 cp "$u/hosts" "$u/hostname" "$u/.containerenv" {GUEST_DIR}/files/
 config=$(cat /var/lib/containers/storage/overlay-containers/$id/userdata/config.json)
 $P rm --force "$id" >/dev/null
+n={GUEST_DIR}/next
+mkdir -p $n/upper $n/work $n/root
+mount -t overlay overlay -o "lowerdir=$rootfs,upperdir=$n/upper,workdir=$n/work" $n/root
 touch {GUEST_DIR}/stamp
 printf '%s\n%s\n' "$rootfs" "$config""#
     )
@@ -202,14 +207,28 @@ impl Template {
     /// image store changed since the template was made. crun's own errors (on stderr) go to a log too,
     /// so they are told apart from the container's exit status: as podman does, a command that cannot be found exits
     /// 127, one that cannot be run 126, any other failure of the runtime 125.
-    pub fn command(&self, bundle: &str, name: &str, fallback: &[String]) -> Vec<String> {
-        let root = Template::root(name);
+    pub fn command(
+        &self,
+        bundle: &str,
+        name: &str,
+        fallback: &[String],
+        premounted: bool,
+    ) -> Vec<String> {
+        let root = Template::root(name, premounted);
         let work = format!("{GUEST_DIR}/tasks/{name}");
         let fallback: Vec<String> = fallback.iter().map(|word| shell_quote(word)).collect();
+        let mount = if premounted {
+            String::new()
+        } else {
+            format!(
+                "mkdir -p {work}/upper {work}/work {root} && \
+                 mount -t overlay overlay -o lowerdir={lower},upperdir={work}/upper,workdir={work}/work {root} || exit 125\n",
+                lower = self.rootfs
+            )
+        };
         let script = format!(
             "if [ {IMAGES_JSON} -nt {GUEST_DIR}/stamp ] || ! [ -e {GUEST_DIR}/stamp ]; then exec {fallback}; fi\n\
-             mkdir -p {work}/upper {work}/work {root} && \
-             mount -t overlay overlay -o lowerdir={lower},upperdir={work}/upper,workdir={work}/work {root} || exit 125\n\
+             {mount}\
              crun --cgroup-manager=disabled --log={bundle}/crun.log run --bundle {bundle} {name}\n\
              s=$?\n\
              [ $s -ne 0 ] && [ -s {bundle}/crun.log ] || exit $s\n\
@@ -217,16 +236,20 @@ impl Template {
              case $e in *'not found in $PATH'*|*'No such file or directory'*) exit 127;; *'Permission denied'*) exit 126;; esac\n\
              exit 125",
             fallback = fallback.join(" "),
-            lower = self.rootfs,
             bundle = shell_quote(bundle),
             name = shell_quote(name),
         );
         vec!["/bin/sh".to_owned(), "-c".to_owned(), script]
     }
 
-    /// The root filesystem of container `name` in the guest.
-    pub fn root(name: &str) -> String {
-        format!("{GUEST_DIR}/tasks/{name}/root")
+    /// The root filesystem of container `name` in the guest: the one the saved state mounted
+    /// when `premounted` (the VM's first such task), else its own.
+    pub fn root(name: &str, premounted: bool) -> String {
+        if premounted {
+            format!("{GUEST_DIR}/next/root")
+        } else {
+            format!("{GUEST_DIR}/tasks/{name}/root")
+        }
     }
 }
 
@@ -345,8 +368,10 @@ mod tests {
 
     #[test]
     fn the_command_falls_back_to_podman_when_the_store_changed() {
-        let command =
-            template().command("/mnt/ci/tasks/t", "ns-t", &["podman".into(), "run".into()]);
+        let fallback = ["podman".to_owned(), "run".to_owned()];
+        let premounted = template().command("/mnt/ci/tasks/t", "ns-t", &fallback, true);
+        assert!(!premounted[2].contains("mount"), "{}", premounted[2]);
+        let command = template().command("/mnt/ci/tasks/t", "ns-t", &fallback, false);
         let script = &command[2];
         assert!(
             script.starts_with(&format!("if [ {IMAGES_JSON} -nt ")),
