@@ -335,3 +335,81 @@ async fn stdin_streams_to_a_running_task() {
     }
     driver.close().await.expect("close");
 }
+
+/// Tasks of the default image run podman's container with crun from the warm state's
+/// template (`oci.rs`): each on a fresh root, with the image's environment under the task's;
+/// once the guest's image store changes, `podman run` takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_image_runs_with_crun_until_the_image_store_changes() {
+    let Some(driver) = driver("crun") else {
+        return;
+    };
+    // The root filesystem's mount: ours (under /var/lib/ci-exec/oci) or podman's.
+    let root_and_env = "head -1 /proc/self/mountinfo; echo \"container=$container K=$K\"; \
+                        test -e /left-behind && echo dirty; touch /left-behind";
+    let first = run(
+        &driver,
+        Task::new("crun-1", ["sh", "-c", root_and_env])
+            .image(BASE_IMAGE)
+            .env("K", "v"),
+    )
+    .await;
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(
+        first.stdout.contains("/var/lib/ci-exec/oci/next/"),
+        "the saved state's root: {}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains("container=podman K=v"),
+        "{}",
+        first.stdout
+    );
+    let second = run(
+        &driver,
+        Task::new("crun-2", ["sh", "-c", root_and_env]).image(BASE_IMAGE),
+    )
+    .await;
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second.stdout.contains("/var/lib/ci-exec/oci/tasks/"),
+        "a root of its own: {}",
+        second.stdout
+    );
+    assert!(!second.stdout.contains("dirty"), "{}", second.stdout);
+
+    let tag = run(
+        &driver,
+        Task::new(
+            "tag",
+            [
+                "podman",
+                "--network-backend=cni",
+                "tag",
+                BASE_IMAGE,
+                "localhost/ci-exec/other:1",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(tag.code, 0, "{}", tag.stderr);
+    let after = run(
+        &driver,
+        Task::new("podman-after-tag", ["sh", "-c", root_and_env])
+            .image(BASE_IMAGE)
+            .env("K", "w"),
+    )
+    .await;
+    assert_eq!(after.code, 0, "{}", after.stderr);
+    assert!(
+        !after.stdout.contains("/var/lib/ci-exec/oci/"),
+        "podman run after the store changed: {}",
+        after.stdout
+    );
+    assert!(
+        after.stdout.contains("container=podman K=w"),
+        "{}",
+        after.stdout
+    );
+    driver.close().await.expect("close");
+}
