@@ -726,8 +726,11 @@ impl Machine {
         if self.network && !self.restored {
             script.push(NETWORK_SETUP.to_owned());
         }
-        if let Some(fresh) = self.repository_state {
-            script.push(crate::repository::mount_script(fresh));
+        match self.repository_state {
+            // The saved state has the fresh run's mark (`warm::create`).
+            Some(true) if self.restored => {}
+            Some(fresh) => script.push(crate::repository::mount_script(fresh)),
+            None => {}
         }
         if !script.is_empty() {
             self.sh_ok(&script.join(" && "), AGENT_TIMEOUT).await?;

@@ -96,8 +96,15 @@ pub async fn create_empty(path: &Path) -> Result<(), QemuError> {
     .await
 }
 
-/// Marks when a fresh job started, to tell afterwards whether it changed podman's images.
+/// Marks when a fresh job started, to tell afterwards whether it changed podman's images. A
+/// saved (warm) state carries one made when it was saved, after podman's last change to its
+/// images: a VM restored from it needs no mark of its own.
 const FRESH_MARK: &str = "/run/ci-state.start";
+
+/// Makes the mark, in a guest about to be saved as a warm state.
+pub fn mark_script() -> String {
+    format!("touch {FRESH_MARK}")
+}
 
 /// The guest side, after boot or restore: a saved state's disk is mounted and podman's storage
 /// put on it; for a fresh one only the start is marked (see [`keep_script`]).

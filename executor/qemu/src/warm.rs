@@ -25,7 +25,7 @@ use crate::run_dir::RunDir;
 
 /// Bumped when the device layout of [`MachineSpec::arguments`] or what a saved guest holds
 /// changes.
-const FORMAT_VERSION: u32 = 8;
+const FORMAT_VERSION: u32 = 9;
 
 /// The directory of the warm state for `spec`.
 pub fn state_dir(cache_dir: &Path, spec: &MachineSpec) -> PathBuf {
@@ -155,6 +155,11 @@ pub async fn create(
             ),
             Err(error) => tracing::debug!(%error, "no crun template"),
         }
+        // After podman's last change to its images: every VM restored from the state starts a
+        // fresh repository's run with this mark.
+        machine
+            .sh_ok(&crate::repository::mark_script(), Duration::from_secs(60))
+            .await?;
         // The NIC is configured once, here, instead of in every VM started from the state.
         if cold.network {
             machine
