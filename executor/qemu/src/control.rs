@@ -71,6 +71,15 @@ pub fn mount_request(tag: &str, target: &str, options: &str) -> String {
     format!("mount9p {tag} {target} {options}\n")
 }
 
+/// The question whether `path` was modified after `reference` (`[ path -nt reference ]`),
+/// answered `yes` or `no` by a guest whose greeting says version [`NEWER_VERSION`] or later.
+pub fn newer_request(path: &str, reference: &str) -> String {
+    format!("newer {path} {reference}\n")
+}
+
+/// The first greeting version that answers [`newer_request`].
+pub const NEWER_VERSION: u32 = 3;
+
 /// What an answer line means: `Ok` or the guest's error message.
 pub fn parse_answer(line: &str) -> Result<(), String> {
     match line {
@@ -172,6 +181,28 @@ impl ControlClient {
             })?;
         }
         Ok(())
+    }
+
+    /// Sends one question (a [`newer_request`]) and reads its `yes` or `no`.
+    pub async fn ask(&mut self, request: &str, timeout: Duration) -> Result<bool, ProtocolError> {
+        self.send(&[request.to_owned()]).await?;
+        let line = tokio::time::timeout(timeout, self.read_line())
+            .await
+            .map_err(|_| ProtocolError::Timeout {
+                peer: "control",
+                command: request.trim_end().to_owned(),
+                after: timeout,
+            })??;
+        match line.as_str() {
+            "yes" => Ok(true),
+            "no" => Ok(false),
+            other => Err(ProtocolError::Command {
+                peer: "control",
+                command: request.trim_end().to_owned(),
+                class: "GuestError".to_owned(),
+                description: other.strip_prefix("error ").unwrap_or(other).to_owned(),
+            }),
+        }
     }
 
     async fn read_line(&mut self) -> Result<String, ProtocolError> {

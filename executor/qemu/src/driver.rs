@@ -592,6 +592,15 @@ impl RepositoryState for QemuDriver {
         let (Some(machine), Some(fresh)) = (machine, fresh) else {
             return Ok(());
         };
+        if fresh {
+            // Most fresh runs build no image: the init answers that without a guest shell.
+            let (images, mark) = repository::FRESH_CHANGE;
+            match machine.newer(images, mark).await {
+                Ok(Some(false)) => return Ok(()),
+                Ok(_) => {}
+                Err(error) => tracing::debug!(%error, "asking whether podman's images changed"),
+            }
+        }
         // Copying podman's storage takes a while under TCG: give it the boot's patience.
         let status = machine
             .sh_ok(

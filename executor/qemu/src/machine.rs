@@ -788,6 +788,27 @@ impl Machine {
         Ok(())
     }
 
+    /// `[ path -nt reference ]` in the guest, asked of its init without starting a program;
+    /// `None` when the init cannot answer (an older image).
+    pub async fn newer(&self, path: &str, reference: &str) -> Result<Option<bool>, QemuError> {
+        if self.control_version < crate::control::NEWER_VERSION {
+            return Ok(None);
+        }
+        self.control
+            .lock()
+            .await
+            .ask(
+                &crate::control::newer_request(path, reference),
+                AGENT_TIMEOUT,
+            )
+            .await
+            .map(Some)
+            .map_err(|source| QemuError::Control {
+                stage: format!("is `{path}` newer than `{reference}`"),
+                source,
+            })
+    }
+
     /// Saves the running VM's state to `state`; the VM ends stopped (`postmigrate`).
     pub async fn save_state(&self, state: &Path) -> Result<(), QemuError> {
         let mut qmp = self.qmp.lock().await;

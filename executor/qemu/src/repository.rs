@@ -101,6 +101,13 @@ pub async fn create_empty(path: &Path) -> Result<(), QemuError> {
 /// images: a VM restored from it needs no mark of its own.
 const FRESH_MARK: &str = "/run/ci-state.start";
 
+/// The two files whose modification times tell whether a fresh run changed podman's images
+/// (what [`keep_script`] checks first).
+pub const FRESH_CHANGE: (&str, &str) = (
+    "/var/lib/containers/storage/overlay-images/images.json",
+    FRESH_MARK,
+);
+
 /// Makes the mark, in a guest about to be saved as a warm state.
 pub fn mark_script() -> String {
     format!("touch {FRESH_MARK}")
@@ -243,6 +250,12 @@ fn file_name(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fresh_change_files_are_the_keep_scripts() {
+        let (images, mark) = FRESH_CHANGE;
+        assert!(keep_script(true).starts_with(&format!("if [ {images} -nt {mark} ]")));
+    }
 
     fn state(dir: &Path, image: &str, repository: &str, bytes: usize, age: Duration) {
         let disk = dir

@@ -8,11 +8,14 @@
 //! system calls in a thread that blocks on the port and so costs nothing while idle.
 //!
 //! The protocol is lines of text. The guest greets once with [`HELLO`] when it opens the
-//! port; then each request line gets one answer line, `ok` or `error <message>`:
+//! port; then each request line gets one answer line, `ok` or `error <message>` (`yes` or
+//! `no` for a question):
 //!
 //! ```text
 //! time <seconds>.<nanoseconds>          set CLOCK_REALTIME (Unix time)
 //! mount9p <tag> <target> <options>      mkdir -p target; mount the 9p export `tag` there
+//! newer <path> <reference>              yes when `path` was modified after `reference` (or
+//!                                       `reference` is missing), as `[ path -nt reference ]`
 //! ```
 
 use std::fs::File;
@@ -25,8 +28,8 @@ use crate::system;
 /// The port's name (`-device virtserialport,name=…` on the host).
 pub const PORT: &str = "org.ci-exec.control.0";
 /// The greeting; its version number grows when the host may ask for more. Version 2: this
-/// binary wraps tasks (`ci-exec-init --task`, see `task`).
-pub const HELLO: &str = "ci-exec-init control 2";
+/// binary wraps tasks (`ci-exec-init --task`, see `task`); 3: `newer`.
+pub const HELLO: &str = "ci-exec-init control 3";
 
 /// One request from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +42,10 @@ pub enum Request {
         tag: String,
         target: String,
         options: String,
+    },
+    Newer {
+        path: String,
+        reference: String,
     },
 }
 
@@ -81,13 +88,41 @@ pub fn parse(line: &str) -> Result<Request, String> {
                 options: options.to_owned(),
             })
         }
+        Some("newer") => {
+            let (Some(path), Some(reference), None) = (words.next(), words.next(), words.next())
+            else {
+                return Err("`newer` needs a path and a reference".to_owned());
+            };
+            if !path.starts_with('/') || !reference.starts_with('/') {
+                return Err("`newer` takes absolute paths".to_owned());
+            }
+            Ok(Request::Newer {
+                path: path.to_owned(),
+                reference: reference.to_owned(),
+            })
+        }
         Some(other) => Err(format!("unknown request `{other}`")),
         None => Err("empty request".to_owned()),
     }
 }
 
+/// `[ path -nt reference ]`: `path` exists and `reference` does not, or was modified earlier.
+fn newer(path: &str, reference: &str) -> bool {
+    let modified = |path: &str| {
+        std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .ok()
+    };
+    match (modified(path), modified(reference)) {
+        (Some(path), Some(reference)) => path > reference,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 fn handle(request: &Request) -> io::Result<()> {
     match request {
+        Request::Newer { .. } => Ok(()),
         Request::Time {
             seconds,
             nanoseconds,
@@ -111,6 +146,14 @@ fn handle(request: &Request) -> io::Result<()> {
 
 /// The answer line for one request line.
 fn answer(line: &str) -> String {
+    if let Ok(Request::Newer { path, reference }) = parse(line) {
+        return if newer(&path, &reference) {
+            "yes\n"
+        } else {
+            "no\n"
+        }
+        .to_owned();
+    }
     let result =
         parse(line).and_then(|request| handle(&request).map_err(|error| error.to_string()));
     match result {
@@ -184,6 +227,30 @@ fn wait_for_port(timeout: Duration) -> Option<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newer_answers_as_test_nt_does() {
+        let dir = std::env::temp_dir().join(format!("ci-exec-newer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (old, new) = (dir.join("old"), dir.join("new"));
+        std::fs::write(&old, "").expect("old");
+        std::fs::write(&new, "").expect("new");
+        let earlier = std::time::SystemTime::now() - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&old)
+            .and_then(|file| file.set_modified(earlier))
+            .expect("age");
+        let ask = |path: &Path, reference: &Path| {
+            answer(&format!("newer {} {}", path.display(), reference.display()))
+        };
+        assert_eq!(ask(&new, &old), "yes\n");
+        assert_eq!(ask(&old, &new), "no\n");
+        assert_eq!(ask(&dir.join("missing"), &old), "no\n");
+        assert_eq!(ask(&new, &dir.join("missing")), "yes\n");
+        assert!(answer("newer relative /x").starts_with("error "));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn requests_parse() {
