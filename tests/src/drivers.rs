@@ -182,7 +182,8 @@ pub fn fake_kube() -> Result<&'static (ci_exec_fake_kube::FakeKube, PathBuf), St
     .map_err(Clone::clone)
 }
 
-fn docker_host() -> Option<String> {
+/// The Docker engine the fake API server runs pods on: `DOCKER_HOST`, else a local socket.
+pub fn docker_host() -> Option<String> {
     std::env::var("DOCKER_HOST")
         .ok()
         .filter(|host| !host.is_empty())

@@ -48,7 +48,9 @@ fn not_available(name: &str) -> CliError {
         "driver `{name}` is not available yet in ci-exec {}",
         env!("CARGO_PKG_VERSION")
     ))
-    .hint("`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`)")
+    .hint(
+        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`)",
+    )
 }
 
 /// An available driver this binary was built without (its cargo feature was off).

@@ -443,7 +443,7 @@ impl Inner {
             let inner = Arc::clone(self);
             tokio::spawn(async move {
                 if let Err(error) = inner.pump_stdin(&pod_name, reader).await {
-                    tracing::warn!(pod = %pod_name, "stdin not delivered: {error}");
+                    tracing::warn!(pod = %pod_name, "stdin not delivered: {}", source_chain(&error));
                 }
             });
         }

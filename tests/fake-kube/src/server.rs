@@ -964,11 +964,13 @@ impl tokio::io::AsyncWrite for SharedSink {
             return Poll::Pending;
         };
         let length = match limited.left {
+            // Dropped: end the response (the client sees the stream end while the task
+            // runs) and discard the rest of what the engine sends.
             Some(0) => {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::BrokenPipe,
-                    "stream dropped by the fake",
-                )));
+                return match std::pin::Pin::new(&mut limited.writer).poll_shutdown(context) {
+                    Poll::Ready(_) => Poll::Ready(Ok(buffer.len())),
+                    Poll::Pending => Poll::Pending,
+                };
             }
             Some(left) => buffer
                 .len()
@@ -1126,9 +1128,23 @@ async fn attached(
         }
     };
     drop(frames);
-    tokio::select! {
-        _ = async { tokio::join!(reader, done) } => {}
-        _ = writer => {}
+    // The attachment ends when the container's output ends (it exited), or, with no output
+    // asked for, when the client closes stdin.
+    {
+        tokio::pin!(reader, done, writer);
+        let mut reader_done = false;
+        loop {
+            tokio::select! {
+                _ = &mut reader, if !reader_done => {
+                    reader_done = true;
+                    if !has_output {
+                        break;
+                    }
+                }
+                _ = &mut done, if has_output => break,
+                _ = &mut writer => break,
+            }
+        }
     }
     while let Ok(frame) = outgoing.try_recv() {
         let _ = sender.send(Message::Binary(frame.into())).await;
