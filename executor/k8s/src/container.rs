@@ -41,7 +41,7 @@ impl K8sContainer {
             if state != PodState::Pending {
                 return Ok(state);
             }
-            tokio::time::sleep(interval).await;
+            self.inner.changed_or(interval).await;
             interval = (interval * 2).min(Duration::from_millis(500));
         }
     }

@@ -1,22 +1,24 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ci_exec_driver::{
     Container, Driver, DriverError, JobSupport, MkSource, Task, Volume, VolumeFiles, resource_name,
 };
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
-use kube::api::{Api, AttachParams, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, AttachParams, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::container::K8sContainer;
@@ -50,6 +52,22 @@ pub(crate) struct Inner {
     /// The deny-all NetworkPolicy of offline tasks exists (made once per driver).
     offline_policy: AtomicBool,
     readers: AtomicU64,
+    /// The namespace's pods as one watch reports them; trusted only while `watching`.
+    states: Mutex<HashMap<String, PodState>>,
+    watching: AtomicBool,
+    /// Woken on every change the watch reports.
+    changed: Notify,
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut watcher) = self.watcher.lock()
+            && let Some(watcher) = watcher.take()
+        {
+            watcher.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -137,6 +155,10 @@ impl K8sDriver {
                 config,
                 offline_policy: AtomicBool::new(false),
                 readers: AtomicU64::new(0),
+                states: Mutex::new(HashMap::new()),
+                watching: AtomicBool::new(false),
+                changed: Notify::new(),
+                watcher: Mutex::new(None),
             }),
         }
     }
@@ -264,6 +286,12 @@ impl Inner {
     }
 
     pub(crate) async fn pod_state(&self, pod: &str) -> Result<PodState, DriverError> {
+        if self.watching.load(Ordering::Acquire)
+            && let Ok(states) = self.states.lock()
+            && let Some(state) = states.get(pod)
+        {
+            return Ok(state.clone());
+        }
         let found = self
             .pods
             .get(pod)
@@ -306,6 +334,25 @@ impl Inner {
             .map_err(|error| {
                 DriverError::backend(DRIVER, format!("write the logs of pod `{pod}`"), error)
             })
+    }
+
+    /// Waits for the watch to report a change, or `at_most`.
+    pub(crate) async fn changed_or(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.changed.notified()).await;
+    }
+
+    /// Starts the namespace's pod watch once: one long request instead of a GET per status.
+    fn watch(self: &Arc<Self>) {
+        let Ok(mut watcher) = self.watcher.lock() else {
+            return;
+        };
+        if watcher.is_none() {
+            *watcher = Some(tokio::spawn(watch_pods(
+                Arc::downgrade(self),
+                self.pods.clone(),
+                self.selector(),
+            )));
+        }
     }
 
     async fn ensure_claim(&self, volume: &str, size_bytes: u64) -> Result<String, DriverError> {
@@ -409,6 +456,7 @@ impl Inner {
             task: task.id.clone(),
             pod: pod_name.clone(),
         };
+        self.watch();
         // Idempotent per task id: a pod of that name is this task's, whatever its state.
         match self.pods.get_opt(&pod_name).await {
             Ok(Some(_)) => return Ok(container),
@@ -509,6 +557,58 @@ impl Inner {
             ));
         }
         Ok(())
+    }
+}
+
+/// Follows the pods of the namespace's label into `Inner::states`; re-watches (from a fresh
+/// list, `resourceVersion=0`) whenever the stream ends, and is trusted only while it runs.
+async fn watch_pods(inner: Weak<Inner>, pods: Api<Pod>, selector: String) {
+    let params = WatchParams::default().labels(&selector).timeout(290);
+    loop {
+        let stream = match pods.watch(&params, "0").await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!("pod watch failed, polling instead: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut stream = std::pin::pin!(stream);
+        let mut first = true;
+        while let Some(event) = stream.next().await {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let Ok(mut states) = inner.states.lock() else {
+                return;
+            };
+            if first {
+                // A new watch starts from the whole list: forget what the last one knew.
+                states.clear();
+                first = false;
+            }
+            match event {
+                Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod)) => {
+                    if let Some(name) = pod.metadata.name.clone() {
+                        states.insert(name, PodState::of(&pod));
+                    }
+                }
+                Ok(WatchEvent::Deleted(pod)) => {
+                    if let Some(name) = &pod.metadata.name {
+                        states.remove(name);
+                    }
+                }
+                Ok(WatchEvent::Bookmark(_)) => {}
+                Ok(WatchEvent::Error(_)) | Err(_) => break,
+            }
+            drop(states);
+            inner.watching.store(true, Ordering::Release);
+            inner.changed.notify_waiters();
+        }
+        match inner.upgrade() {
+            Some(inner) => inner.watching.store(false, Ordering::Release),
+            None => return,
+        }
     }
 }
 

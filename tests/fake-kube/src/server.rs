@@ -90,6 +90,8 @@ struct Objects {
 }
 
 struct Fake {
+    /// Every change of a pod: (namespace, `ADDED`/`MODIFIED`/`DELETED`, the pod).
+    events: tokio::sync::broadcast::Sender<(String, &'static str, Pod)>,
     options: FakeOptions,
     docker: DockerDriver,
     objects: Mutex<Objects>,
@@ -198,6 +200,7 @@ impl FakeKube {
             .map_err(|error| format!("fake-kube needs a Docker engine: {error}"))?;
         let requests = Arc::new(Requests::default());
         let state = Arc::new(Fake {
+            events: tokio::sync::broadcast::channel(1024).0,
             options,
             docker,
             objects: Mutex::new(Objects::default()),
@@ -325,6 +328,10 @@ impl FakeKube {
             );
             status.reason = Some(reason.to_owned());
             status.message = Some(format!("the fake's node reports `{reason}`"));
+            let _ = self
+                .state
+                .events
+                .send((namespace.to_owned(), "MODIFIED", entry.pod.clone()));
             entry.container.clone()
         };
         if let Some(container) = container {
@@ -500,13 +507,17 @@ impl Fake {
         status: k8s_openapi::api::core::v1::PodStatus,
     ) {
         let version = self.next_version();
-        if let Some(entry) = self
+        let changed = self
             .objects()
             .pods
             .get_mut(&(namespace.to_owned(), name.to_owned()))
-        {
-            entry.pod.status = Some(status);
-            entry.pod.metadata.resource_version = Some(version);
+            .map(|entry| {
+                entry.pod.status = Some(status);
+                entry.pod.metadata.resource_version = Some(version);
+                entry.pod.clone()
+            });
+        if let Some(pod) = changed {
+            let _ = self.events.send((namespace.to_owned(), "MODIFIED", pod));
         }
     }
 
@@ -675,6 +686,7 @@ async fn create_pod(
             },
         );
     }
+    let _ = fake.events.send((namespace.clone(), "ADDED", pod.clone()));
     tokio::spawn(Arc::clone(&fake).run(namespace, name));
     object(
         StatusCode::CREATED,
@@ -711,11 +723,10 @@ async fn list_pods(
         .get("watch")
         .is_some_and(|watch| watch == "true" || watch == "1")
     {
-        return Err(failure(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "the fake serves no watches".into(),
-            None,
+        return Ok(watch_pods(
+            &fake,
+            namespace,
+            query.get("labelSelector").cloned(),
         ));
     }
     let items: Vec<Value> = fake
@@ -738,19 +749,82 @@ async fn list_pods(
     )
 }
 
+/// `GET …/pods?watch=true`: the matching pods as `ADDED`, then every change, one `WatchEvent`
+/// JSON object per line, each checked against the schema.
+fn watch_pods(fake: &Arc<Fake>, namespace: String, selector: Option<String>) -> Response {
+    let mut changes = fake.events.subscribe();
+    let current: Vec<Pod> = fake
+        .objects()
+        .pods
+        .iter()
+        .filter(|((ns, _), entry)| {
+            *ns == namespace && selects(selector.as_ref(), entry.pod.metadata.labels.as_ref())
+        })
+        .map(|(_, entry)| entry.pod.clone())
+        .collect();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        let line = |kind: &str, pod: &Pod| -> Option<Bytes> {
+            let event = json!({"type": kind, "object": Fake::pod_value(pod)});
+            openapi::check("io.k8s.apimachinery.pkg.apis.meta.v1.WatchEvent", &event)
+                .map_err(|error| eprintln!("fake-kube: invalid watch event: {error}"))
+                .ok()?;
+            Some(Bytes::from(format!("{event}\n")))
+        };
+        for pod in &current {
+            let Some(bytes) = line("ADDED", pod) else {
+                return;
+            };
+            if sender.send(Ok(bytes)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let (ns, kind, pod) = match changes.recv().await {
+                Ok(change) => change,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            if ns != namespace || !selects(selector.as_ref(), pod.metadata.labels.as_ref()) {
+                continue;
+            }
+            let Some(bytes) = line(kind, &pod) else {
+                return;
+            };
+            if sender.send(Ok(bytes)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(tokio_stream_of(receiver)),
+    )
+        .into_response()
+}
+
+fn tokio_stream_of(
+    mut receiver: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |context| receiver.poll_recv(context))
+}
+
 /// Removes pods (their containers first), returning what was removed.
 async fn remove_pods(fake: &Fake, keys: Vec<(String, String)>) -> Vec<Pod> {
-    let entries: Vec<PodEntry> = {
+    let entries: Vec<((String, String), PodEntry)> = {
         let mut objects = fake.objects();
-        keys.iter()
-            .filter_map(|key| objects.pods.remove(key))
+        keys.into_iter()
+            .filter_map(|key| objects.pods.remove(&key).map(|entry| (key, entry)))
             .collect()
     };
     let mut removed = Vec::new();
-    for entry in entries {
+    for (key, entry) in entries {
         if let Some(container) = &entry.container {
             let _ = container.cleanup().await;
         }
+        let _ = fake
+            .events
+            .send((key.0.clone(), "DELETED", entry.pod.clone()));
         removed.push(entry.pod);
     }
     removed
