@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     readers: AtomicU64,
     /// The namespace's pods as one watch reports them; trusted only while `watching`.
     states: Mutex<HashMap<String, PodState>>,
+    /// Pods this driver deleted whose `DELETED` event may not have arrived: a late
+    /// `MODIFIED` must not bring them back to life in `states`.
+    deleted: Mutex<std::collections::HashSet<String>>,
     watching: AtomicBool,
     /// Woken on every change the watch reports.
     changed: Notify,
@@ -156,6 +159,7 @@ impl K8sDriver {
                 offline_policy: AtomicBool::new(false),
                 readers: AtomicU64::new(0),
                 states: Mutex::new(HashMap::new()),
+                deleted: Mutex::new(std::collections::HashSet::new()),
                 watching: AtomicBool::new(false),
                 changed: Notify::new(),
                 watcher: Mutex::new(None),
@@ -300,7 +304,18 @@ impl Inner {
         Ok(PodState::of(&found))
     }
 
+    /// Forgets what the watch said of `pods` (they are being deleted).
+    fn forget(&self, pods: impl IntoIterator<Item = String>) {
+        if let (Ok(mut states), Ok(mut deleted)) = (self.states.lock(), self.deleted.lock()) {
+            for pod in pods {
+                states.remove(&pod);
+                deleted.insert(pod);
+            }
+        }
+    }
+
     pub(crate) async fn delete_pod(&self, pod: &str) -> Result<(), DriverError> {
+        self.forget([pod.to_owned()]);
         match self
             .pods
             .delete(pod, &DeleteParams::default().grace_period(0))
@@ -588,14 +603,33 @@ async fn watch_pods(inner: Weak<Inner>, pods: Api<Pod>, selector: String) {
                 first = false;
             }
             match event {
-                Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod)) => {
+                Ok(WatchEvent::Added(pod)) => {
                     if let Some(name) = pod.metadata.name.clone() {
+                        if let Ok(mut deleted) = inner.deleted.lock() {
+                            deleted.remove(&name);
+                        }
+                        states.insert(name, PodState::of(&pod));
+                    }
+                }
+                Ok(WatchEvent::Modified(pod)) => {
+                    let gone = |name: &String| {
+                        inner
+                            .deleted
+                            .lock()
+                            .is_ok_and(|deleted| deleted.contains(name))
+                    };
+                    if let Some(name) = pod.metadata.name.clone()
+                        && !gone(&name)
+                    {
                         states.insert(name, PodState::of(&pod));
                     }
                 }
                 Ok(WatchEvent::Deleted(pod)) => {
                     if let Some(name) = &pod.metadata.name {
                         states.remove(name);
+                        if let Ok(mut deleted) = inner.deleted.lock() {
+                            deleted.remove(name);
+                        }
                     }
                 }
                 Ok(WatchEvent::Bookmark(_)) => {}
@@ -646,6 +680,12 @@ impl Driver for K8sDriver {
         let list = ListParams::default().labels(&selector);
         let delete = DeleteParams::default().grace_period(0);
         let mut first_error = None;
+        let known: Vec<String> = inner
+            .states
+            .lock()
+            .map(|states| states.keys().cloned().collect())
+            .unwrap_or_default();
+        inner.forget(known);
         let mut note = |result: Result<(), DriverError>| {
             if let Err(error) = result {
                 tracing::warn!("close: {error}");
