@@ -3,7 +3,7 @@
     reason = "handlers return `Result<Response, Response>`: the error is the response, built once per request"
 )]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1517,9 +1517,4 @@ async fn delete_policies(
     Ok(Json(
         json!({"kind": "NetworkPolicyList", "apiVersion": "networking.k8s.io/v1", "metadata": {}, "items": items}),
     ))
-}
-
-#[expect(dead_code, reason = "kept for the namespaces a test creates later")]
-fn namespaces(options: &FakeOptions) -> BTreeSet<String> {
-    options.namespaces.iter().cloned().collect()
 }
