@@ -17,7 +17,7 @@ static-mk:V:
 image:V: static-mk
 	cargo run --release -p ci-exec -- image build
 
-bench:V: bench-mk bench-native bench-job bench-remote bench-qemu
+bench:V: bench-mk bench-native bench-job bench-remote bench-qemu bench-k8s
 
 bench-mk:V:
 	benches/mk/bench.sh
@@ -27,6 +27,9 @@ bench-native:V:
 
 bench-job:V:
 	benches/job/bench.sh --drivers 'native qemu'
+
+bench-k8s:V:
+	benches/k8s/conformance.sh
 
 bench-remote:V:
 	benches/remote/replay.sh

@@ -122,3 +122,120 @@ pub fn qemu_config(dsn: &str) -> Option<ci_exec_qemu::QemuConfig> {
     }
     Some(config)
 }
+
+/// The Kubernetes namespace the fake API server holds and the `k8s` tests run in (each test
+/// still gets its own ci-exec namespace, a label inside it).
+pub const FAKE_KUBE_NAMESPACE: &str = "ci-exec";
+/// The bearer token the fake accepts; the tests' kubeconfig carries it.
+pub const FAKE_KUBE_TOKEN: &str = "fake-kube-token-7f3a";
+
+/// The fake Kubernetes API server of this test process, its pods run on the Docker engine of
+/// `DOCKER_HOST` (or `.ci/setup-docker.sh`'s socket), with a kubeconfig for it. It runs on a
+/// runtime of its own: each test has its own runtime, and the fake outlives them all.
+pub fn fake_kube() -> Result<&'static (ci_exec_fake_kube::FakeKube, PathBuf), String> {
+    static FAKE: std::sync::OnceLock<Result<(ci_exec_fake_kube::FakeKube, PathBuf), String>> =
+        std::sync::OnceLock::new();
+    FAKE.get_or_init(|| {
+        let host = docker_host().ok_or_else(|| {
+            "no Docker engine for the fake API server's pods (`DOCKER_HOST` unset, no \
+             /run/ci-exec/docker.sock): run `bash .ci/setup-docker.sh` as root"
+                .to_owned()
+        })?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = sender.send(Err(format!("fake API server runtime: {error}")));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let options = ci_exec_fake_kube::FakeOptions {
+                    namespaces: vec![FAKE_KUBE_NAMESPACE.to_owned()],
+                    tokens: vec![FAKE_KUBE_TOKEN.to_owned()],
+                    forbidden_tokens: vec!["fake-kube-forbidden".to_owned()],
+                    docker_host: Some(host),
+                    drop_follow_after: None,
+                };
+                let started = ci_exec_fake_kube::FakeKube::start(options).await;
+                let _ = sender.send(started);
+                std::future::pending::<()>().await;
+            });
+        });
+        let fake = receiver
+            .recv()
+            .map_err(|_| "the fake API server's thread ended".to_owned())??;
+        let directory =
+            std::env::temp_dir().join(format!("ci-exec-fake-kube-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).map_err(|error| error.to_string())?;
+        let kubeconfig = fake
+            .write_kubeconfig(
+                &directory.join("kubeconfig"),
+                FAKE_KUBE_NAMESPACE,
+                FAKE_KUBE_TOKEN,
+            )
+            .map_err(|error| format!("write the fake's kubeconfig: {error}"))?;
+        Ok((fake, kubeconfig))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// The Docker engine the fake API server runs pods on: `DOCKER_HOST`, else a local socket.
+pub fn docker_host() -> Option<String> {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|host| !host.is_empty())
+        .or_else(|| {
+            ["/run/ci-exec/docker.sock", "/var/run/docker.sock"]
+                .iter()
+                .find(|socket| std::path::Path::new(socket).exists())
+                .map(|socket| format!("unix://{socket}"))
+        })
+}
+
+/// The `k8s` driver in a fresh namespace, against the fake API server (pods on Docker).
+pub async fn k8s() -> Option<Box<dyn Driver>> {
+    let (_, kubeconfig) = match fake_kube() {
+        Ok(fake) => fake,
+        Err(reason) => return crate::missing_prerequisite("k8s", &reason),
+    };
+    let dsn = format!(
+        "k8s://{}?kube_namespace={FAKE_KUBE_NAMESPACE}&kubeconfig={}&image={CONTAINER_TEST_IMAGE}",
+        unique_namespace("k8s"),
+        kubeconfig.display()
+    );
+    let config = DriverConfig::parse_with_env(&dsn, &|_| None)
+        .unwrap_or_else(|error| panic!("k8s DSN `{dsn}`: {error}"));
+    let config = ci_exec_k8s::K8sConfig::from_driver_config(&config);
+    let driver = ci_exec_k8s::K8sDriver::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("k8s driver: {error}"));
+    Some(Box::new(driver))
+}
+
+/// The `k8s` driver against a real cluster: opt-in, with `CI_EXEC_K8S_REAL=1` and `KUBECONFIG`
+/// (`CI_EXEC_K8S_NAMESPACE` names the Kubernetes namespace, `CI_EXEC_K8S_IMAGE` the test image,
+/// which the cluster must be able to pull). Skipped, even in CI, unless asked for.
+pub async fn k8s_real() -> Option<Box<dyn Driver>> {
+    if std::env::var("CI_EXEC_K8S_REAL").as_deref() != Ok("1")
+        || std::env::var_os("KUBECONFIG").is_none()
+    {
+        eprintln!(
+            "k8s_real: set CI_EXEC_K8S_REAL=1 and KUBECONFIG to run the suite against a real cluster"
+        );
+        return None;
+    }
+    let dsn = format!("k8s://{}", unique_namespace("k8s"));
+    let config = DriverConfig::parse_with_env(&dsn, &|variable| std::env::var(variable).ok())
+        .unwrap_or_else(|error| panic!("k8s DSN `{dsn}`: {error}"));
+    let mut config = ci_exec_k8s::K8sConfig::from_driver_config(&config);
+    if std::env::var_os("CI_EXEC_K8S_NAMESPACE").is_none() {
+        config.kube_namespace = "default".to_owned();
+    }
+    let driver = ci_exec_k8s::K8sDriver::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("k8s driver: {error}"));
+    Some(Box::new(driver))
+}

@@ -23,6 +23,11 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
             )
             .await?,
         ),
+        #[cfg(feature = "k8s")]
+        "k8s" => Box::new(
+            ci_exec_k8s::K8sDriver::connect(ci_exec_k8s::K8sConfig::from_driver_config(config))
+                .await?,
+        ),
         name => return Err(not_built(name).into()),
     };
     tracing::debug!(driver = %config.driver, namespace = %config.namespace, "driver ready");
@@ -43,7 +48,9 @@ fn not_available(name: &str) -> CliError {
         "driver `{name}` is not available yet in ci-exec {}",
         env!("CARGO_PKG_VERSION")
     ))
-    .hint("`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`)")
+    .hint(
+        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`)",
+    )
 }
 
 /// An available driver this binary was built without (its cargo feature was off).

@@ -953,3 +953,95 @@ mod remote;
 
 #[path = "job/ci.rs"]
 mod ci;
+
+/// The fake Kubernetes API server (pods on the Docker engine of `.ci/setup-docker.sh`) on a
+/// runtime of its own, with a kubeconfig for it; `None` when no engine is reachable.
+fn fake_kube() -> Option<&'static (ci_exec_fake_kube::FakeKube, PathBuf)> {
+    static FAKE: std::sync::OnceLock<Option<(ci_exec_fake_kube::FakeKube, PathBuf)>> =
+        std::sync::OnceLock::new();
+    FAKE.get_or_init(|| {
+        let host = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|host| !host.is_empty())
+            .or_else(|| {
+                Path::new("/run/ci-exec/docker.sock")
+                    .exists()
+                    .then(|| "unix:///run/ci-exec/docker.sock".to_owned())
+            })?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                let options = ci_exec_fake_kube::FakeOptions {
+                    namespaces: vec!["ci".to_owned()],
+                    tokens: vec!["job-token".to_owned()],
+                    docker_host: Some(host),
+                    ..ci_exec_fake_kube::FakeOptions::default()
+                };
+                let _ = sender.send(ci_exec_fake_kube::FakeKube::start(options).await.ok());
+                std::future::pending::<()>().await;
+            });
+        });
+        let fake = receiver.recv().ok()??;
+        let directory =
+            std::env::temp_dir().join(format!("ci-exec-job-kube-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).ok()?;
+        let kubeconfig = fake
+            .write_kubeconfig(&directory.join("kubeconfig"), "ci", "job-token")
+            .ok()?;
+        Some((fake, kubeconfig))
+    })
+    .as_ref()
+}
+
+/// `ci-exec test --driver=k8s`: the base-OS steps and `mk test` run as pods of the fake API
+/// server (each a real container on Docker), sharing the source through a PVC; then the
+/// result replays.
+#[test]
+fn hello_runs_on_k8s_against_the_fake_api_server() {
+    let fake = fake_kube();
+    let missing = match fake {
+        None => Some(
+            "no Docker engine for the fake API server's pods: run `bash .ci/setup-docker.sh`"
+                .to_owned(),
+        ),
+        Some(_) => engine_missing("docker"),
+    };
+    if !ci_exec_prerequisite::require(
+        "the job tests on `k8s`",
+        missing,
+        "bash .ci/run installs and starts every driver's prerequisites",
+    ) {
+        return;
+    }
+    let Some((_, kubeconfig)) = fake else { return };
+    let image = std::env::var("CI_EXEC_DOCKER_IMAGE")
+        .unwrap_or_else(|_| "localhost/ci-exec/base:latest".to_owned());
+    let dsn = format!("k8s://ci?kubeconfig={}&image={image}", kubeconfig.display());
+    let repo = Repo::example("hello");
+    let first = repo.test(&dsn, &[], &[]);
+    assert_exit(&first, 0);
+    assert!(
+        text(&first.stdout).contains("hello from mk test"),
+        "{}",
+        text(&first.stdout)
+    );
+    assert!(
+        text(&first.stderr).contains("on `k8s`"),
+        "{}",
+        text(&first.stderr)
+    );
+    assert!(
+        !text(&first.stderr).contains("job-token"),
+        "{}",
+        text(&first.stderr)
+    );
+    let second = repo.test(&dsn, &[], &[]);
+    assert_exit(&second, 0);
+    assert_eq!(second.stdout, first.stdout, "replayed stdout is byte-exact");
+    assert!(
+        text(&second.stderr).contains("==> replaying result"),
+        "{}",
+        text(&second.stderr)
+    );
+}

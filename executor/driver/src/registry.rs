@@ -238,12 +238,26 @@ const CONTAINER_BASE_IMAGE: ParamSpec = param(
 static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "k8s",
-        description: "Kubernetes Jobs and PVCs; the Kubernetes namespace is the DSN namespace \
-                      (`k8s://NS` or `k8s:namespace=NS`), `default` when none is given",
-        available: false,
-        params: &[param("kubeconfig", Text, "path to the kubeconfig file")
-            .env("KUBECONFIG")
-            .default("~/.kube/config")],
+        description: "Kubernetes Pods and PVCs; the Kubernetes namespace is the DSN namespace \
+                      (`k8s://NS` or `k8s:namespace=NS`), `default` when none is given, \
+                      unless `kube_namespace=` names another",
+        available: true,
+        params: &[
+            param("kubeconfig", Text, "path to the kubeconfig file (in-cluster config when it does not exist)")
+                .env("KUBECONFIG")
+                .default("~/.kube/config"),
+            param(
+                "kube_namespace",
+                Text,
+                "Kubernetes namespace of the pods and PVCs (they are labelled with the DSN namespace)",
+            )
+            .env("CI_EXEC_K8S_NAMESPACE"),
+            param("storage_class", Text, "storage class of the volumes' PVCs; the cluster's default when unset")
+                .env("CI_EXEC_K8S_STORAGE_CLASS"),
+            param("image", Text, "image of tasks that name none (the job's base OS steps)")
+                .env("CI_EXEC_K8S_IMAGE")
+                .default("docker.io/library/debian:bookworm-slim"),
+        ],
     },
     DriverSpec {
         name: "docker",

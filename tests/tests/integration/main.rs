@@ -3,4 +3,5 @@
 
 mod cli;
 mod conformance;
+mod k8s;
 mod native;
