@@ -23,13 +23,19 @@
     }
     packages="$(missing)"
     if [ -n "$packages" ]; then
-        # qemu-system-x86 and qemu-utils come from one source package and must have the same
-        # version: a qemu-utils from backports is removed when Debian's qemu-system-x86 is
-        # installed, so both are always installed together.
-        case "$packages" in *qemu-*) packages="$packages qemu-utils qemu-system-x86" ;; esac
         $sudo apt-get update -qq
+        # qemu-system-x86 and qemu-utils come from one source package and must have the same
+        # version: Debian's qemu-system-x86 cannot be installed beside a newer qemu-utils (one
+        # from backports, say), so both are installed together at the version the sources
+        # offer for qemu-system-x86, replacing (even downgrading) the qemu-utils there is.
+        case "$packages" in *qemu-*)
+            version="$(apt-cache policy qemu-system-x86 | awk '$1 == "Candidate:" { print $2 }')"
+            packages="$(echo "$packages" | tr ' ' '\n' | grep -v '^qemu-' | tr '\n' ' ')"
+            packages="$packages qemu-utils=$version qemu-system-x86=$version"
+            ;;
+        esac
         # shellcheck disable=SC2086 # the list is split on purpose
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades $packages
         still="$(missing)"
         if [ -n "$still" ]; then
             echo "error: .ci/setup-image.sh: still missing after apt-get install:$still" >&2
