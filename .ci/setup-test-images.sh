@@ -1,6 +1,7 @@
 # Sourced by .ci/run, after .ci/setup-image.sh (which built the default guest image and the
-# static binaries): the guest image only the tests use, the default one with systemd and
-# Debian's cloud-init, for the NoCloud seed boot test. Kept out of README's first command
+# static binaries): the guest images only the tests use: the default one with systemd and
+# Debian's cloud-init, for the NoCloud seed boot test, and `ubuntu-noble`, which the qemu
+# conformance suite and job tests also run on. Kept out of README's first command
 # (it costs a newcomer two more minutes). Builds here run as root; the user `ci-exec-builder`
 # (with subordinate id ranges) is made for the test that builds as a normal user through
 # mmdebstrap's unshare mode. Idempotent: quick when everything is present.
@@ -21,4 +22,7 @@
     started=$(date +%s)
     "$target/debug/examples/build_image" "$musl/mk" "$musl/ci-exec-init" cloud-init >/dev/null
     echo "setup-test-images: cloud-init variant ready ($(( $(date +%s) - started )) s)" >&2
+    started=$(date +%s)
+    "$target/debug/examples/build_image" "$musl/mk" "$musl/ci-exec-init" ubuntu-noble >/dev/null
+    echo "setup-test-images: ubuntu-noble ready ($(( $(date +%s) - started )) s)" >&2
 )

@@ -1,7 +1,7 @@
 //! Builds an image into the cache without the CLI (used by `.ci/setup-image.sh` and the
-//! benchmarks): `build_image <mk> <ci-exec-init> [default|cloud-init] [--force]`.
+//! benchmarks): `build_image <mk> <ci-exec-init> [default|cloud-init|ubuntu-noble] [--force]`.
 
-use ci_exec_guest_image::{BuildOptions, ImageCache, Reporter, Variant};
+use ci_exec_guest_image::{BuildOptions, ImageCache, Reporter, UBUNTU_IMAGE, Variant};
 use std::time::Instant;
 
 struct Steps(Instant);
@@ -15,12 +15,17 @@ impl Reporter for Steps {
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mk), Some(init)) = (arguments.first(), arguments.get(1)) else {
-        eprintln!("usage: build_image <mk> <ci-exec-init> [default|cloud-init] [--force]");
+        eprintln!(
+            "usage: build_image <mk> <ci-exec-init> [default|cloud-init|ubuntu-noble] [--force]"
+        );
         std::process::exit(2);
     };
     let mut options = BuildOptions::new(mk.into(), init.into());
     if arguments.iter().any(|argument| argument == "cloud-init") {
         options.variant = Variant::CloudInit;
+    }
+    if arguments.iter().any(|argument| argument == UBUNTU_IMAGE) {
+        options = BuildOptions::ubuntu(mk.into(), init.into());
     }
     options.force = arguments.iter().any(|argument| argument == "--force");
     let result = ImageCache::open(None)

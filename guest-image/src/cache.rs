@@ -13,7 +13,7 @@
 //! A finished build is never modified: running VMs may have overlays backed by its disk.
 
 use crate::cloud::{self, CloudOptions};
-use crate::debian::{self, BuildOptions};
+use crate::debian::{self, BuildOptions, Distribution};
 use crate::manifest::{Manifest, RECIPE_VERSION};
 use crate::{Error, Reporter};
 use crate::{catalog, download, host};
@@ -141,7 +141,11 @@ impl ImageCache {
             options,
             &inputs,
             &work,
-            &self.root.join("apt-archives"),
+            // One archive per distribution: each build copies its whole archive into the tree.
+            &self.root.join(match options.distribution {
+                Distribution::Debian => "apt-archives".to_owned(),
+                other => format!("apt-archives-{}", other.name()),
+            }),
             reporter,
         )
         .and_then(|manifest| self.install(manifest, &work, &name));
@@ -506,6 +510,7 @@ mod tests {
             recipe_version: RECIPE_VERSION,
             inputs: "inputs".to_owned(),
             arch: "x86_64".to_owned(),
+            os: "Debian GNU/Linux 12 (bookworm)".to_owned(),
             kernel_release: "6.1.0".to_owned(),
             container_images: vec![],
             source: "test".to_owned(),

@@ -172,6 +172,8 @@ pub(crate) fn prepare(
         recipe_version: RECIPE_VERSION,
         inputs,
         arch: std::env::consts::ARCH.to_owned(),
+        // The catalog name says the release; the image is not opened to read its os-release.
+        os: image.name.clone(),
         kernel_release: String::new(),
         container_images: Vec::new(),
         source: "download".to_owned(),

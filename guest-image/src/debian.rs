@@ -1,4 +1,5 @@
-//! The default image, built locally from Debian's archive with `mmdebstrap`.
+//! The default image, built locally from Debian's archive with `mmdebstrap`, and the Ubuntu
+//! image (`ubuntu-noble`) built the same way from Ubuntu's archive.
 //!
 //! Two bootstraps: a `minbase` userland that becomes the preloaded container image
 //! `localhost/ci-exec/base:latest`, then the guest OS. Everything that touches the guest's files
@@ -29,6 +30,9 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     "iproute2",
 ];
+
+/// Added for Ubuntu images: mmdebstrap's `minbase` of an Ubuntu suite has no apt.
+pub const UBUNTU_PACKAGES: &[&str] = &["apt", "ubuntu-keyring", "mount"];
 
 /// Added for the cloud-init variant, which boots systemd so that cloud-init's units run.
 pub const CLOUD_INIT_PACKAGES: &[&str] = &["cloud-init", "systemd-sysv", "udev"];
@@ -142,6 +146,28 @@ pub const UBUNTU_MIRROR: &str = "http://archive.ubuntu.com/ubuntu";
 /// has no package of it, and apt checks the kernel's packages against it.
 const UBUNTU_ARCHIVE_KEY: &[u8] = include_bytes!("../keys/ubuntu-archive-2018.asc");
 
+/// Whose archive the guest OS and the container base image come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distribution {
+    /// Debian (`bookworm`), from the host's Debian sources unless told.
+    Debian,
+    /// Ubuntu (`noble`), from [`BuildOptions::ubuntu_mirror`] (`main` and `universe`, with the
+    /// `-updates` and `-security` pockets), checked against Ubuntu's archive key. Its kernel is
+    /// the suite's own `linux-image-virtual`.
+    Ubuntu,
+}
+
+impl Distribution {
+    /// `debian`, `ubuntu`: the first word of an image name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Distribution::Debian => "debian",
+            Distribution::Ubuntu => "ubuntu",
+        }
+    }
+}
+
 /// Which flavour of the Debian image to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Variant {
@@ -159,7 +185,8 @@ pub struct BuildOptions {
     pub mk_binary: PathBuf,
     /// Our static init (`… -p ci-exec-guest-init`, binary `ci-exec-init`).
     pub init_binary: PathBuf,
-    /// Debian suite, `bookworm`.
+    pub distribution: Distribution,
+    /// The distribution's suite: `bookworm`, `noble`.
     pub suite: String,
     /// A mirror URL or a sources file for mmdebstrap; `None` uses the host's Debian sources
     /// file when it names the suite, else mmdebstrap's default.
@@ -182,6 +209,7 @@ impl BuildOptions {
         Self {
             mk_binary,
             init_binary,
+            distribution: Distribution::Debian,
             suite: "bookworm".to_owned(),
             mirror: None,
             variant: Variant::Default,
@@ -193,18 +221,69 @@ impl BuildOptions {
         }
     }
 
-    /// `debian-bookworm` or `debian-bookworm-cloud-init`.
-    pub fn image_name(&self) -> String {
-        match self.variant {
-            Variant::Default => format!("debian-{}", self.suite),
-            Variant::CloudInit => format!("debian-{}-cloud-init", self.suite),
+    /// The Ubuntu image: `ubuntu-noble` (24.04 LTS), our init and agent, podman, mk, git.
+    pub fn ubuntu(mk_binary: PathBuf, init_binary: PathBuf) -> Self {
+        Self {
+            distribution: Distribution::Ubuntu,
+            suite: "noble".to_owned(),
+            kernel: Kernel::UbuntuKvm,
+            ..Self::new(mk_binary, init_binary)
         }
+    }
+
+    /// The options that build image `name` (`debian-bookworm`, `debian-bookworm-cloud-init`,
+    /// `ubuntu-noble`), or `None` for a name no recipe here makes.
+    pub fn for_image(name: &str, mk_binary: PathBuf, init_binary: PathBuf) -> Option<Self> {
+        let mut options = if name.starts_with("ubuntu-") {
+            Self::ubuntu(mk_binary, init_binary)
+        } else {
+            Self::new(mk_binary, init_binary)
+        };
+        if name == options.image_name() {
+            return Some(options);
+        }
+        options.variant = Variant::CloudInit;
+        (options.distribution == Distribution::Debian && name == options.image_name())
+            .then_some(options)
+    }
+
+    /// `debian-bookworm`, `debian-bookworm-cloud-init`, `ubuntu-noble`.
+    pub fn image_name(&self) -> String {
+        let distribution = self.distribution.name();
+        match self.variant {
+            Variant::Default => format!("{distribution}-{}", self.suite),
+            Variant::CloudInit => format!("{distribution}-{}-cloud-init", self.suite),
+        }
+    }
+
+    /// Whether the options make sense together: Ubuntu images boot Ubuntu's own kernel.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.distribution == Distribution::Ubuntu && self.kernel != Kernel::UbuntuKvm {
+            return Err(Error::Build {
+                reason: format!(
+                    "`{}` boots Ubuntu's own kernel: drop `--kernel {}`",
+                    self.image_name(),
+                    self.kernel.name()
+                ),
+            });
+        }
+        if self.distribution == Distribution::Ubuntu && self.variant == Variant::CloudInit {
+            return Err(Error::Build {
+                reason: "the cloud-init variant is built from Debian only".to_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn packages(&self) -> Vec<String> {
         let mut packages: Vec<String> = PACKAGES.iter().map(|name| (*name).to_owned()).collect();
         if self.variant == Variant::CloudInit {
             packages.extend(CLOUD_INIT_PACKAGES.iter().map(|name| (*name).to_owned()));
+        }
+        if self.distribution == Distribution::Ubuntu {
+            // apt in the guest trusts the archive through `ubuntu-keyring`'s key; `mount` is
+            // not Essential in Ubuntu, and the driver mounts its 9p share.
+            packages.extend(UBUNTU_PACKAGES.iter().map(|name| (*name).to_owned()));
         }
         packages.extend(self.extra_packages.iter().cloned());
         packages.sort();
@@ -232,6 +311,7 @@ pub(crate) struct Inputs {
 pub(crate) fn inputs(options: &BuildOptions) -> Result<Inputs, Error> {
     let mk = host::require_static(&options.mk_binary, "mkrunner")?;
     let init = host::require_static(&options.init_binary, "ci-exec-guest-init")?;
+    options.check()?;
     let request = serde_json::json!({
         "recipe_version": RECIPE_VERSION,
         "name": options.image_name(),
@@ -276,7 +356,23 @@ pub(crate) fn build(
     write_file(&out.join("mk"), &inputs.mk)?;
     write_file(&out.join("ci-exec-init"), &inputs.init)?;
     write_file(&out.join("ubuntu-archive.asc"), UBUNTU_ARCHIVE_KEY)?;
-    let mirror = mirror(options);
+    let mut mirror = mirror(options);
+    if options.distribution == Distribution::Ubuntu {
+        // apt as mmdebstrap runs it trusts the keys in this directory (armoured `.asc` files
+        // are read as they are); apt inside the tree trusts `ubuntu-keyring`'s copy. apt checks
+        // signatures as its `_apt` user, which cannot reach a directory in root's home, so
+        // mmdebstrap's apt keeps root (the hook drops that setting from the tree).
+        let keyring = out.join("keyring");
+        create_directory(&keyring)?;
+        write_file(&keyring.join("ubuntu-archive.asc"), UBUNTU_ARCHIVE_KEY)?;
+        mirror.splice(
+            0..0,
+            [
+                format!("--keyring={}", keyring.display()),
+                "--aptopt=APT::Sandbox::User \"root\"".to_owned(),
+            ],
+        );
+    }
 
     // The two bootstraps are independent until the hook imports the base image, so they run
     // side by side; the hook waits for `base.ok` (or `base.failed`) before the import.
@@ -391,6 +487,7 @@ pub(crate) fn build(
         recipe_version: RECIPE_VERSION,
         inputs: inputs.digest.clone(),
         arch: std::env::consts::ARCH.to_owned(),
+        os: pretty_name(&read_text(&out.join("os-release"))?),
         kernel_release: release,
         container_images: vec![BASE_CONTAINER_IMAGE.to_owned()],
         source: "mmdebstrap".to_owned(),
@@ -422,6 +519,15 @@ fn common_mmdebstrap_arguments(apt_cache: &Path) -> Vec<String> {
 
 /// The mirror argument(s) for mmdebstrap.
 fn mirror(options: &BuildOptions) -> Vec<String> {
+    if options.distribution == Distribution::Ubuntu {
+        // The release pocket alone would give the packages as they were in April 2024.
+        let url = options.mirror.as_deref().unwrap_or(&options.ubuntu_mirror);
+        let suite = &options.suite;
+        return ["", "-updates", "-security"]
+            .iter()
+            .map(|pocket| format!("deb {url} {suite}{pocket} main universe"))
+            .collect();
+    }
     if let Some(mirror) = &options.mirror {
         return vec![mirror.clone()];
     }
@@ -490,6 +596,7 @@ fail() {{
 
 {kernel}release=$(ls "$root/lib/modules" | head -n 1)
 printf '%s\n' "$release" > "$work/kernel-release"
+cat "$root/usr/lib/os-release" > "$work/os-release"
 for directory in {pruned}; do rm -rf "$root/lib/modules/$release/kernel/$directory"; done
 chroot "$root" /sbin/depmod --all "$release"
 cp "$root/boot/vmlinuz-$release" "$work/vmlinuz"
@@ -566,6 +673,8 @@ chroot "$root" dpkg-query -W -f '${{Package}}\t${{Version}}\n' > "$work/packages
 mkdir -p "$work/debs"
 find "$root/var/cache/apt/archives" -maxdepth 1 -name '*.deb' -exec cp {{}} "$work/debs/" \;
 rm -f "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin
+# mmdebstrap's own apt settings (`--aptopt`) are not the guest's.
+rm -f "$root/etc/apt/apt.conf.d/99mmdebstrap"
 rm -rf "$root"/var/lib/apt/lists/*
 
 # mkfs.ext4 -d copies a directory tree; a non-recursive bind mount of the root shows the tree
@@ -597,6 +706,29 @@ record() {
   chroot "$root" dpkg-deb --field "/var/cache/apt/archives/$1" Package Version | sed 's/^[A-Za-z]*: //' | paste - - > "$work/kernel-package"
 }
 "#;
+    if options.distribution == Distribution::Ubuntu {
+        // The suite's own kernel, from the tree's own sources: the current image and modules
+        // packages of `linux-image-virtual` (since 24.04 the `kvm` flavour is an alias of it:
+        // the generic kernel without `linux-modules-extra`), without the dependencies an
+        // installed kernel would pull in.
+        let flavour = "virtual";
+        return format!(
+            r#"{unpack}image=$(chroot "$root" apt-cache depends linux-image-{flavour} | awk '$1 == "Depends:" && $2 ~ /^linux-image-(unsigned-)?[0-9]/ {{ print $2; exit }}')
+[ -n "$image" ] ||
+  fail "Ubuntu's archive has no linux-image-{flavour} for {suite}"
+modules="linux-modules-${{image#linux-image-}}"
+modules="${{modules#linux-modules-unsigned-}}"
+case "$modules" in linux-modules-*) ;; *) modules="linux-modules-$modules" ;; esac
+chroot "$root" sh -c "cd /var/cache/apt/archives && apt-get download $image $modules" >&2
+for package in "$modules" "$image"; do
+  deb=$(ls "$root"/var/cache/apt/archives/"$package"_*.deb | sort -V | tail -n 1)
+  unpack "${{deb##*/}}"
+done
+record "${{deb##*/}}"
+"#,
+            suite = options.suite,
+        );
+    }
     match options.kernel {
         Kernel::Debian => format!(
             r#"{unpack}chroot "$root" apt-get install --download-only --yes --no-install-recommends linux-image-{arch} >&2
@@ -728,6 +860,20 @@ fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
     Ok(modules)
 }
 
+/// `PRETTY_NAME` from an `os-release` file (`Debian GNU/Linux 12 (bookworm)`), else `NAME`
+/// and `VERSION_ID`.
+pub(crate) fn pretty_name(os_release: &str) -> String {
+    let field = |key: &str| {
+        os_release.lines().find_map(|line| {
+            let value = line.strip_prefix(key)?.strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_owned())
+        })
+    };
+    field("PRETTY_NAME")
+        .or_else(|| Some(format!("{} {}", field("NAME")?, field("VERSION_ID")?)))
+        .unwrap_or_default()
+}
+
 fn parse_packages(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter_map(|line| line.split_once('\t'))
@@ -788,6 +934,80 @@ mod tests {
         assert_eq!(options.image_name(), "debian-bookworm-cloud-init");
         assert!(options.kernel_cmdline().ends_with("ci.init=/sbin/init"));
         assert!(options.packages().contains(&"cloud-init".to_owned()));
+    }
+
+    #[test]
+    fn image_names_choose_their_recipe() {
+        let options = |name: &str| BuildOptions::for_image(name, "mk".into(), "init".into());
+        let ubuntu = options("ubuntu-noble").expect("ubuntu");
+        assert_eq!(ubuntu.distribution, Distribution::Ubuntu);
+        assert_eq!(ubuntu.image_name(), "ubuntu-noble");
+        assert!(ubuntu.packages().contains(&"ubuntu-keyring".to_owned()));
+        assert!(ubuntu.packages().contains(&"apt".to_owned()));
+        assert_eq!(
+            options("debian-bookworm-cloud-init").map(|options| options.variant),
+            Some(Variant::CloudInit)
+        );
+        assert_eq!(
+            options("debian-bookworm").map(|options| options.distribution),
+            Some(Distribution::Debian)
+        );
+        for unknown in [
+            "ubuntu-noble-cloud-init",
+            "ubuntu-jammy",
+            "fedora-41",
+            "debian-sid",
+        ] {
+            assert!(options(unknown).is_none(), "{unknown}");
+        }
+        // The Debian image's request (and so its digest) does not name the distribution.
+        assert!(
+            !BuildOptions::new("mk".into(), "init".into())
+                .packages()
+                .contains(&"apt".to_owned())
+        );
+    }
+
+    #[test]
+    fn ubuntu_images_come_from_ubuntus_archive_with_updates_and_its_own_kernel() {
+        let mut options = BuildOptions::ubuntu("mk".into(), "init".into());
+        options.ubuntu_mirror = "http://mirror.example/ubuntu".to_owned();
+        assert_eq!(
+            mirror(&options),
+            [
+                "deb http://mirror.example/ubuntu noble main universe",
+                "deb http://mirror.example/ubuntu noble-updates main universe",
+                "deb http://mirror.example/ubuntu noble-security main universe",
+            ]
+        );
+        let kernel = kernel_script(&options);
+        assert!(
+            kernel.contains("apt-cache depends linux-image-virtual"),
+            "{kernel}"
+        );
+        assert!(!kernel.contains("jammy"), "{kernel}");
+        options.check().expect("consistent");
+        options.kernel = Kernel::Debian;
+        let error = options.check().expect_err("Debian's kernel on Ubuntu");
+        assert!(
+            error.to_string().contains("drop `--kernel debian`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn os_release_names_the_guest_os() {
+        assert_eq!(
+            pretty_name(
+                "NAME=\"Ubuntu\"\nVERSION_ID=\"24.04\"\nPRETTY_NAME=\"Ubuntu 24.04.3 LTS\"\n"
+            ),
+            "Ubuntu 24.04.3 LTS"
+        );
+        assert_eq!(
+            pretty_name("NAME=Alpine\nVERSION_ID=3.22.1\n"),
+            "Alpine 3.22.1"
+        );
+        assert_eq!(pretty_name(""), "");
     }
 
     #[test]

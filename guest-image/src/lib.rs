@@ -49,7 +49,9 @@ mod reporter;
 pub use cache::{ImageCache, PruneReport, default_directory};
 pub use clock::tcg_kernel_arguments;
 pub use cloud::{CloudOptions, preparation_seed};
-pub use debian::{BASE_CONTAINER_IMAGE, BuildOptions, Kernel, PACKAGES, UBUNTU_MIRROR, Variant};
+pub use debian::{
+    BASE_CONTAINER_IMAGE, BuildOptions, Distribution, Kernel, PACKAGES, UBUNTU_MIRROR, Variant,
+};
 pub use disk::create_overlay;
 pub use error::Error;
 pub use kernel::extract_vmlinux;
@@ -58,3 +60,6 @@ pub use reporter::{Reporter, SilentReporter, TracingReporter};
 
 /// The name of the default image.
 pub const DEFAULT_IMAGE: &str = "debian-bookworm";
+
+/// The Ubuntu image (24.04 LTS), built like the default one from Ubuntu's archive.
+pub const UBUNTU_IMAGE: &str = "ubuntu-noble";

@@ -35,6 +35,10 @@ pub struct Manifest {
     pub inputs: String,
     /// `x86_64`.
     pub arch: String,
+    /// The guest OS and its version, as its `os-release` names it (`Ubuntu 24.04.1 LTS`);
+    /// empty in manifests written before it was recorded.
+    #[serde(default)]
+    pub os: String,
     /// Kernel release, e.g. `6.1.0-56-amd64`.
     pub kernel_release: String,
     /// Container images preloaded into the guest's podman storage.

@@ -100,6 +100,19 @@ pub async fn qemu() -> Option<Box<dyn Driver>> {
     Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
 }
 
+/// The Ubuntu guest image (`ci-exec image build ubuntu-noble`; `.ci/setup-test-images.sh`).
+pub const UBUNTU_IMAGE: &str = "ubuntu-noble";
+
+/// The qemu driver booting the Ubuntu image: the same suite, another guest OS.
+pub async fn qemu_ubuntu() -> Option<Box<dyn Driver>> {
+    let dsn = format!(
+        "qemu://{}?image={UBUNTU_IMAGE}",
+        unique_namespace("qemu-ubuntu")
+    );
+    let config = qemu_config(&dsn)?;
+    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+}
+
 /// The qemu driver's configuration for `dsn`, or `None` (skipped, or a failure under `CI=true`)
 /// when QEMU, `qemu-img` or the default guest image is missing.
 pub fn qemu_config(dsn: &str) -> Option<ci_exec_qemu::QemuConfig> {

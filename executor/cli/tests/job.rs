@@ -66,7 +66,7 @@ impl Repo {
         let mut command = Command::new(BINARY);
         command
             .arg("test")
-            .arg(format!("--driver={driver}"))
+            .arg(format!("--driver={}", dsn(driver)))
             .args(args)
             .current_dir(self.path())
             .env("CI_EXEC_RESULTS", self.store.path())
@@ -107,6 +107,14 @@ fn assert_exit(output: &Output, code: i32) {
     );
 }
 
+/// The DSN of a test's driver name: `qemu_ubuntu` is the qemu driver booting the Ubuntu image.
+fn dsn(driver: &str) -> String {
+    match driver {
+        "qemu_ubuntu" => "qemu:image=ubuntu-noble".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
 /// Whether `driver` can run here. Missing prerequisites fail under `CI=true` and skip (with
 /// the reason) elsewhere.
 fn available(driver: &str) -> bool {
@@ -120,7 +128,8 @@ fn available(driver: &str) -> bool {
                 )
             })
         }
-        "qemu" => qemu_missing(),
+        "qemu" => qemu_missing("debian-bookworm", ".ci/setup-image.sh"),
+        "qemu_ubuntu" => qemu_missing("ubuntu-noble", ".ci/setup-test-images.sh"),
         "docker" | "podman" => engine_missing(driver),
         other => Some(format!("no prerequisite check for driver `{other}`")),
     };
@@ -131,18 +140,16 @@ fn available(driver: &str) -> bool {
     )
 }
 
-fn qemu_missing() -> Option<String> {
+fn qemu_missing(image: &str, setup: &str) -> Option<String> {
     let list = Command::new(BINARY)
         .args(["image", "list", "--json"])
         .output()
         .ok()?;
     let images: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
-    let built = images.as_array().is_some_and(|images| {
-        images
-            .iter()
-            .any(|image| image["name"] == "debian-bookworm")
-    });
-    (!built).then(|| "no guest image: run `ci-exec image build`".to_owned())
+    let built = images
+        .as_array()
+        .is_some_and(|images| images.iter().any(|built| built["name"] == image));
+    (!built).then(|| format!("no guest image `{image}`: run `bash {setup}`"))
 }
 
 /// Whether the engine answers and runs its base image (`.ci/setup-docker.sh` starts both
@@ -184,7 +191,7 @@ macro_rules! job_test {
 
 job_test!(
     hello_runs_then_replays_byte_exact,
-    [native, qemu, docker, podman],
+    [native, qemu, docker, podman, qemu_ubuntu],
     |driver| {
         let repo = Repo::example("hello");
         let first = repo.test(driver, &[], &[]);
@@ -221,7 +228,7 @@ job_test!(
 
 job_test!(
     artifacts_are_collected_and_the_cache_survives,
-    [native, qemu],
+    [native, qemu, qemu_ubuntu],
     |driver| {
         let repo = Repo::example("artifacts-cache");
         let artifacts = repo.path().join("collected");
@@ -607,7 +614,7 @@ const FETCH: &str = "bash -c 'exec 3<>/dev/tcp/${SERVER%:*}/${SERVER#*:} && prin
 
 job_test!(
     a_repository_shaped_like_a_real_one_builds_its_test_image_online,
-    [qemu],
+    [qemu, qemu_ubuntu],
     |driver| {
         // base-image builds a test image with `podman build` on podman's default network
         // (its RUN downloads from a server on the host); the image's ENV PATH puts its tool
@@ -653,7 +660,7 @@ job_test!(
 
 job_test!(
     the_base_os_is_online_and_the_test_offline_unless_the_mkfile_declares_it,
-    [qemu],
+    [qemu, qemu_ubuntu],
     |driver| {
         let server = HostServer::start("reached\n");
         let address = format!("10.0.2.2:{}", server.port);

@@ -37,13 +37,21 @@ pub(crate) fn copy(
     let mut buffer = vec![0u8; 64 * 1024];
     let mut wait = Duration::from_millis(1);
     let mut ended = false;
+    let mut position = 0u64;
     loop {
         let read = input.read(&mut buffer)?;
         if read > 0 {
             if !pass(output, &buffer[..read])? {
                 return Ok(());
             }
+            position += read as u64;
             wait = Duration::from_millis(1);
+            continue;
+        }
+        // At the end as this kernel knows it, which may be an old size: 9p on Linux 6.8
+        // (netfs) reads no further than the size it last heard of, and an open file is never
+        // asked again. A stat of the path asks the server and updates that size.
+        if std::fs::metadata(file).is_ok_and(|metadata| metadata.len() > position) {
             continue;
         }
         if ended {

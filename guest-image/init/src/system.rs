@@ -92,13 +92,14 @@ pub fn load_module(path: &Path, parameters: &str) -> io::Result<()> {
         .map_err(|error| context(error, format!("open module `{}`", path.display())))?;
     let parameters_c = c_string(parameters.as_bytes())?;
     use std::os::fd::AsRawFd;
+    let flags = module_init_flags(path);
     // SAFETY: the fd is open for the duration of the call and the parameters are NUL-terminated.
     let result = unsafe {
         libc::syscall(
             libc::SYS_finit_module,
             file.as_raw_fd(),
             parameters_c.as_ptr(),
-            0,
+            flags,
         )
     };
     if result == 0 {
@@ -115,6 +116,24 @@ pub fn load_module(path: &Path, parameters: &str) -> io::Result<()> {
             Ok(())
         }
         _ => Err(context(error, format!("load module `{}`", path.display()))),
+    }
+}
+
+/// `MODULE_INIT_COMPRESSED_FILE` (linux/module.h): the kernel decompresses the file itself.
+const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
+
+/// finit_module's flags for the module file at `path`: compressed modules (Ubuntu's since
+/// 23.10 are `.ko.zst`) are decompressed by a kernel built with `CONFIG_MODULE_DECOMPRESS`,
+/// as every kernel that ships compressed modules is.
+fn module_init_flags(path: &Path) -> libc::c_int {
+    let name = path.to_string_lossy();
+    if [".ko.zst", ".ko.xz", ".ko.gz"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+    {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
     }
 }
 
@@ -269,4 +288,22 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both descriptors were just made and are owned here alone.
     Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_modules_are_left_to_the_kernel_to_decompress() {
+        let flags = |path: &str| module_init_flags(Path::new(path));
+        assert_eq!(flags("/lib/modules/6.1.0/kernel/fs/9p/9p.ko"), 0);
+        for compressed in ["overlay.ko.zst", "ext4.ko.xz", "crc16.ko.gz"] {
+            assert_eq!(
+                flags(compressed),
+                MODULE_INIT_COMPRESSED_FILE,
+                "{compressed}"
+            );
+        }
+    }
 }

@@ -660,4 +660,9 @@ conformance! {
         capabilities = Capabilities { privileged: false, ..ALL };
     qemu_podman => ci_exec_tests::drivers::qemu, image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
         capabilities = ALL;
+    qemu_ubuntu => ci_exec_tests::drivers::qemu_ubuntu, image = "",
+        capabilities = Capabilities { privileged: false, ..ALL };
+    qemu_ubuntu_podman => ci_exec_tests::drivers::qemu_ubuntu,
+        image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
+        capabilities = ALL;
 }

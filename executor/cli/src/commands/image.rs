@@ -7,18 +7,18 @@ use std::time::Instant;
 
 use ci_exec_guest_image::{
     BuildOptions, CloudOptions, DEFAULT_IMAGE, ImageCache, Kernel, Manifest, Reporter,
-    UBUNTU_MIRROR, Variant, binaries, catalog,
+    UBUNTU_IMAGE, UBUNTU_MIRROR, binaries, catalog,
 };
 
 use crate::exit::{CliError, SUCCESS};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build the default Debian image (or the cloud-init variant), or download and prepare a
-    /// catalog cloud image; does nothing when the cached image is current
+    /// Build the default Debian image (or its cloud-init variant) or the Ubuntu image, or
+    /// download and prepare a catalog cloud image; does nothing when the cached image is current
     Build {
-        /// `debian-bookworm`, `debian-bookworm-cloud-init`, or a catalog name (`ubuntu-24.04`,
-        /// `alpine-3.20`)
+        /// `debian-bookworm`, `debian-bookworm-cloud-init`, `ubuntu-noble`, or a catalog name
+        /// (`ubuntu-24.04`, `alpine-3.20`)
         #[arg(default_value = DEFAULT_IMAGE)]
         name: String,
         /// Our static `mk` (default: found beside this executable or in cargo's musl output)
@@ -27,7 +27,8 @@ pub enum ImageCommand {
         /// Our static guest init, `ci-exec-init` (found like `--mk`)
         #[arg(long, value_name = "PATH", env = "CI_EXEC_INIT")]
         init: Option<PathBuf>,
-        /// Debian mirror URL or sources file (default: this host's Debian sources)
+        /// Debian mirror URL or sources file (default: this host's Debian sources); for
+        /// `ubuntu-noble`, an Ubuntu mirror URL (default: `--ubuntu-mirror`)
         #[arg(long, value_name = "URL|FILE")]
         mirror: Option<String>,
         /// The guest kernel of a Debian image: `ubuntu-kvm` (Ubuntu 22.04's kernel for virtual
@@ -35,7 +36,7 @@ pub enum ImageCommand {
         /// `debian` (Debian's own, the default elsewhere)
         #[arg(long, value_name = "NAME")]
         kernel: Option<Kernel>,
-        /// Ubuntu mirror URL, for the `ubuntu-kvm` kernel
+        /// Ubuntu mirror URL, for the `ubuntu-kvm` kernel and the `ubuntu-noble` image
         #[arg(long, value_name = "URL", default_value = UBUNTU_MIRROR)]
         ubuntu_mirror: String,
         /// Extra guest packages
@@ -100,24 +101,24 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                 options.force = force;
                 cache.fetch_cloud(&name, &options, &reporter)
             } else {
-                let mut options = BuildOptions::new(mk, binary(init, "ci-exec-init")?);
+                let Some(mut options) =
+                    BuildOptions::for_image(&name, mk, binary(init, "ci-exec-init")?)
+                else {
+                    let known: Vec<&str> =
+                        catalog::CATALOG.iter().map(|entry| entry.name).collect();
+                    return Err(CliError::usage(format!("unknown image `{name}`"))
+                        .hint(format!(
+                            "known images: {DEFAULT_IMAGE}, {DEFAULT_IMAGE}-cloud-init, \
+                             {UBUNTU_IMAGE}, {}",
+                            known.join(", ")
+                        ))
+                        .into());
+                };
                 options.mirror = mirror;
                 options.kernel = kernel.unwrap_or(options.kernel);
                 options.ubuntu_mirror = ubuntu_mirror;
                 options.extra_packages = packages;
                 options.force = force;
-                if name == format!("{}-cloud-init", options.image_name()) {
-                    options.variant = Variant::CloudInit;
-                } else if name != options.image_name() {
-                    let known: Vec<&str> =
-                        catalog::CATALOG.iter().map(|entry| entry.name).collect();
-                    return Err(CliError::usage(format!("unknown image `{name}`"))
-                        .hint(format!(
-                            "known images: {DEFAULT_IMAGE}, {DEFAULT_IMAGE}-cloud-init, {}",
-                            known.join(", ")
-                        ))
-                        .into());
-                }
                 cache.build_default(&options, &reporter)
             }?;
             reporter.finish();
@@ -145,13 +146,14 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                 );
             } else {
                 println!(
-                    "{:<28}  {:<16}  {:>8}  {:<20}  SOURCE",
-                    "NAME", "DIGEST", "SIZE", "BUILT"
+                    "{:<28}  {:<32}  {:<16}  {:>8}  {:<20}  SOURCE",
+                    "NAME", "OS", "DIGEST", "SIZE", "BUILT"
                 );
                 for image in &images {
                     println!(
-                        "{:<28}  {:<16}  {:>6.0}MB  {:<20}  {}",
+                        "{:<28}  {:<32}  {:<16}  {:>6.0}MB  {:<20}  {}",
                         image.name,
+                        if image.os.is_empty() { "-" } else { &image.os },
                         short(&image.digest),
                         image.disk_bytes as f64 / 1e6,
                         image.built_at,
