@@ -1,5 +1,4 @@
 use std::io::Read;
-use std::path::{Component, Path};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -61,16 +60,7 @@ impl VolumeFiles for DockerDriver {
             volume: volume.to_owned(),
             reason,
         };
-        let relative = Path::new(path);
-        if relative.as_os_str().is_empty()
-            || !relative
-                .components()
-                .all(|component| matches!(component, Component::Normal(_) | Component::CurDir))
-        {
-            return Err(invalid(format!(
-                "path `{path}` must be relative to the volume's root, without `..`"
-            )));
-        }
+        let relative = ci_exec_driver::volume_relative_path(volume, path)?;
         let backend_name = resource_name(inner.namespace(), volume);
         let docker = inner.docker().await?;
         match docker.inspect_volume(&backend_name).await {

@@ -154,6 +154,27 @@ pub trait VolumeFiles: Send + Sync {
     async fn read_file(&self, volume: &str, path: &str) -> Result<Vec<u8>, DriverError>;
 }
 
+/// `path` as [`VolumeFiles::read_file`] takes it: relative to the volume's root, never empty,
+/// without `..` or a root; anything else is the caller's error, naming the volume.
+pub fn volume_relative_path<'a>(
+    volume: &str,
+    path: &'a str,
+) -> Result<&'a std::path::Path, DriverError> {
+    use std::path::{Component, Path};
+    let relative = Path::new(path);
+    if relative.as_os_str().is_empty()
+        || !relative
+            .components()
+            .all(|component| matches!(component, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(DriverError::InvalidVolume {
+            volume: volume.to_owned(),
+            reason: format!("path `{path}` must be relative to the volume's root, without `..`"),
+        });
+    }
+    Ok(relative)
+}
+
 /// Optional: a long-lived environment (same image, mounts and env as `task`) in which commands
 /// run one after another, as the job flow does with its mk steps.
 #[async_trait]
@@ -229,5 +250,22 @@ pub async fn wait_for_exit(
         }
         tokio::time::sleep(interval).await;
         interval = (interval * 2).min(max_interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_paths_stay_inside_the_volume() {
+        assert_eq!(
+            volume_relative_path("v", "a/./b.txt").expect("relative"),
+            std::path::Path::new("a/./b.txt")
+        );
+        for bad in ["", "/etc/passwd", "../x", "a/../../x"] {
+            let error = volume_relative_path("cache", bad).expect_err(bad);
+            assert!(error.to_string().contains("cache"), "{error}");
+        }
     }
 }

@@ -26,7 +26,7 @@ mod task;
 
 pub use contract::{
     Container, ContainerStatus, Driver, FollowLogs, JobSupport, LogSink, MkSource, RepositoryState,
-    Sandbox, SandboxExec, SandboxOutput, Volume, VolumeFiles, wait_for_exit,
+    Sandbox, SandboxExec, SandboxOutput, Volume, VolumeFiles, volume_relative_path, wait_for_exit,
 };
 pub use dsn::{
     DriverConfig, DsnError, ParamSource, ParamValue, REDACTED, ResolvedParam, generate_namespace,

@@ -1,5 +1,4 @@
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -756,16 +755,7 @@ impl VolumeFiles for K8sDriver {
             volume: volume.to_owned(),
             reason,
         };
-        let relative = Path::new(path);
-        if relative.as_os_str().is_empty()
-            || !relative
-                .components()
-                .all(|component| matches!(component, Component::Normal(_) | Component::CurDir))
-        {
-            return Err(invalid(format!(
-                "path `{path}` must be relative to the volume's root, without `..`"
-            )));
-        }
+        ci_exec_driver::volume_relative_path(volume, path)?;
         let claim = kube_name(&resource_name(inner.namespace(), volume));
         match inner.claims.get_opt(&claim).await {
             Ok(Some(found)) if found.metadata.deletion_timestamp.is_none() => {}
