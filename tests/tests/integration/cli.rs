@@ -289,7 +289,6 @@ fn bad_run_arguments_exit_2() {
 #[test]
 fn unavailable_drivers_are_listed_as_such_and_refused_with_exit_2() {
     for driver in [
-        "hetzner:token=x",
         "digitalocean:token=x",
         "fly:token=x",
         "vz",

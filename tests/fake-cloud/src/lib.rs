@@ -1,0 +1,2 @@
+//! Fakes of the Hetzner Cloud, DigitalOcean and Fly Machines APIs on loopback.
+pub mod openapi;
