@@ -56,7 +56,7 @@ fn not_available(name: &str) -> CliError {
         env!("CARGO_PKG_VERSION")
     ))
     .hint(
-        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`, `hetzner`)",
+        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`, `hetzner`, `digitalocean`)",
     )
 }
 

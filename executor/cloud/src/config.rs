@@ -77,7 +77,6 @@ pub struct CloudConfig {
     /// Hetzner labels (`key=value`) or DigitalOcean tags (`tag`).
     pub user_labels: Vec<String>,
     pub ssh_user: String,
-    pub ssh_port: u16,
     pub ssh_timeout: Duration,
     pub docker_timeout: Duration,
     pub pool: PoolConfig,
@@ -125,12 +124,6 @@ impl CloudConfig {
                 reason: format!("`{bad}` is not `key=value`"),
             });
         }
-        let ssh_port = config.u64("ssh_port").unwrap_or(22);
-        let ssh_port = u16::try_from(ssh_port).map_err(|_| CloudError::InvalidParameter {
-            driver,
-            parameter: "ssh_port",
-            reason: format!("`{ssh_port}` is not a port"),
-        })?;
         Ok(CloudConfig {
             provider,
             namespace: config.namespace.clone(),
@@ -142,7 +135,6 @@ impl CloudConfig {
             disk_size_gb: config.u64("disk_size").unwrap_or_default(),
             user_labels,
             ssh_user: text("ssh_user"),
-            ssh_port,
             ssh_timeout: duration("ssh_timeout"),
             docker_timeout: duration("docker_timeout"),
             pool: PoolConfig {

@@ -316,12 +316,13 @@ impl Inner {
                     }
                 })?;
             };
-        let sshd = format!("{address}:{}", config.ssh_port);
+        // Port 22: the docker driver's ssh transport (bollard) cannot pass another to ssh.
+        let sshd = format!("{address}:22");
         let left = config.ssh_timeout.saturating_sub(started.elapsed());
         if !wait_for_sshd(&sshd, left).await {
             return Err(timeout("sshd", "ssh_timeout", config.ssh_timeout));
         }
-        let host = format!("ssh://{}@{address}:{}", config.ssh_user, config.ssh_port);
+        let host = format!("ssh://{}@{address}", config.ssh_user);
         let docker_config = DockerConfig::new(Engine::Docker, config.namespace.clone())
             .host(host)
             .image(config.container_image.clone())

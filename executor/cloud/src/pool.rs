@@ -160,6 +160,20 @@ impl Seeker<'_> {
             if (count as u64) < self.pool.max_workers {
                 return Ok(Slot::Free);
             }
+            // A full pool whose parked servers this run cannot use (it does not reuse, or
+            // holds another key) would wait for `max_idle`: the longest-parked one gives way.
+            let unusable = workers
+                .iter()
+                .filter(|server| {
+                    server.label(label::STATUS) == Some(label::IDLE)
+                        && !(self.pool.reuse_worker && self.claimable(server))
+                })
+                .min_by_key(|server| server.time_label(label::IDLE_SINCE).unwrap_or(0));
+            if let Some(parked) = unusable {
+                tracing::info!(server = %parked.name, "deleting a parked server this run cannot use");
+                self.provider.delete_server(&parked.id).await?;
+                return Ok(Slot::Free);
+            }
             if let Some(timeout) = self.pool.wait_timeout
                 && started.elapsed() >= timeout
             {

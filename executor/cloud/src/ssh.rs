@@ -96,7 +96,8 @@ pub(crate) async fn wait_for_sshd(address: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut interval = Duration::from_millis(50);
     loop {
-        if banner(address).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if banner(address, left.min(Duration::from_secs(5))).await {
             return true;
         }
         if Instant::now() + interval >= deadline {
@@ -107,14 +108,14 @@ pub(crate) async fn wait_for_sshd(address: &str, timeout: Duration) -> bool {
     }
 }
 
-async fn banner(address: &str) -> bool {
+async fn banner(address: &str, patience: Duration) -> bool {
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
         let mut start = [0u8; 4];
         stream.read_exact(&mut start).await.ok()?;
         Some(&start == b"SSH-")
     };
-    tokio::time::timeout(Duration::from_secs(5), attempt)
+    tokio::time::timeout(patience, attempt)
         .await
         .ok()
         .flatten()

@@ -237,19 +237,12 @@ macro_rules! pool_params {
             )
             .default("root")
             .env(concat!($prefix, "_SSH_USER")),
-            param(
-                "ssh_port",
-                Integer { min: 1 },
-                concat!("port of the ", $machines, "' sshd"),
-            )
-            .default("22")
-            .env(concat!($prefix, "_SSH_PORT")),
         ]
     };
 }
 
-const DIGITALOCEAN_POOL: [ParamSpec; 7] = pool_params!("DIGITALOCEAN", "droplets");
-const HETZNER_POOL: [ParamSpec; 7] = pool_params!("HETZNER", "servers");
+const DIGITALOCEAN_POOL: [ParamSpec; 6] = pool_params!("DIGITALOCEAN", "droplets");
+const HETZNER_POOL: [ParamSpec; 6] = pool_params!("HETZNER", "servers");
 
 /// The base image of the container drivers (docker, podman): what tasks that name no image run in.
 const CONTAINER_BASE_IMAGE: ParamSpec = param(
@@ -327,7 +320,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "digitalocean",
         description: "an on-demand DigitalOcean droplet running Docker, reached over SSH",
-        available: false,
+        available: true,
         params: &[
             param("token", Text, "DigitalOcean API token")
                 .env("DIGITALOCEAN_TOKEN")
@@ -360,7 +353,6 @@ static DRIVERS: &[DriverSpec] = &[
             DIGITALOCEAN_POOL[3],
             DIGITALOCEAN_POOL[4],
             DIGITALOCEAN_POOL[5],
-            DIGITALOCEAN_POOL[6],
             param("ssh_timeout", Duration, "longest wait for SSH to answer")
                 .default("5m")
                 .env("DIGITALOCEAN_SSH_TIMEOUT"),
@@ -426,7 +418,6 @@ static DRIVERS: &[DriverSpec] = &[
             HETZNER_POOL[3],
             HETZNER_POOL[4],
             HETZNER_POOL[5],
-            HETZNER_POOL[6],
             param("endpoint", Text, "API base URL (for tests and proxies)")
                 .default("https://api.hetzner.cloud/v1")
                 .env("HETZNER_ENDPOINT"),

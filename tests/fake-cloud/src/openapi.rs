@@ -297,7 +297,12 @@ impl Spec {
             }
             Some("object") => json!({}),
             Some("array") => json!([]),
-            Some("integer") => json!(schema["minimum"].as_i64().unwrap_or(1)),
+            Some("integer") => json!(
+                schema["multipleOf"]
+                    .as_i64()
+                    .or(schema["minimum"].as_i64())
+                    .unwrap_or(1)
+            ),
             Some("number") => json!(1.0),
             Some("boolean") => json!(false),
             Some("string") if schema["format"] == "date-time" => json!("2026-01-01T00:00:00+00:00"),
@@ -395,6 +400,10 @@ fn inline(value: &Value, dir: &Path, file: &Value, depth: usize) -> Value {
             }
             Value::Object(
                 map.iter()
+                    // Examples and code samples are documentation, some in files not vendored.
+                    .filter(|(key, _)| {
+                        !matches!(key.as_str(), "examples" | "example" | "x-codeSamples")
+                    })
                     .map(|(key, value)| (key.clone(), inline(value, dir, file, depth)))
                     .collect(),
             )

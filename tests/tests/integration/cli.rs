@@ -288,11 +288,7 @@ fn bad_run_arguments_exit_2() {
 
 #[test]
 fn unavailable_drivers_are_listed_as_such_and_refused_with_exit_2() {
-    for driver in [
-        "digitalocean:token=x",
-        "fly:token=x",
-        "vz",
-    ] {
+    for driver in ["digitalocean:token=x", "fly:token=x", "vz"] {
         let output = Cli::new().run(&["run", &format!("--driver={driver}"), "--", "true"]);
         assert_eq!(code(&output), 2, "{driver}");
         let name = driver.split(':').next().unwrap_or(driver);
