@@ -491,3 +491,93 @@ async fn stale_workers_are_swept_idle_past_max_idle_and_busy_without_heartbeat()
     std::mem::forget(killed);
     subject.assert_spec_kept();
 }
+
+/// Time from `run_container` of a driver that has not provisioned yet to the task's first
+/// output byte.
+async fn first_output(driver: &dyn Driver, id: &str) -> Duration {
+    let started = Instant::now();
+    let task = Task::new(id, ["sh", "-c", "echo first; sleep 0.2"]).image(IMAGE);
+    let container = driver.run_container(task).await.expect("run");
+    loop {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        container
+            .logs(&mut stdout, &mut stderr)
+            .await
+            .expect("logs");
+        if !stdout.is_empty() {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The numbers of BENCHMARKS.md (`benches/cloud/bench.sh` prints the `bench:` lines): API
+/// requests of a run of one task and of ten, and the time to the first output byte against
+/// the fakes (provisioning included: a server that is the local sshd) next to the plain
+/// `docker` driver on the same engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_api_requests_and_time_to_first_output() {
+    let Some(host) = ssh_host("bench_api_requests_and_time_to_first_output") else {
+        return;
+    };
+    let docker_host = std::env::var("DOCKER_HOST")
+        .unwrap_or_else(|_| "unix:///run/ci-exec/docker.sock".to_owned());
+    // Twice: the first also pays for the engine's first connection of this process.
+    for round in ["cold", "warm"] {
+        let docker = ci_exec_docker::DockerDriver::new(
+            ci_exec_docker::DockerConfig::new(
+                ci_exec_docker::Engine::Docker,
+                namespace("bench-docker"),
+            )
+            .host(docker_host.clone())
+            .image(IMAGE),
+        )
+        .expect("docker driver");
+        let time = first_output(&docker, "first").await;
+        eprintln!(
+            "bench: docker ({round}): first output after {} ms",
+            time.as_millis()
+        );
+        docker.close().await.expect("close");
+    }
+    for api in [Api::Hetzner, Api::DigitalOcean] {
+        for tasks in [1usize, 10] {
+            let subject = Subject::new(api, Some(host.clone())).await;
+            let driver = subject.driver(&namespace("bench"), "");
+            let time = first_output(&driver, "task0").await;
+            for task in 1..tasks {
+                run(&driver, &format!("task{task}"), "true")
+                    .await
+                    .expect("run");
+            }
+            driver.close().await.expect("close");
+            let requests = subject.fake.requests();
+            let by_kind = requests.iter().fold(
+                std::collections::BTreeMap::<String, usize>::new(),
+                |mut map, request| {
+                    let path: Vec<&str> = request
+                        .path
+                        .split('/')
+                        .map(|part| {
+                            if part.chars().all(|c| c.is_ascii_digit()) && !part.is_empty() {
+                                "{id}"
+                            } else {
+                                part
+                            }
+                        })
+                        .collect();
+                    *map.entry(format!("{} {}", request.method, path.join("/")))
+                        .or_default() += 1;
+                    map
+                },
+            );
+            eprintln!(
+                "bench: {}: {tasks} task(s): {} API requests ({by_kind:?}); first output after {} ms",
+                driver_name(api),
+                requests.len(),
+                time.as_millis()
+            );
+            subject.assert_spec_kept();
+        }
+    }
+}
