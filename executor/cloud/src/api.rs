@@ -293,6 +293,36 @@ mod tests {
         assert_eq!(rate_limit_wait(&headers, now), Duration::from_secs(2));
     }
 
+    /// The TLS path runs on ring without a process-wide provider (DESIGN.md §6): a handshake
+    /// with something that is not a TLS server fails as a transport error, it does not panic.
+    #[tokio::test]
+    async fn https_handshakes_use_ring_without_a_global_provider() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            if let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(b"HTTP/1.1 400 not tls\r\n\r\n").await;
+            }
+        });
+        let api = Api::new(
+            "hetzner",
+            "Hetzner Cloud",
+            &format!("https://{address}/v1"),
+            Secret::new("t"),
+            TokenSource {
+                parameter: "token",
+                env: "HETZNER_TOKEN",
+            },
+        )
+        .unwrap();
+        let error = api
+            .call(Method::GET, "/servers", &[], None, "list servers", false)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, CloudError::Transport { .. }), "{error:?}");
+    }
+
     #[test]
     fn secrets_never_print() {
         let secret = Secret::new("hcloud-token-123");
