@@ -124,6 +124,15 @@ impl CloudConfig {
                 reason: format!("`{bad}` is not `key=value`"),
             });
         }
+        if matches!(
+            config.source("disk_size"),
+            Some(ci_exec_driver::ParamSource::Dsn | ci_exec_driver::ParamSource::Env(_))
+        ) {
+            tracing::warn!(
+                driver,
+                "`disk_size` is not applied yet: Docker's data stays on the server's own disk"
+            );
+        }
         Ok(CloudConfig {
             provider,
             namespace: config.namespace.clone(),

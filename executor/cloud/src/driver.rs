@@ -55,6 +55,14 @@ struct Worker {
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
+/// A dropped driver (never closed: a panic, a cancelled job) stops beating, so its server is
+/// swept as abandoned after the lease instead of looking held for ever.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
 impl CloudDriver {
     /// A driver for `config`: checks the parameters, contacts nothing yet.
     pub fn new(config: CloudConfig) -> Result<Self, CloudError> {

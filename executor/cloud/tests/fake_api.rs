@@ -297,6 +297,29 @@ async fn refusals_carry_the_apis_own_message_and_429_backs_off_as_the_headers_sa
 }
 
 #[tokio::test]
+async fn a_403_carries_the_apis_own_message() {
+    let subject = Subject::new(Api::Hetzner, None).await;
+    subject.fake.inject(Fault {
+        method: "POST".parse().expect("method"),
+        path: "/servers".to_owned(),
+        status: 403,
+        body: serde_json::json!({"error": {"code": "resource_limit_exceeded", "message": "server limit exceeded for this project", "details": {}}}),
+        headers: Vec::new(),
+        times: 1,
+    });
+    let driver = subject.driver(&namespace("quota"), "");
+    let error = run(&driver, "t", "true").await.expect_err("403");
+    let chain = chain(&error);
+    assert!(
+        chain.contains("(403): server limit exceeded for this project (resource_limit_exceeded)"),
+        "{chain}"
+    );
+    driver.close().await.expect("close");
+    assert!(subject.fake.keys().is_empty());
+    subject.assert_spec_kept();
+}
+
+#[tokio::test]
 async fn a_server_whose_sshd_never_answers_is_deleted_and_the_run_fails_with_125() {
     for api in [Api::Hetzner, Api::DigitalOcean] {
         // TEST-NET-1: no sshd answers there.
