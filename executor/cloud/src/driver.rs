@@ -1,3 +1,4 @@
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,8 @@ struct Inner {
     /// that `close` removes them even when provisioning failed half-way.
     made: Mutex<Made>,
     claim_token: String,
+    /// The API refused the token (401).
+    rejected: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +95,7 @@ impl CloudDriver {
                 worker: tokio::sync::OnceCell::new(),
                 made: Mutex::default(),
                 claim_token: random_hex(8),
+                rejected: AtomicBool::new(false),
             }),
         })
     }
@@ -126,6 +130,9 @@ impl Inner {
     }
 
     fn backend(&self, action: &str, error: CloudError) -> DriverError {
+        if matches!(error, CloudError::Unauthorized { .. }) {
+            self.rejected.store(true, Ordering::Relaxed);
+        }
         DriverError::backend(self.driver(), action, error)
     }
 
@@ -155,7 +162,7 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let pool = pool_key(config.provider, &repository, &size);
-        sweep(provider, &config.pool).await;
+        sweep(provider, &config.pool).await?;
 
         let key = if config.pool.reuse_worker {
             let dir = config
@@ -356,6 +363,11 @@ impl Inner {
     /// Parks or deletes the run's server, deletes its key, then whatever the namespace still
     /// holds (a killed run's) and what the sweep finds. The first error is returned.
     async fn close(&self) -> Result<(), DriverError> {
+        if self.rejected.load(Ordering::Relaxed) && self.worker.get().is_none() {
+            // Nothing can have been made with a token the API refused, and every request
+            // would be refused again: the run's error already said so, once.
+            return Ok(());
+        }
         let provider = self.provider.as_ref();
         let mut first: Option<DriverError> = None;
         let mut keep = |result: Result<(), DriverError>| {
@@ -411,7 +423,9 @@ impl Inner {
                 .await
                 .map_err(|error| self.backend("clean up the namespace", error)),
         );
-        sweep(provider, &self.config.pool).await;
+        if let Err(error) = sweep(provider, &self.config.pool).await {
+            tracing::debug!(%error, "no sweep at close");
+        }
         tracing::debug!(
             driver = self.driver(),
             requests = provider.requests(),

@@ -71,16 +71,13 @@ pub(crate) fn is_expired(server: &Server, pool: &PoolConfig, now: u64) -> bool {
 }
 
 /// Deletes, across every pool of the provider: busy servers whose holder stopped beating, and
-/// parked servers idle longer than `max_idle`. Returns the names of those deleted. A failure is
-/// logged: the sweep never stops a run.
-pub(crate) async fn sweep(provider: &dyn Provider, pool: &PoolConfig) -> Vec<String> {
-    let servers = match provider.servers(&[(label::CI, "true")]).await {
-        Ok(servers) => servers,
-        Err(error) => {
-            tracing::warn!(%error, "cannot list servers to sweep");
-            return Vec::new();
-        }
-    };
+/// parked servers idle longer than `max_idle`. Returns the names of those deleted. Only the
+/// listing fails it (the API refuses the token, or is down); a deletion that fails is logged.
+pub(crate) async fn sweep(
+    provider: &dyn Provider,
+    pool: &PoolConfig,
+) -> Result<Vec<String>, CloudError> {
+    let servers = provider.servers(&[(label::CI, "true")]).await?;
     let now = now_unix();
     let mut deleted = Vec::new();
     for server in servers {
@@ -101,7 +98,7 @@ pub(crate) async fn sweep(provider: &dyn Provider, pool: &PoolConfig) -> Vec<Str
             Err(error) => tracing::warn!(%error, server = %server.name, "cannot delete"),
         }
     }
-    deleted
+    Ok(deleted)
 }
 
 /// How a wait for a slot ends.

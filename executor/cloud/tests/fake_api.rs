@@ -462,6 +462,7 @@ async fn two_runs_race_for_one_parked_worker_and_one_wins() {
         }
         assert_eq!(subject.fake.servers().len(), 2, "both parked");
         subject.assert_spec_kept();
+        subject.fake.remove_all_servers();
     }
 }
 
@@ -511,8 +512,21 @@ async fn stale_workers_are_swept_idle_past_max_idle_and_busy_without_heartbeat()
         keys.iter().all(|key| key.starts_with("ci-pool-")),
         "only the pool's key stays: {keys:?}"
     );
+    // A real server takes the killed run's containers with it; the fake's is the test engine.
+    let docker_host = std::env::var("DOCKER_HOST")
+        .unwrap_or_else(|_| "unix:///run/ci-exec/docker.sock".to_owned());
+    let engine = ci_exec_docker::DockerDriver::new(
+        ci_exec_docker::DockerConfig::new(ci_exec_docker::Engine::Docker, killed.namespace())
+            .host(docker_host),
+    )
+    .expect("docker driver");
+    engine
+        .close()
+        .await
+        .expect("remove the killed run's containers");
     std::mem::forget(killed);
     subject.assert_spec_kept();
+    subject.fake.remove_all_servers();
 }
 
 /// Time from `run_container` of a driver that has not provisioned yet to the task's first

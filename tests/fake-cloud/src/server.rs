@@ -213,6 +213,18 @@ impl FakeCloud {
         self.state().peak_servers
     }
 
+    /// Deletes every server (revoking its keys from the sshd), as a test's last step when it
+    /// leaves parked servers behind.
+    pub fn remove_all_servers(&self) {
+        let mut state = self.state();
+        let servers = std::mem::take(&mut state.servers);
+        let keys: Vec<String> = servers
+            .values()
+            .flat_map(|server| server.public_keys.clone())
+            .collect();
+        revoke(&state, &keys);
+    }
+
     pub fn inject(&self, fault: Fault) {
         self.state().faults.push(fault);
     }
