@@ -146,7 +146,11 @@
     # reached through the host alias `ci-exec-ssh-test` (included into the user's ssh config).
     ssh_dir=/var/lib/ci-exec/ssh
     $sudo mkdir -p "$ssh_dir" /run/sshd
-    [ -f "$ssh_dir/host_ed25519" ] || $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
+    if [ ! -f "$ssh_dir/host_ed25519" ]; then
+        $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
+        # A new host key: forget the old one where the cloud drivers' tests accepted it.
+        ssh-keygen -R 127.0.0.2 >/dev/null 2>&1 || true
+    fi
     [ -f "$ssh_dir/id_ed25519" ] || $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/id_ed25519"
     $sudo chown "$(id -u):$(id -g)" "$ssh_dir/id_ed25519"
     $sudo cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
