@@ -471,6 +471,24 @@ fn convert(value: &mut Value, in_composition: bool) {
 mod tests {
     use super::*;
 
+    /// Loaded for the `fly` driver to come: machine bodies are checked as strictly.
+    #[test]
+    fn fly_machine_bodies_are_checked() {
+        let spec = Spec::fly();
+        assert_eq!(
+            spec.template("/apps/ci-x/machines/abc/wait"),
+            Some("/apps/{app_name}/machines/{machine_id}/wait")
+        );
+        let good = json!({"name": "m", "config": {"image": "alpine", "auto_destroy": true, "restart": {"policy": "no"}}});
+        spec.check_request("POST", "/apps/ci-x/machines", &[], Some(&good))
+            .unwrap();
+        let misspelt = json!({"config": {"imgae": "alpine"}});
+        assert!(
+            spec.check_request("POST", "/apps/ci-x/machines", &[], Some(&misspelt))
+                .is_err()
+        );
+    }
+
     #[test]
     fn hetzner_requests_are_checked_strictly() {
         let spec = Spec::hetzner();
