@@ -9,7 +9,8 @@
 #   - `localhost/ci-exec/base:latest`: the test image plus our static `mk`, the default image of
 #     image-less tasks (CI_EXEC_DOCKER_IMAGE), where the job flow runs its base-OS steps.
 # Exports DOCKER_HOST, CI_EXEC_DOCKER_IMAGE and CI_EXEC_TEST_SSH_HOST (a private sshd on
-# 127.0.0.1:2222 for the `host=ssh://…` test). It does not export CONTAINER_HOST: podman's own
+# 127.0.0.1:2222 for the `host=ssh://…` test), and the same sshd on 127.0.0.2:22 as
+# CI_EXEC_TEST_SSH_ADDRESS, _USER and _AUTHORIZED_KEYS for the cloud drivers' fake servers. It does not export CONTAINER_HOST: podman's own
 # CLI turns into a remote client when that is set, which would change other setup scripts.
 # Idempotent: quick when the daemons answer and the image is present.
 #
@@ -145,11 +146,17 @@
     # reached through the host alias `ci-exec-ssh-test` (included into the user's ssh config).
     ssh_dir=/var/lib/ci-exec/ssh
     $sudo mkdir -p "$ssh_dir" /run/sshd
-    [ -f "$ssh_dir/host_ed25519" ] || $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
+    if [ ! -f "$ssh_dir/host_ed25519" ]; then
+        $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
+        # A new host key: forget the old one where the cloud drivers' tests accepted it.
+        ssh-keygen -R 127.0.0.2 >/dev/null 2>&1 || true
+    fi
     [ -f "$ssh_dir/id_ed25519" ] || $sudo ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/id_ed25519"
     $sudo chown "$(id -u):$(id -g)" "$ssh_dir/id_ed25519"
     $sudo cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
-    printf '%s\n' "Port 2222" "ListenAddress 127.0.0.1" "HostKey $ssh_dir/host_ed25519" \
+    # 127.0.0.2:22 too: the cloud drivers' fake servers are reached there, on the standard port
+    # (the docker driver's ssh transport, bollard, cannot pass a port to ssh).
+    printf '%s\n' "Port 2222" "ListenAddress 127.0.0.1" "ListenAddress 127.0.0.2:22" "HostKey $ssh_dir/host_ed25519" \
         "AuthorizedKeysFile $ssh_dir/authorized_keys" "PermitRootLogin prohibit-password" \
         "PasswordAuthentication no" "PidFile /run/ci-exec/sshd.pid" \
         "SetEnv DOCKER_HOST=unix://$docker_socket" | $sudo tee "$ssh_dir/sshd_config" >/dev/null
@@ -163,7 +170,8 @@
         mv "$HOME/.ssh/config.new" "$HOME/.ssh/config"
         chmod 600 "$HOME/.ssh/config"
     fi
-    if ! ssh -o BatchMode=yes -o ConnectTimeout=5 "$(id -un)@ci-exec-ssh-test" true 2>/dev/null; then
+    if ! ssh -o BatchMode=yes -o ConnectTimeout=5 "$(id -un)@ci-exec-ssh-test" true 2>/dev/null ||
+        ! timeout 5 bash -c '</dev/tcp/127.0.0.2/22' 2>/dev/null; then
         if [ -f /run/ci-exec/sshd.pid ]; then $sudo kill "$(cat /run/ci-exec/sshd.pid)" 2>/dev/null || true; fi
         $sudo /usr/sbin/sshd -f "$ssh_dir/sshd_config" -E "$log_dir/sshd.log"
         ssh -o BatchMode=yes -o ConnectTimeout=10 "$(id -un)@ci-exec-ssh-test" true
@@ -175,4 +183,10 @@ export DOCKER_HOST=unix:///run/ci-exec/docker.sock
 export CI_EXEC_DOCKER_IMAGE=localhost/ci-exec/base:latest
 CI_EXEC_TEST_SSH_HOST="ssh://$(id -un)@ci-exec-ssh-test"
 export CI_EXEC_TEST_SSH_HOST
+# The same sshd by address, for the cloud drivers' fake APIs (tests/fake-cloud): their servers'
+# public IPv4 is this address, and the keys a server is created with go into its authorized_keys.
+CI_EXEC_TEST_SSH_ADDRESS=127.0.0.2
+CI_EXEC_TEST_SSH_USER="$(id -un)"
+CI_EXEC_TEST_SSH_AUTHORIZED_KEYS=/var/lib/ci-exec/ssh/authorized_keys
+export CI_EXEC_TEST_SSH_ADDRESS CI_EXEC_TEST_SSH_USER CI_EXEC_TEST_SSH_AUTHORIZED_KEYS
 [ "$ci_exec_docker_status" = 0 ]

@@ -252,3 +252,81 @@ pub async fn k8s_real() -> Option<Box<dyn Driver>> {
         .unwrap_or_else(|error| panic!("k8s driver: {error}"));
     Some(Box::new(driver))
 }
+
+/// The bearer token the fake cloud APIs accept.
+pub const FAKE_CLOUD_TOKEN: &str = "fake-cloud-token";
+
+/// A cloud VM driver in a fresh namespace against a fake of its API (`tests/fake-cloud`),
+/// started on this test's runtime: its servers are the test sshd of `.ci/setup-docker.sh`,
+/// whose sessions see the test Docker engine.
+async fn fake_cloud(api: ci_exec_fake_cloud::Api, name: &str) -> Option<Box<dyn Driver>> {
+    let host = match ci_exec_fake_cloud::SshTestHost::from_env() {
+        Ok(host) => host,
+        Err(missing) => {
+            return crate::missing_prerequisite(
+                name,
+                &format!("{missing}: source .ci/setup-docker.sh (starts the test sshd)"),
+            );
+        }
+    };
+    let fake = ci_exec_fake_cloud::FakeCloud::start(api, host.options())
+        .await
+        .unwrap_or_else(|error| panic!("fake {name} API: {error}"));
+    let dsn = format!(
+        "{name}://{}?token={FAKE_CLOUD_TOKEN}&endpoint={}&ssh_user={}&ssh_timeout=1m&docker_timeout=1m",
+        unique_namespace(name),
+        fake.endpoint(),
+        host.user,
+    );
+    let config = DriverConfig::parse_with_env(&dsn, &|_| None)
+        .unwrap_or_else(|error| panic!("{name} DSN `{dsn}`: {error}"));
+    let mut config = ci_exec_cloud::CloudConfig::from_driver_config(&config)
+        .unwrap_or_else(|error| panic!("{name} config: {error}"));
+    config.container_image = CONTAINER_TEST_IMAGE.to_owned();
+    let driver = ci_exec_cloud::CloudDriver::new(config)
+        .unwrap_or_else(|error| panic!("{name} driver: {error}"));
+    Some(Box::new(driver))
+}
+
+/// The `hetzner` driver against the fake Hetzner Cloud API.
+pub async fn hetzner() -> Option<Box<dyn Driver>> {
+    fake_cloud(ci_exec_fake_cloud::Api::Hetzner, "hetzner").await
+}
+
+/// The `digitalocean` driver against the fake DigitalOcean API.
+pub async fn digitalocean() -> Option<Box<dyn Driver>> {
+    fake_cloud(ci_exec_fake_cloud::Api::DigitalOcean, "digitalocean").await
+}
+
+/// A cloud VM driver against the real service: opt-in with `CI_EXEC_CLOUD_REAL=1` and the
+/// provider's token variable (`HETZNER_TOKEN`, `DIGITALOCEAN_TOKEN`); the rest of the DSN comes
+/// from the provider's variables too. Each case creates (and deletes) a real server, billed.
+/// Skipped, even in CI, unless asked for.
+async fn real_cloud(name: &str, token_env: &str) -> Option<Box<dyn Driver>> {
+    if std::env::var("CI_EXEC_CLOUD_REAL").as_deref() != Ok("1")
+        || std::env::var_os(token_env).is_none()
+    {
+        eprintln!(
+            "{name}_real: set CI_EXEC_CLOUD_REAL=1 and {token_env} to run the suite against the real service (billed)"
+        );
+        return None;
+    }
+    let dsn = format!("{name}://{}", unique_namespace(name));
+    let config = DriverConfig::parse_with_env(&dsn, &|variable| std::env::var(variable).ok())
+        .unwrap_or_else(|error| panic!("{name} DSN `{dsn}`: {error}"));
+    let config = ci_exec_cloud::CloudConfig::from_driver_config(&config)
+        .unwrap_or_else(|error| panic!("{name} config: {error}"));
+    let driver = ci_exec_cloud::CloudDriver::new(config)
+        .unwrap_or_else(|error| panic!("{name} driver: {error}"));
+    Some(Box::new(driver))
+}
+
+/// The `hetzner` driver against Hetzner Cloud (opt-in, see [`real_cloud`]).
+pub async fn hetzner_real() -> Option<Box<dyn Driver>> {
+    real_cloud("hetzner", "HETZNER_TOKEN").await
+}
+
+/// The `digitalocean` driver against DigitalOcean (opt-in, see [`real_cloud`]).
+pub async fn digitalocean_real() -> Option<Box<dyn Driver>> {
+    real_cloud("digitalocean", "DIGITALOCEAN_TOKEN").await
+}

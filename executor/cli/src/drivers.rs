@@ -28,6 +28,13 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
             ci_exec_k8s::K8sDriver::connect(ci_exec_k8s::K8sConfig::from_driver_config(config))
                 .await?,
         ),
+        #[cfg(feature = "cloud")]
+        "hetzner" | "digitalocean" => Box::new(
+            ci_exec_cloud::CloudDriver::new(
+                ci_exec_cloud::CloudConfig::from_driver_config(config).map_err(bad_parameter)?,
+            )
+            .map_err(bad_parameter)?,
+        ),
         name => return Err(not_built(name).into()),
     };
     tracing::debug!(driver = %config.driver, namespace = %config.namespace, "driver ready");
@@ -36,7 +43,7 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
 
 /// A driver's own check of its parameters failed (a `host=` the DSN grammar cannot judge):
 /// the user's input is wrong, so it exits like any other bad DSN.
-#[cfg(any(feature = "qemu", feature = "docker"))]
+#[cfg(any(feature = "qemu", feature = "docker", feature = "cloud"))]
 fn bad_parameter(error: impl std::error::Error) -> CliError {
     CliError::usage(error.to_string())
         .hint("`ci-exec drivers` lists every driver and its parameters")
@@ -49,14 +56,18 @@ fn not_available(name: &str) -> CliError {
         env!("CARGO_PKG_VERSION")
     ))
     .hint(
-        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`)",
+        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`, `hetzner`, `digitalocean`)",
     )
 }
 
 /// An available driver this binary was built without (its cargo feature was off).
 fn not_built(name: &str) -> CliError {
-    // podman shares the docker driver's crate and feature.
-    let feature = if name == "podman" { "docker" } else { name };
+    // podman shares the docker driver's crate and feature; the VM clouds share `cloud`.
+    let feature = match name {
+        "podman" => "docker",
+        "hetzner" | "digitalocean" | "fly" => "cloud",
+        other => other,
+    };
     CliError::usage(format!("driver `{name}` is not built into this binary")).hint(format!(
         "rebuild with its cargo feature: `cargo build --release -p ci-exec --features {feature}`"
     ))

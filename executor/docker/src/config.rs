@@ -158,6 +158,9 @@ pub struct DockerConfig {
     /// listing the engine's containers and volumes (two requests, each up to a second on a
     /// loaded podman). A named namespace is always listed, as other runs may share it.
     pub namespace_generated: bool,
+    /// The private key for an `ssh://` host, instead of the user's ssh agent and config (the
+    /// cloud drivers' per-server key).
+    pub ssh_identity: Option<PathBuf>,
 }
 
 impl DockerConfig {
@@ -172,7 +175,14 @@ impl DockerConfig {
                 .filter(|image| !image.is_empty())
                 .unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
             namespace_generated: false,
+            ssh_identity: None,
         }
+    }
+
+    /// Uses the private key at `path` for an `ssh://` host.
+    pub fn ssh_identity(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ssh_identity = Some(path.into());
+        self
     }
 
     pub fn host(mut self, host: impl Into<String>) -> Self {

@@ -52,9 +52,15 @@ pub(crate) async fn connect(config: &DockerConfig) -> Result<Connection, DockerE
         Host::Tcp(url) => {
             Docker::connect_with_http(url, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION)
         }
-        Host::Ssh(url) => {
-            Docker::connect_with_ssh(url, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION, None)
-        }
+        Host::Ssh(url) => Docker::connect_with_ssh(
+            url,
+            REQUEST_TIMEOUT_SECONDS,
+            API_DEFAULT_VERSION,
+            config
+                .ssh_identity
+                .as_ref()
+                .map(|path| path.to_string_lossy().into_owned()),
+        ),
     }
     .map_err(|source| DockerError::Client {
         driver,

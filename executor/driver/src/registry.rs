@@ -219,12 +219,30 @@ macro_rules! pool_params {
             )
             .default("10m")
             .env(concat!($prefix, "_WAIT_TIMEOUT")),
+            param(
+                "max_idle",
+                Duration,
+                concat!(
+                    "parked ",
+                    $machines,
+                    " idle longer than this are deleted (0 = never)"
+                ),
+            )
+            .default("30m")
+            .env(concat!($prefix, "_MAX_IDLE")),
+            param(
+                "ssh_user",
+                Text,
+                concat!("user the driver logs in as on its ", $machines),
+            )
+            .default("root")
+            .env(concat!($prefix, "_SSH_USER")),
         ]
     };
 }
 
-const DIGITALOCEAN_POOL: [ParamSpec; 4] = pool_params!("DIGITALOCEAN", "droplets");
-const HETZNER_POOL: [ParamSpec; 4] = pool_params!("HETZNER", "servers");
+const DIGITALOCEAN_POOL: [ParamSpec; 6] = pool_params!("DIGITALOCEAN", "droplets");
+const HETZNER_POOL: [ParamSpec; 6] = pool_params!("HETZNER", "servers");
 
 /// The base image of the container drivers (docker, podman): what tasks that name no image run in.
 const CONTAINER_BASE_IMAGE: ParamSpec = param(
@@ -302,7 +320,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "digitalocean",
         description: "an on-demand DigitalOcean droplet running Docker, reached over SSH",
-        available: false,
+        available: true,
         params: &[
             param("token", Text, "DigitalOcean API token")
                 .env("DIGITALOCEAN_TOKEN")
@@ -333,12 +351,27 @@ static DRIVERS: &[DriverSpec] = &[
             DIGITALOCEAN_POOL[1],
             DIGITALOCEAN_POOL[2],
             DIGITALOCEAN_POOL[3],
+            DIGITALOCEAN_POOL[4],
+            DIGITALOCEAN_POOL[5],
+            param("ssh_timeout", Duration, "longest wait for SSH to answer")
+                .default("5m")
+                .env("DIGITALOCEAN_SSH_TIMEOUT"),
+            param(
+                "docker_timeout",
+                Duration,
+                "longest wait for Docker to answer",
+            )
+            .default("5m")
+            .env("DIGITALOCEAN_DOCKER_TIMEOUT"),
+            param("endpoint", Text, "API base URL (for tests and proxies)")
+                .default("https://api.digitalocean.com")
+                .env("DIGITALOCEAN_ENDPOINT"),
         ],
     },
     DriverSpec {
         name: "hetzner",
         description: "an on-demand Hetzner Cloud server running Docker, reached over SSH",
-        available: false,
+        available: true,
         params: &[
             param("token", Text, "Hetzner Cloud API token")
                 .env("HETZNER_TOKEN")
@@ -383,6 +416,11 @@ static DRIVERS: &[DriverSpec] = &[
             HETZNER_POOL[1],
             HETZNER_POOL[2],
             HETZNER_POOL[3],
+            HETZNER_POOL[4],
+            HETZNER_POOL[5],
+            param("endpoint", Text, "API base URL (for tests and proxies)")
+                .default("https://api.hetzner.cloud/v1")
+                .env("HETZNER_ENDPOINT"),
         ],
     },
     DriverSpec {
@@ -410,6 +448,9 @@ static DRIVERS: &[DriverSpec] = &[
                 .default("personal")
                 .env("FLY_ORG"),
             param("size", Text, "machine size preset").default("shared-cpu-1x"),
+            param("endpoint", Text, "Machines API base URL (for tests and proxies)")
+                .default("https://api.machines.dev/v1")
+                .env("FLY_API_ENDPOINT"),
         ],
     },
     DriverSpec {

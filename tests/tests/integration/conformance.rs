@@ -330,7 +330,7 @@ async fn binary_output_byte_exact(subject: Subject) {
 fn large_output_size(driver: &str) -> usize {
     match driver {
         // The fake API server's pods log through Docker too.
-        "docker" | "podman" | "k8s" => 5 * 1024 * 1024,
+        "docker" | "podman" | "k8s" | "hetzner" | "digitalocean" => 5 * 1024 * 1024,
         _ => 50 * 1024 * 1024,
     }
 }
@@ -654,6 +654,14 @@ conformance! {
     k8s => ci_exec_tests::drivers::k8s, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
         capabilities = ALL;
     k8s_real => ci_exec_tests::drivers::k8s_real, image = "",
+        capabilities = ALL;
+    hetzner => ci_exec_tests::drivers::hetzner, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
+        capabilities = ALL;
+    digitalocean => ci_exec_tests::drivers::digitalocean, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
+        capabilities = ALL;
+    hetzner_real => ci_exec_tests::drivers::hetzner_real, image = "",
+        capabilities = ALL;
+    digitalocean_real => ci_exec_tests::drivers::digitalocean_real, image = "",
         capabilities = ALL;
     qemu => ci_exec_tests::drivers::qemu, image = "",
         // The guest OS runs tasks as root in the VM: the VM is the isolation.
