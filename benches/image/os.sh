@@ -19,6 +19,10 @@ cargo build --quiet --release --manifest-path "$root/Cargo.toml" --target x86_64
     -p mkrunner -p ci-exec-guest-init
 cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p ci-exec
 musl="$target/x86_64-unknown-linux-musl/release"
+table=$(mktemp)
+trap 'rm -f "$table"' EXIT
+# hyperfine rewrites its Markdown file as it goes: the table is read once it is done.
+timed() { hyperfine "$@" --export-markdown "$table" >/dev/null 2>&1; cat "$table"; }
 bin="$target/release/ci-exec"
 build() { "$bin" image build "$1" --mk "$musl/mk" --init "$musl/ci-exec-init" >/dev/null 2>&1; }
 all=(debian-bookworm "${images[@]}")
@@ -29,7 +33,7 @@ commands=()
 for image in "${all[@]}"; do
     commands+=("$bin image build $image --force --mk $musl/mk --init $musl/ci-exec-init")
 done
-hyperfine --runs 1 --export-markdown /dev/stdout "${commands[@]}" 2>/dev/null | grep '^|'
+timed --runs 1 "${commands[@]}"
 
 echo "== sizes (bytes)"
 for image in "${all[@]}"; do
@@ -46,4 +50,4 @@ for image in "${all[@]}"; do
     commands+=("$bin run --driver=qemu:image=$image,warm=false -- true")
     commands+=("$bin run --driver=qemu:image=$image -- true")
 done
-hyperfine --warmup 1 --runs "$runs" --export-markdown /dev/stdout "${commands[@]}" 2>/dev/null | grep '^|'
+timed --warmup 1 --runs "$runs" "${commands[@]}"
