@@ -111,10 +111,28 @@ impl Host {
                          runs `docker system dial-stdio`, which finds its own socket",
                     ));
                 }
-                if let Some((_, port)) = machine.rsplit_once(':')
-                    && port.parse::<u16>().is_err()
-                {
-                    return Err(invalid("the ssh port is not a number from 1 to 65535"));
+                if let Some((host, port)) = machine.rsplit_once(':') {
+                    match port.parse::<u16>() {
+                        Err(_) => {
+                            return Err(invalid("the ssh port is not a number from 1 to 65535"));
+                        }
+                        // bollard hands ssh `user@host:port` whole, which ssh reads as a host
+                        // name: port 22 is dropped, any other must come from ssh's config.
+                        Ok(22) => {
+                            let user = authority.rsplit_once('@').map(|(user, _)| user);
+                            return Ok(Host::Ssh(match user {
+                                Some(user) => format!("ssh://{user}@{host}"),
+                                None => format!("ssh://{host}"),
+                            }));
+                        }
+                        Ok(_) => {
+                            return Err(invalid(&format!(
+                                "an ssh port other than 22 cannot be given here: add `Host \
+                                 {host}` with `Port {port}` to ~/.ssh/config and use \
+                                 `ssh://[user@]{host}`"
+                            )));
+                        }
+                    }
                 }
                 Ok(Host::Ssh(format!("ssh://{authority}")))
             }
@@ -259,7 +277,12 @@ mod tests {
             ("http://box:2375/", Ok(Host::Tcp("tcp://box:2375".into()))),
             ("tcp://box", Err("needs a port")),
             ("tcp://box:99999", Err("port is not a number")),
-            ("ssh://me@box:22", Ok(Host::Ssh("ssh://me@box:22".into()))),
+            ("ssh://me@box:22", Ok(Host::Ssh("ssh://me@box".into()))),
+            ("ssh://box:22", Ok(Host::Ssh("ssh://box".into()))),
+            (
+                "ssh://me@box:2222",
+                Err("`Host box` with `Port 2222` to ~/.ssh/config"),
+            ),
             ("ssh://box", Ok(Host::Ssh("ssh://box".into()))),
             ("ssh://me@", Err("expected `ssh://")),
             ("ssh://me@box:x", Err("ssh port")),
