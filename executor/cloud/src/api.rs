@@ -90,6 +90,13 @@ impl Api {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Deletes the resource at `path`; one already gone (404) is not an error.
+    pub(crate) async fn delete(&self, path: &str, action: &str) -> Result<(), CloudError> {
+        self.call(Method::DELETE, path, &[], None, action, true)
+            .await?;
+        Ok(())
+    }
+
     /// Sends one request and returns its JSON body (`Value::Null` for an empty one). `action`
     /// says what the request is for, in error messages. A 404 is `Ok(None)` when `missing_ok`.
     pub(crate) async fn call(

@@ -193,16 +193,8 @@ impl Provider for DigitalOcean {
     async fn delete_key(&self, key: &SshKey) -> Result<(), CloudError> {
         let action = format!("delete ssh key `{}`", key.name);
         self.api
-            .call(
-                Method::DELETE,
-                &format!("/v2/account/keys/{}", key.id),
-                &[],
-                None,
-                &action,
-                true,
-            )
-            .await?;
-        Ok(())
+            .delete(&format!("/v2/account/keys/{}", key.id), &action)
+            .await
     }
 
     async fn create_server(&self, request: &ServerRequest) -> Result<Server, CloudError> {
@@ -323,16 +315,8 @@ impl Provider for DigitalOcean {
     async fn delete_server(&self, id: &str) -> Result<(), CloudError> {
         let action = format!("delete droplet {id}");
         self.api
-            .call(
-                Method::DELETE,
-                &format!("/v2/droplets/{id}"),
-                &[],
-                None,
-                &action,
-                true,
-            )
-            .await?;
-        Ok(())
+            .delete(&format!("/v2/droplets/{id}"), &action)
+            .await
     }
 
     fn requests(&self) -> u64 {

@@ -136,16 +136,8 @@ impl Provider for Hetzner {
     async fn delete_key(&self, key: &SshKey) -> Result<(), CloudError> {
         let action = format!("delete ssh key `{}`", key.name);
         self.api
-            .call(
-                Method::DELETE,
-                &format!("/ssh_keys/{}", key.id),
-                &[],
-                None,
-                &action,
-                true,
-            )
-            .await?;
-        Ok(())
+            .delete(&format!("/ssh_keys/{}", key.id), &action)
+            .await
     }
 
     async fn create_server(&self, request: &ServerRequest) -> Result<Server, CloudError> {
@@ -220,17 +212,7 @@ impl Provider for Hetzner {
 
     async fn delete_server(&self, id: &str) -> Result<(), CloudError> {
         let action = format!("delete server {id}");
-        self.api
-            .call(
-                Method::DELETE,
-                &format!("/servers/{id}"),
-                &[],
-                None,
-                &action,
-                true,
-            )
-            .await?;
-        Ok(())
+        self.api.delete(&format!("/servers/{id}"), &action).await
     }
 
     fn requests(&self) -> u64 {
