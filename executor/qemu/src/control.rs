@@ -166,13 +166,7 @@ impl ControlClient {
         timeout: Duration,
     ) -> Result<(), ProtocolError> {
         for request in requests {
-            let line = tokio::time::timeout(timeout, self.read_line())
-                .await
-                .map_err(|_| ProtocolError::Timeout {
-                    peer: "control",
-                    command: request.trim_end().to_owned(),
-                    after: timeout,
-                })??;
+            let line = self.read_answer(request, timeout).await?;
             parse_answer(&line).map_err(|description| ProtocolError::Command {
                 peer: "control",
                 command: request.trim_end().to_owned(),
@@ -183,16 +177,25 @@ impl ControlClient {
         Ok(())
     }
 
-    /// Sends one question (a [`newer_request`]) and reads its `yes` or `no`.
-    pub async fn ask(&mut self, request: &str, timeout: Duration) -> Result<bool, ProtocolError> {
-        self.send(&[request.to_owned()]).await?;
-        let line = tokio::time::timeout(timeout, self.read_line())
+    /// Reads the answer line to `request`, waiting up to `timeout`.
+    async fn read_answer(
+        &mut self,
+        request: &str,
+        timeout: Duration,
+    ) -> Result<String, ProtocolError> {
+        tokio::time::timeout(timeout, self.read_line())
             .await
             .map_err(|_| ProtocolError::Timeout {
                 peer: "control",
                 command: request.trim_end().to_owned(),
                 after: timeout,
-            })??;
+            })?
+    }
+
+    /// Sends one question (a [`newer_request`]) and reads its `yes` or `no`.
+    pub async fn ask(&mut self, request: &str, timeout: Duration) -> Result<bool, ProtocolError> {
+        self.send(&[request.to_owned()]).await?;
+        let line = self.read_answer(request, timeout).await?;
         match line.as_str() {
             "yes" => Ok(true),
             "no" => Ok(false),
