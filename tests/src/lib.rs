@@ -46,6 +46,18 @@ where
 }
 
 /// A namespace no other test uses.
+/// An error with its causes, `: `-separated: a failed case says why, not only what.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 pub fn unique_namespace(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -103,7 +115,7 @@ impl Subject {
             .driver
             .run_container(task)
             .await
-            .unwrap_or_else(|error| panic!("run_container failed: {error}"));
+            .unwrap_or_else(|error| panic!("run_container failed: {}", chain(&error)));
         Output::of(&*container).await
     }
 }
@@ -125,7 +137,7 @@ impl Output {
             Some(Duration::from_secs(600)),
         )
         .await
-        .unwrap_or_else(|error| panic!("waiting for `{}`: {error}", container.id()));
+        .unwrap_or_else(|error| panic!("waiting for `{}`: {}", container.id(), chain(&error)));
         let (stdout, stderr) = logs(container).await;
         Output {
             code,
@@ -150,7 +162,7 @@ pub async fn logs(container: &dyn Container) -> (Vec<u8>, Vec<u8>) {
     container
         .logs(&mut stdout, &mut stderr)
         .await
-        .unwrap_or_else(|error| panic!("logs of `{}`: {error}", container.id()));
+        .unwrap_or_else(|error| panic!("logs of `{}`: {}", container.id(), chain(&error)));
     (stdout, stderr)
 }
 
@@ -196,7 +208,7 @@ pub async fn run_case<C, F, Fut>(
         Ok(Ok(())) => {}
     }
     if let Err(error) = closed {
-        panic!("close failed: {error}");
+        panic!("close failed: {}", chain(&error));
     }
 }
 

@@ -18,7 +18,7 @@ use crate::accel::{self, AccelVerdict};
 use crate::guest::{self, Runner, StdinSource};
 use crate::machine::{AGENT_TIMEOUT, Machine, MachineSpec, RamFile};
 use crate::run_dir::RunDir;
-use crate::{QemuConfig, QemuError, image, output, repository, warm};
+use crate::{ProtocolError, QemuConfig, QemuError, image, output, repository, warm};
 
 const DRIVER: &str = "qemu";
 /// The test image of jobs whose mkfile names none: our guest images preload it.
@@ -665,12 +665,20 @@ struct Polled {
     exit: Option<i32>,
     /// When the guest agent was last asked about the wrapper.
     agent_asked: Option<std::time::Instant>,
+    /// Since when the agent has not answered a status question in time (none: it answers).
+    agent_silent_since: Option<std::time::Instant>,
 }
 
 /// How often `status` may ask the guest agent whether a wrapper died without writing its
 /// exit code. Each question wakes the agent in the guest, which under TCG costs the task CPU;
 /// the exit file on the share answers the common case for free.
 const AGENT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long the guest agent may go without answering status questions before the task is
+/// reported as failed. One unanswered question is not a dead task: under TCG, with other VMs
+/// on the same cores, a guest can stall past one question's timeout and recover; the exit file
+/// on the share still tells when the task ends.
+const AGENT_SILENCE_LIMIT: Duration = Duration::from_secs(300);
 
 impl TaskHandle {
     async fn status(&self) -> Result<ContainerStatus, DriverError> {
@@ -693,11 +701,25 @@ impl TaskHandle {
             return Ok(ContainerStatus::Running);
         }
         polled.agent_asked = Some(std::time::Instant::now());
-        let status = self
-            .machine
-            .exec_status(self.pid)
-            .await
-            .map_err(|error| backend(format!("poll task `{}`", self.id), error))?;
+        let status = match self.machine.exec_status(self.pid).await {
+            Ok(status) => {
+                polled.agent_silent_since = None;
+                status
+            }
+            Err(QemuError::Agent {
+                source: ProtocolError::Timeout { .. },
+                ..
+            }) if polled
+                .agent_silent_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                < AGENT_SILENCE_LIMIT =>
+            {
+                tracing::debug!(task = %self.id, "guest agent slow to answer; polling on");
+                return Ok(ContainerStatus::Running);
+            }
+            Err(error) => return Err(backend(format!("poll task `{}`", self.id), error)),
+        };
         if status.exited {
             // The wrapper writes `exit` before it ends; read again, then fall back to how the
             // wrapper itself ended (killed before it could write).
