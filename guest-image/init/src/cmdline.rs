@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 /// Settings read from `/proc/cmdline`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
-    /// `root=`: the root block device.
+    /// `root=`: the root block device; a whole disk that has partitions means the first of
+    /// them with an `/etc/os-release` (a cloud image's root is not always partition 1).
     pub root: String,
     /// `rootfstype=`.
     pub root_fstype: String,
@@ -21,6 +22,10 @@ pub struct Cmdline {
     pub hostname: Option<String>,
     /// `ci.agent=0` disables starting qemu-ga.
     pub agent: bool,
+    /// `ci.install=1`: the initramfs stage copies this init and the files under its
+    /// `/ci-exec-root/` onto the root filesystem before switching to it (a stock cloud image,
+    /// which has neither).
+    pub install: bool,
     /// `module.param=value` words, grouped by module (dashes folded to underscores), so that
     /// `virtio_mmio.device=…` reaches a modular virtio_mmio as modprobe would pass it.
     pub module_parameters: BTreeMap<String, Vec<String>>,
@@ -37,6 +42,7 @@ impl Default for Cmdline {
             init: "/sbin/ci-exec-init".to_owned(),
             hostname: None,
             agent: true,
+            install: false,
             module_parameters: BTreeMap::new(),
         }
     }
@@ -64,6 +70,7 @@ impl Cmdline {
                 ("ci.init", Some(value)) => cmdline.init = value.to_owned(),
                 ("ci.hostname", Some(value)) => cmdline.hostname = Some(value.to_owned()),
                 ("ci.agent", Some(value)) => cmdline.agent = value != "0",
+                ("ci.install", Some(value)) => cmdline.install = value != "0",
                 (key, Some(value)) => {
                     if let Some((module, parameter)) = key.split_once('.')
                         && !module.is_empty()
@@ -120,8 +127,9 @@ mod tests {
     #[test]
     fn parses_root_and_ci_settings() {
         let cmdline = Cmdline::parse(
-            "console=ttyS0 root=/dev/vdb rootfstype=ext4 ro ci.init=/sbin/init ci.hostname=box rootwait=3 ci.agent=0\n",
+            "console=ttyS0 root=/dev/vdb rootfstype=ext4 ro ci.init=/sbin/init ci.hostname=box rootwait=3 ci.agent=0 ci.install=1\n",
         );
+        assert!(cmdline.install);
         assert_eq!(cmdline.root, "/dev/vdb");
         assert!(cmdline.read_only);
         assert_eq!(cmdline.init, "/sbin/init");

@@ -20,9 +20,12 @@
 //!   guest agent's `guest-shutdown` works without systemd.
 //! - **`ci-exec-init --follow FILE END`** (any PID): copies a growing file to stdout until
 //!   END exists, for the qemu driver's streamed stdin (`follow`).
+//! - **`ci-exec-init --agent PORT`** (any PID): the guest agent, for root filesystems
+//!   without `qemu-ga` (`agent`).
 //! - **`ci-exec-init --task DIR`** (any PID): the qemu driver's task wrapper, which the guest
 //!   agent starts (`task`).
 
+mod agent;
 mod cmdline;
 mod control;
 mod follow;
@@ -49,6 +52,11 @@ fn main() {
         && flag == "--follow"
     {
         follow::run(Path::new(file), Path::new(end));
+    }
+    if let [flag, port] = arguments.as_slice()
+        && flag == "--agent"
+    {
+        agent::run(Path::new(port));
     }
     if let [flag, dir] = arguments.as_slice()
         && flag == "--task"

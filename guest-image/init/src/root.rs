@@ -164,12 +164,19 @@ fn start_agent() -> Option<Child> {
     if !port.exists() {
         return None;
     }
-    let mut command = Command::new(AGENT);
-    command
-        .arg("--method=virtio-serial")
-        .arg(format!("--path={}", port.display()))
-        .stdin(Stdio::null())
-        .current_dir("/");
+    // A root filesystem without qemu-ga (a stock cloud image) gets ours.
+    let mut command = if Path::new(AGENT).exists() {
+        let mut command = Command::new(AGENT);
+        command
+            .arg("--method=virtio-serial")
+            .arg(format!("--path={}", port.display()));
+        command
+    } else {
+        let mut command = Command::new("/proc/self/exe");
+        command.arg("--agent").arg(&port);
+        command
+    };
+    command.stdin(Stdio::null()).current_dir("/");
     // SAFETY: only async-signal-safe calls (sigprocmask, setsid) between fork and exec.
     unsafe {
         command.pre_exec(|| {

@@ -57,6 +57,20 @@ pub fn mount(
     }
 }
 
+/// umount(2) of `target`.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    let target_c = c_string(target.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::umount(target_c.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(context(
+            io::Error::last_os_error(),
+            format!("unmount `{}`", target.display()),
+        ))
+    }
+}
+
 /// Mounts unless something is mounted there already (stage 1 may have moved it in).
 pub fn mount_once(
     source: &str,
