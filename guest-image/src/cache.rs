@@ -156,15 +156,25 @@ impl ImageCache {
         Ok(manifest)
     }
 
-    /// Downloads (once, verified) and prepares (once) the catalog image `name`, e.g.
-    /// `ubuntu-24.04` or `alpine-3.20`. Its manifest has no kernel of ours: boot it with firmware.
+    /// Downloads (once, verified) the catalog image `name`, e.g. `ubuntu-24.04`, and makes it
+    /// bootable with the kernel and initramfs of the default image, which must be built (see
+    /// [`crate::cloud`]). Nothing boots and nothing is installed into the image here.
     pub fn fetch_cloud(
         &self,
         name: &str,
         options: &CloudOptions,
         reporter: &dyn Reporter,
     ) -> Result<Manifest, Error> {
-        let image = catalog::lookup(name)?.resolve(std::env::consts::ARCH)?;
+        let image =
+            catalog::lookup(name)?.resolve(std::env::consts::ARCH, options.mirror.as_deref())?;
+        let base = self.get(crate::DEFAULT_IMAGE)?.ok_or_else(|| Error::Prepare {
+            name: name.to_owned(),
+            reason: format!(
+                "it boots with the kernel of `{}`, which is not built: run `ci-exec image build {}` first",
+                crate::DEFAULT_IMAGE,
+                crate::DEFAULT_IMAGE
+            ),
+        })?;
         let _lock = Lock::acquire(&self.root.join(format!(".lock-{name}")))?;
         let mk = host::require_static(&options.mk_binary, "mkrunner")?;
         reporter.step(&format!("downloading `{}`", image.url));
@@ -184,8 +194,9 @@ impl ImageCache {
             serde_json::json!({
                 "recipe_version": RECIPE_VERSION,
                 "name": name,
-                "url": image.url,
+                "file": image.file_name,
                 "image_digest": verified.trim(),
+                "base_digest": base.digest,
                 "mk_sha256": debian::sha256_hex(&mk),
             })
             .to_string()
@@ -199,16 +210,8 @@ impl ImageCache {
             return Ok(existing);
         }
         let work = self.fresh_work_dir(name)?;
-        let result = cloud::prepare(
-            &image,
-            &download,
-            inputs,
-            &mk,
-            &work,
-            options.timeout,
-            reporter,
-        )
-        .and_then(|manifest| self.install(manifest, &work, name));
+        let result = cloud::assemble(&image, &download, &base, inputs, &mk, &work)
+            .and_then(|manifest| self.install(manifest, &work, name));
         let cleanup = remove_tree(&work);
         let manifest = result?;
         cleanup?;

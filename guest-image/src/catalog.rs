@@ -1,6 +1,6 @@
 //! Cloud images from their publishers (Alpine, Ubuntu): where to download each release for each
-//! architecture, and where its checksum file is. Downloaded once, verified, then prepared once
-//! by a first boot (see [`crate::ImageCache::fetch_cloud`]).
+//! architecture, and where its checksum file is. Downloaded once and verified; they boot with
+//! the default image's kernel and initramfs (see [`crate::ImageCache::fetch_cloud`]).
 
 use crate::Error;
 
@@ -9,10 +9,14 @@ use crate::Error;
 pub struct CatalogEntry {
     /// `ubuntu-24.04`, `alpine-3.20`.
     pub name: &'static str,
-    /// URL pattern with `{arch}` (the publisher's spelling, from `arches`).
+    /// The publisher's download site; a mirror replaces it.
+    pub base: &'static str,
+    /// Path pattern under `base` with `{arch}` (the publisher's spelling, from `arches`).
     pub url: &'static str,
-    /// Checksum file URL pattern, same placeholders.
+    /// Checksum file path pattern, same placeholders.
     pub checksum_url: &'static str,
+    /// The OS and version, for `image list`.
+    pub os: &'static str,
     /// (Rust's `std::env::consts::ARCH`, publisher's spelling, firmware) per supported arch.
     pub arches: &'static [(&'static str, &'static str, &'static str)],
     /// How the prepared image boots: `bios` or `uefi` (per arch, in `arches`).
@@ -22,22 +26,28 @@ pub struct CatalogEntry {
 pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         name: "ubuntu-24.04",
-        url: "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-24.04-server-cloudimg-{arch}.img",
-        checksum_url: "https://cloud-images.ubuntu.com/releases/24.04/release/SHA256SUMS",
+        base: "https://cloud-images.ubuntu.com",
+        url: "/releases/24.04/release/ubuntu-24.04-server-cloudimg-{arch}.img",
+        checksum_url: "/releases/24.04/release/SHA256SUMS",
+        os: "Ubuntu 24.04 LTS (cloud image)",
         arches: &[("x86_64", "amd64", "bios"), ("aarch64", "arm64", "uefi")],
         user: "ubuntu",
     },
     CatalogEntry {
         name: "ubuntu-22.04",
-        url: "https://cloud-images.ubuntu.com/releases/22.04/release/ubuntu-22.04-server-cloudimg-{arch}.img",
-        checksum_url: "https://cloud-images.ubuntu.com/releases/22.04/release/SHA256SUMS",
+        base: "https://cloud-images.ubuntu.com",
+        url: "/releases/22.04/release/ubuntu-22.04-server-cloudimg-{arch}.img",
+        checksum_url: "/releases/22.04/release/SHA256SUMS",
+        os: "Ubuntu 22.04 LTS (cloud image)",
         arches: &[("x86_64", "amd64", "bios"), ("aarch64", "arm64", "uefi")],
         user: "ubuntu",
     },
     CatalogEntry {
         name: "alpine-3.20",
-        url: "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2",
-        checksum_url: "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2.sha512",
+        base: "https://dl-cdn.alpinelinux.org/alpine",
+        url: "/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2",
+        checksum_url: "/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2.sha512",
+        os: "Alpine Linux 3.20.3 (cloud image)",
         arches: &[("x86_64", "x86_64", "bios"), ("aarch64", "aarch64", "uefi")],
         user: "alpine",
     },
@@ -54,10 +64,13 @@ pub struct CloudImage {
     pub firmware: String,
     /// The image's default user (for `users: [default]` seeds).
     pub user: String,
+    pub os: String,
 }
 
 impl CatalogEntry {
-    pub fn resolve(&self, arch: &str) -> Result<CloudImage, Error> {
+    /// The image for `arch`, from `mirror` (a URL the catalog's paths are appended to) or the
+    /// publisher.
+    pub fn resolve(&self, arch: &str, mirror: Option<&str>) -> Result<CloudImage, Error> {
         let (_, spelling, firmware) = self
             .arches
             .iter()
@@ -66,10 +79,12 @@ impl CatalogEntry {
                 name: self.name.to_owned(),
                 arch: arch.to_owned(),
             })?;
+        let base = mirror.unwrap_or(self.base).trim_end_matches('/');
         let fill = |pattern: &str| {
-            pattern
-                .replace("{arch}", spelling)
-                .replace("{firmware}", firmware)
+            base.to_owned()
+                + &pattern
+                    .replace("{arch}", spelling)
+                    .replace("{firmware}", firmware)
         };
         let url = fill(self.url);
         let file_name = url.rsplit('/').next().unwrap_or_default().to_owned();
@@ -80,6 +95,7 @@ impl CatalogEntry {
             file_name,
             firmware: (*firmware).to_owned(),
             user: self.user.to_owned(),
+            os: self.os.to_owned(),
         })
     }
 }
@@ -108,13 +124,13 @@ mod tests {
     fn resolves_urls_per_arch() {
         let ubuntu = lookup("ubuntu-24.04")
             .expect("ubuntu")
-            .resolve("x86_64")
+            .resolve("x86_64", None)
             .expect("x86_64");
         assert_eq!(ubuntu.file_name, "ubuntu-24.04-server-cloudimg-amd64.img");
         assert!(ubuntu.checksum_url.ends_with("/SHA256SUMS"));
         let alpine = lookup("alpine-3.20")
             .expect("alpine")
-            .resolve("aarch64")
+            .resolve("aarch64", None)
             .expect("aarch64");
         assert_eq!(
             alpine.file_name,
@@ -122,6 +138,18 @@ mod tests {
         );
         assert_eq!(alpine.checksum_url, format!("{}.sha512", alpine.url));
         assert_eq!(alpine.firmware, "uefi");
+        let mirrored = lookup("ubuntu-24.04")
+            .expect("ubuntu")
+            .resolve("x86_64", Some("http://127.0.0.1:8080/ubuntu/"))
+            .expect("mirror");
+        assert_eq!(
+            mirrored.url,
+            "http://127.0.0.1:8080/ubuntu/releases/24.04/release/ubuntu-24.04-server-cloudimg-amd64.img"
+        );
+        assert_eq!(
+            mirrored.checksum_url,
+            "http://127.0.0.1:8080/ubuntu/releases/24.04/release/SHA256SUMS"
+        );
     }
 
     #[test]
@@ -133,7 +161,7 @@ mod tests {
         );
         let error = lookup("alpine-3.20")
             .expect("alpine")
-            .resolve("riscv64")
+            .resolve("riscv64", None)
             .unwrap_err()
             .to_string();
         assert_eq!(

@@ -1,26 +1,29 @@
-//! Preparing a downloaded cloud image once: boot it with a NoCloud seed that installs the guest
-//! agent and our `mk` and powers off, then flatten the result into the cached qcow2. Later boots
-//! of the prepared image need no network.
+//! Publishers' cloud images (Canonical's Ubuntu, Alpine's nocloud) as ci-exec guests, with no
+//! package installed and no first boot: the downloaded, verified qcow2 is the root disk as it
+//! is, and it boots with the default image's kernel and initramfs. The initramfs finds the
+//! image's root partition, copies our init (which is also the guest agent when the image has
+//! no `qemu-ga`) and our static `mk` onto it — the VM's own overlay, so the cached image is
+//! never written — and switches to it (`ci.install=1`, see `guest-image/init`).
+//!
+//! Why not the image's own kernel, firmware and cloud-init: under TCG that boot takes minutes
+//! per VM (firmware, GRUB, systemd, cloud-init) where ours takes seconds, and the agent would
+//! need a package install at boot, which needs the network and makes every boot differ.
 
 use crate::catalog::CloudImage;
 use crate::manifest::{Manifest, RECIPE_VERSION};
-use crate::{Error, Reporter, disk, host};
-use ci_exec_cloud_init::{
-    CloudConfig, Command as CloudCommand, MetaData, PowerState, Seed, User, WriteFile,
-};
+use crate::{Error, initramfs};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// Options for [`crate::ImageCache::fetch_cloud`].
 #[derive(Debug, Clone)]
 pub struct CloudOptions {
-    /// Our static `mk`, written to `/usr/local/bin/mk` in the guest.
+    /// Our static `mk`, copied to `/usr/local/bin/mk` in the guest at boot.
     pub mk_binary: PathBuf,
-    /// Prepare again even if a current prepared image exists.
+    /// Assemble again even if a current image exists.
     pub force: bool,
-    /// How long the preparing boot may take (package installs under TCG are slow).
-    pub timeout: Duration,
+    /// Where to download from instead of the publisher (`https://host/path`: the catalog's
+    /// paths are appended), for mirrors and tests.
+    pub mirror: Option<String>,
 }
 
 impl CloudOptions {
@@ -28,153 +31,67 @@ impl CloudOptions {
         Self {
             mk_binary,
             force: false,
-            timeout: Duration::from_secs(30 * 60),
+            mirror: None,
         }
     }
 }
 
-/// The seed of the preparing boot.
-pub fn preparation_seed(image: &CloudImage, mk: &[u8]) -> Seed {
-    let mut mk_file = WriteFile::new("/usr/local/bin/mk", base64(mk)).permissions("0755");
-    mk_file.encoding = Some("b64".to_owned());
-    Seed {
-        meta_data: MetaData::new(format!("ci-exec-prepare-{}", image.name), "ci-exec"),
-        user_data: CloudConfig {
-            users: vec![User::default_user()],
-            write_files: vec![mk_file],
-            packages: vec!["qemu-guest-agent".to_owned()],
-            package_update: true,
-            runcmd: vec![CloudCommand::from(
-                "systemctl enable qemu-guest-agent 2>/dev/null || rc-update add qemu-guest-agent default",
-            )],
-            power_state: Some(PowerState {
-                mode: "poweroff".to_owned(),
-                message: None,
-                delay: Some("now".to_owned()),
-            }),
-            ..CloudConfig::default()
-        },
-        network_config: None,
-    }
+/// The kernel command line a cloud image boots with: `base`'s (the default image's), whose
+/// `root=/dev/vda` makes the initramfs look for the root among the disk's partitions, plus the
+/// install of our init and `mk`.
+pub fn kernel_cmdline(base: &str) -> String {
+    format!("{base} ci.install=1 ci.init=/usr/sbin/ci-exec-init")
 }
 
-/// Boots `download` once with the preparation seed and writes the prepared, standalone qcow2 to
-/// `work/disk.qcow2`. Returns the manifest (paths inside `work`).
-pub(crate) fn prepare(
+/// Assembles the manifest of `image` in `work` from the verified `download`, the `base`
+/// image's kernel and initramfs, and `mk`.
+pub(crate) fn assemble(
     image: &CloudImage,
     download: &Path,
+    base: &Manifest,
     inputs: String,
     mk: &[u8],
     work: &Path,
-    timeout: Duration,
-    reporter: &dyn Reporter,
 ) -> Result<Manifest, Error> {
-    if image.firmware != "bios" || std::env::consts::ARCH != "x86_64" {
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(download)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic));
+    if read.is_err() || &magic != b"QFI\xfb" {
         return Err(Error::Prepare {
             name: image.name.clone(),
-            reason: format!(
-                "preparing {} images on {} is not supported yet",
-                image.firmware,
-                std::env::consts::ARCH
-            ),
-            console: PathBuf::new(),
+            reason: format!("`{}` is not a qcow2 image", download.display()),
         });
     }
-    let qemu = host::find(host::QEMU_SYSTEM)?;
-    let overlay = work.join("prepare.qcow2");
-    disk::create_overlay(download, &overlay)?;
-    let seed_path = work.join("seed.img");
-    preparation_seed(image, mk)
-        .write_image(&seed_path)
-        .map_err(|error| Error::Prepare {
-            name: image.name.clone(),
-            reason: error.to_string(),
-            console: PathBuf::new(),
-        })?;
-    let console = work.join("console.log");
-
-    reporter.step(&format!(
-        "preparing `{}`: first boot installs qemu-guest-agent and mk",
-        image.name
-    ));
-    let mut child = Command::new(qemu)
-        .args([
-            "-M", "q35", "-accel", "kvm:tcg", "-cpu", "max", "-m", "2048", "-smp", "2",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", overlay.display()))
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=virtio,format=raw,readonly=on",
-            seed_path.display()
-        ))
-        .args([
-            "-netdev",
-            "user,id=net0",
-            "-device",
-            "virtio-net-pci,netdev=net0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: "qemu-system-x86_64".to_owned(),
-            source,
-        })?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
-            Ok(None) | Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::Prepare {
-                    name: image.name.clone(),
-                    reason: format!("the guest did not power off within {} s", timeout.as_secs()),
-                    console,
-                });
-            }
-        }
-    };
-    if !status.success() {
-        return Err(Error::Prepare {
-            name: image.name.clone(),
-            reason: format!("qemu exited with {status}"),
-            console,
-        });
-    }
-    let qcow2 = work.join("disk.qcow2");
-    disk::convert_to_qcow2(&overlay, "qcow2", &qcow2, reporter)?;
-    let disk_bytes = std::fs::metadata(&qcow2)
+    let disk = work.join("disk.qcow2");
+    link_or_copy(download, &disk)?;
+    let kernel = work.join("vmlinuz");
+    link_or_copy(&base.kernel, &kernel)?;
+    let vmlinux = work.join("vmlinux");
+    link_or_copy(&base.vmlinux, &vmlinux)?;
+    let initrd = work.join("initrd.img");
+    initramfs::extend(
+        &base.initrd,
+        &[("ci-exec-root/usr/local/bin/mk", mk)],
+        &initrd,
+    )?;
+    let disk_bytes = std::fs::metadata(&disk)
         .map(|metadata| metadata.len())
         .unwrap_or(0);
     let digest = crate::debian::sha256_hex(format!("{RECIPE_VERSION}\n{inputs}\n").as_bytes());
     Ok(Manifest {
         name: image.name.clone(),
         digest,
-        kernel: PathBuf::new(),
-        vmlinux: PathBuf::new(),
-        initrd: PathBuf::new(),
-        disk: qcow2,
-        kernel_cmdline: String::new(),
+        kernel,
+        vmlinux,
+        initrd,
+        disk,
+        kernel_cmdline: kernel_cmdline(&base.kernel_cmdline),
         packages: Default::default(),
         recipe_version: RECIPE_VERSION,
         inputs,
         arch: std::env::consts::ARCH.to_owned(),
-        // The catalog name says the release; the image is not opened to read its os-release.
-        os: image.name.clone(),
-        kernel_release: String::new(),
+        os: image.os.clone(),
+        kernel_release: base.kernel_release.clone(),
         container_images: Vec::new(),
         source: "download".to_owned(),
         built_at: crate::cache::now_rfc3339(),
@@ -182,9 +99,17 @@ pub(crate) fn prepare(
     })
 }
 
-fn base64(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+/// A hard link (the cache is one filesystem), else a copy.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), Error> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(drop)
+        .map_err(|source| Error::Write {
+            path: to.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -192,34 +117,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, output) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), output);
-        }
-    }
-
-    #[test]
-    fn preparation_seed_installs_agent_and_mk_then_powers_off() {
-        let image = crate::catalog::lookup("ubuntu-24.04")
-            .expect("entry")
-            .resolve("x86_64")
-            .expect("resolve");
-        let seed = preparation_seed(&image, b"\x7fELF");
-        assert_eq!(seed.user_data.packages, ["qemu-guest-agent"]);
-        assert_eq!(seed.user_data.write_files[0].path, "/usr/local/bin/mk");
-        assert_eq!(seed.user_data.write_files[0].content, "f0VMRg==");
+    fn the_command_line_keeps_the_base_and_asks_for_the_install() {
         assert_eq!(
-            seed.user_data
-                .power_state
-                .as_ref()
-                .map(|state| state.mode.as_str()),
-            Some("poweroff")
+            kernel_cmdline("root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet"),
+            "root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet ci.install=1 \
+             ci.init=/usr/sbin/ci-exec-init"
         );
     }
 }

@@ -141,12 +141,8 @@ pub enum Error {
         actual: u64,
     },
 
-    #[error("preparing cloud image `{name}` failed: {reason} (its console log is `{console}`)")]
-    Prepare {
-        name: String,
-        reason: String,
-        console: PathBuf,
-    },
+    #[error("cannot make cloud image `{name}` bootable: {reason}")]
+    Prepare { name: String, reason: String },
 }
 
 fn tail_suffix(tail: &str) -> String {

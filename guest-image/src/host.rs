@@ -29,10 +29,6 @@ pub const XZ: Tool = Tool {
     name: "xz",
     hint: "apt-get install xz-utils",
 };
-pub const QEMU_SYSTEM: Tool = Tool {
-    name: "qemu-system-x86_64",
-    hint: "apt-get install qemu-system-x86",
-};
 const UIDMAP_HINT: &str =
     "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode";
 pub const NEWUIDMAP: Tool = Tool {

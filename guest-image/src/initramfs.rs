@@ -167,6 +167,45 @@ pub fn build(init: &[u8], modules: &[ModuleFile], output: &Path) -> Result<(), E
     write(writer.flush())
 }
 
+/// Writes `base` (an initramfs) followed by a second archive holding `files` (path, contents;
+/// mode 0755) and their parent directories. Linux unpacks concatenated archives in order, so
+/// this adds to an image's initramfs without rebuilding it.
+pub fn extend(base: &Path, files: &[(&str, &[u8])], output: &Path) -> Result<(), Error> {
+    let write_error = |source| Error::Write {
+        path: output.to_owned(),
+        source,
+    };
+    let mut bytes = std::fs::read(base).map_err(|source| Error::Read {
+        path: base.to_owned(),
+        source,
+    })?;
+    // Each archive starts on a 4-byte boundary.
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let mut archive = Archive {
+        writer: bytes,
+        inode: 1,
+    };
+    let mut directories = BTreeSet::new();
+    for (name, _) in files {
+        let mut parent = Path::new(name).to_owned();
+        while parent.pop() && !parent.as_os_str().is_empty() {
+            directories.insert(parent.to_string_lossy().into_owned());
+        }
+    }
+    for directory in &directories {
+        archive
+            .entry(directory, 0o040_755, &[], None)
+            .map_err(write_error)?;
+    }
+    for (name, contents) in files {
+        archive
+            .entry(name, 0o100_755, contents, None)
+            .map_err(write_error)?;
+    }
+    let bytes = cpio::newc::trailer(archive.writer).map_err(write_error)?;
+    std::fs::write(output, bytes).map_err(write_error)
+}
+
 struct Archive<W: Write> {
     writer: W,
     inode: u32,
@@ -204,6 +243,51 @@ impl<W: Write> Archive<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (name, mode, contents) of each entry of the archive at the start of `bytes`.
+    fn entries_of(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+        let mut entries = Vec::new();
+        let mut reader = bytes;
+        loop {
+            let mut entry = cpio::newc::Reader::new(reader).expect("entry");
+            if entry.entry().is_trailer() {
+                return entries;
+            }
+            let name = entry.entry().name().to_owned();
+            let mode = entry.entry().mode();
+            let mut contents = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut contents).expect("read");
+            entries.push((name, mode, contents));
+            reader = entry.finish().expect("finish");
+        }
+    }
+
+    #[test]
+    fn extend_appends_a_second_archive_with_the_files_and_their_parents() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let base = directory.path().join("base.cpio");
+        build(b"\x7fELF init", &[], &base).expect("build");
+        let output = directory.path().join("extended.cpio");
+        extend(&base, &[("ci-exec-root/usr/local/bin/mk", b"mk!")], &output).expect("extend");
+        let base_bytes = std::fs::read(&base).expect("base");
+        let bytes = std::fs::read(&output).expect("output");
+        assert!(bytes.starts_with(&base_bytes));
+        assert!(entries_of(&bytes).iter().any(|entry| entry.0 == "init"));
+        let added = entries_of(&bytes[base_bytes.len().next_multiple_of(4)..]);
+        let names: Vec<&str> = added.iter().map(|entry| entry.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ci-exec-root",
+                "ci-exec-root/usr",
+                "ci-exec-root/usr/local",
+                "ci-exec-root/usr/local/bin",
+                "ci-exec-root/usr/local/bin/mk"
+            ]
+        );
+        assert_eq!(added[4].1, 0o100_755);
+        assert_eq!(added[4].2, b"mk!");
+    }
 
     #[test]
     fn archive_holds_init_modules_and_load_order() {

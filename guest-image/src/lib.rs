@@ -48,7 +48,7 @@ mod reporter;
 
 pub use cache::{ImageCache, PruneReport, default_directory};
 pub use clock::tcg_kernel_arguments;
-pub use cloud::{CloudOptions, preparation_seed};
+pub use cloud::CloudOptions;
 pub use debian::{
     BASE_CONTAINER_IMAGE, BuildOptions, Distribution, Kernel, PACKAGES, UBUNTU_MIRROR, Variant,
 };

@@ -113,6 +113,21 @@ pub async fn qemu_ubuntu() -> Option<Box<dyn Driver>> {
     Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
 }
 
+/// Canonical's Ubuntu cloud image as a guest (`ci-exec image build ubuntu-24.04`; CI builds it
+/// from a stand-in in the same format served on loopback, `.ci/setup-test-images.sh`).
+pub const UBUNTU_CLOUD_IMAGE: &str = "ubuntu-24.04";
+
+/// The qemu driver booting the stock cloud image: no qemu-ga and no `mk` in it, our init is
+/// the agent.
+pub async fn qemu_ubuntu_cloud() -> Option<Box<dyn Driver>> {
+    let dsn = format!(
+        "qemu://{}?image={UBUNTU_CLOUD_IMAGE}",
+        unique_namespace("qemu-cloud")
+    );
+    let config = qemu_config(&dsn)?;
+    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+}
+
 /// The qemu driver's configuration for `dsn`, or `None` (skipped, or a failure under `CI=true`)
 /// when QEMU, `qemu-img` or the default guest image is missing.
 pub fn qemu_config(dsn: &str) -> Option<ci_exec_qemu::QemuConfig> {

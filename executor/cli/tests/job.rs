@@ -107,10 +107,12 @@ fn assert_exit(output: &Output, code: i32) {
     );
 }
 
-/// The DSN of a test's driver name: `qemu_ubuntu` is the qemu driver booting the Ubuntu image.
+/// The DSN of a test's driver name: `qemu_ubuntu` is the qemu driver booting the Ubuntu image,
+/// `qemu_ubuntu_cloud` booting Canonical's cloud image (a stand-in in its format, in CI).
 fn dsn(driver: &str) -> String {
     match driver {
         "qemu_ubuntu" => "qemu:image=ubuntu-noble".to_owned(),
+        "qemu_ubuntu_cloud" => "qemu:image=ubuntu-24.04".to_owned(),
         other => other.to_owned(),
     }
 }
@@ -130,6 +132,7 @@ fn available(driver: &str) -> bool {
         }
         "qemu" => qemu_missing("debian-bookworm", ".ci/setup-image.sh"),
         "qemu_ubuntu" => qemu_missing("ubuntu-noble", ".ci/setup-test-images.sh"),
+        "qemu_ubuntu_cloud" => qemu_missing("ubuntu-24.04", ".ci/setup-test-images.sh"),
         "docker" | "podman" => engine_missing(driver),
         other => Some(format!("no prerequisite check for driver `{other}`")),
     };
@@ -191,7 +194,7 @@ macro_rules! job_test {
 
 job_test!(
     hello_runs_then_replays_byte_exact,
-    [native, qemu, docker, podman, qemu_ubuntu],
+    [native, qemu, docker, podman, qemu_ubuntu, qemu_ubuntu_cloud],
     |driver| {
         let repo = Repo::example("hello");
         let first = repo.test(driver, &[], &[]);
@@ -228,7 +231,7 @@ job_test!(
 
 job_test!(
     artifacts_are_collected_and_the_cache_survives,
-    [native, qemu, qemu_ubuntu],
+    [native, qemu, qemu_ubuntu, qemu_ubuntu_cloud],
     |driver| {
         let repo = Repo::example("artifacts-cache");
         let artifacts = repo.path().join("collected");
@@ -660,7 +663,7 @@ job_test!(
 
 job_test!(
     the_base_os_is_online_and_the_test_offline_unless_the_mkfile_declares_it,
-    [qemu, qemu_ubuntu],
+    [qemu, qemu_ubuntu, qemu_ubuntu_cloud],
     |driver| {
         let server = HostServer::start("reached\n");
         let address = format!("10.0.2.2:{}", server.port);

@@ -136,10 +136,10 @@ fn partitions_of(disk: &str) -> Vec<String> {
     partitions.into_iter().map(|(_, path)| path).collect()
 }
 
-/// Copies this init to `sbin/ci-exec-init` of `root` and the tree under `/ci-exec-root` to
+/// Copies this init to `usr/sbin/ci-exec-init` of `root` (where the qemu driver runs it from) and the tree under `/ci-exec-root` to
 /// the same places in `root`. The root disk is the VM's own overlay, so nothing outlives it.
 fn install(root: &Path) -> io::Result<()> {
-    copy_file(Path::new("/init"), &root.join("sbin/ci-exec-init"))?;
+    copy_file(Path::new("/init"), &root.join("usr/sbin/ci-exec-init"))?;
     copy_tree(Path::new("/ci-exec-root"), root)
 }
 

@@ -173,7 +173,7 @@ fn start_agent() -> Option<Child> {
         command
     } else {
         let mut command = Command::new("/proc/self/exe");
-        command.arg("--agent").arg(&port);
+        command.arg0("ci-exec-init").arg("--agent").arg(&port);
         command
     };
     command.stdin(Stdio::null()).current_dir("/");

@@ -673,4 +673,7 @@ conformance! {
     qemu_ubuntu_podman => ci_exec_tests::drivers::qemu_ubuntu,
         image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
         capabilities = ALL;
+    // A stock cloud image has no podman: its tasks run in the guest OS.
+    qemu_ubuntu_cloud => ci_exec_tests::drivers::qemu_ubuntu_cloud, image = "",
+        capabilities = Capabilities { privileged: false, ..ALL };
 }

@@ -2,6 +2,7 @@
 //! it, and native-driver specifics that the generic suite cannot see.
 
 mod cli;
+mod cloud_image;
 mod conformance;
 mod k8s;
 mod native;

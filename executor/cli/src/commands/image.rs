@@ -28,7 +28,8 @@ pub enum ImageCommand {
         #[arg(long, value_name = "PATH", env = "CI_EXEC_INIT")]
         init: Option<PathBuf>,
         /// Debian mirror URL or sources file (default: this host's Debian sources); for
-        /// `ubuntu-noble`, an Ubuntu mirror URL (default: `--ubuntu-mirror`)
+        /// `ubuntu-noble`, an Ubuntu mirror URL (default: `--ubuntu-mirror`); for a cloud
+        /// image (`ubuntu-24.04`, …), the URL that replaces its publisher's site
         #[arg(long, value_name = "URL|FILE")]
         mirror: Option<String>,
         /// The guest kernel of a Debian image: `ubuntu-kvm` (Ubuntu 22.04's kernel for virtual
@@ -99,6 +100,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
             let manifest = if catalog::lookup(&name).is_ok() {
                 let mut options = CloudOptions::new(mk);
                 options.force = force;
+                options.mirror = mirror;
                 cache.fetch_cloud(&name, &options, &reporter)
             } else {
                 let Some(mut options) =
