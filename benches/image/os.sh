@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Issue 21's measures: each guest OS image against the default one (debian-bookworm), in the
 # same runs, so the ratios hold on a noisy machine:
-#   - build time from a warm apt archive (the image removed, downloaded packages kept);
+#   - build time from a warm apt archive (the image removed, downloaded packages kept); for a
+#     publisher's cloud image (`ubuntu-24.04`), download + verify + assemble from a mirror:
+#     $CI_EXEC_CLOUD_MIRROR, else a stand-in in Canonical's format made from ubuntu-noble and
+#     served on loopback (guest-image/tests/fixtures/make-ubuntu-cloud-image.sh);
 #   - disk size (qcow2 bytes) and the kernel and initramfs sizes;
 #   - cold start: `ci-exec run --driver=qemu:image=NAME,warm=false -- true` (boot to the agent);
 #   - warm start: the same from the image's saved VM state (made once before timing).
 # Usage, as root: benches/image/os.sh [RUNS] [IMAGE…]  (default: 5 runs, ubuntu-noble)
+#   e.g. benches/image/os.sh 5 ubuntu-noble ubuntu-24.04
 # Needs hyperfine, mmdebstrap, qemu, and the mirrors the builds use.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -20,18 +24,45 @@ cargo build --quiet --release --manifest-path "$root/Cargo.toml" --target x86_64
 cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p ci-exec
 musl="$target/x86_64-unknown-linux-musl/release"
 table=$(mktemp)
-trap 'rm -f "$table"' EXIT
 # hyperfine rewrites its Markdown file as it goes: the table is read once it is done.
 timed() { hyperfine "$@" --export-markdown "$table" >/dev/null 2>&1; cat "$table"; }
 bin="$target/release/ci-exec"
-build() { "$bin" image build "$1" --mk "$musl/mk" --init "$musl/ci-exec-init" >/dev/null 2>&1; }
+options() {
+    case "$1" in
+    ubuntu-2*.* | alpine-*) echo "--mk $musl/mk --mirror $mirror" ;;
+    *) echo "--mk $musl/mk --init $musl/ci-exec-init" ;;
+    esac
+}
+mirror=${CI_EXEC_CLOUD_MIRROR:-}
+server=""
+trap 'rm -f "$table"; [ -z "$server" ] || kill "$server"; [ -z "${served:-}" ] || rm -rf "$served"' EXIT
 all=(debian-bookworm "${images[@]}")
-for image in "${all[@]}"; do build "$image"; done
-
-echo "== build from a warm apt archive (image forced, packages kept)"
-commands=()
 for image in "${all[@]}"; do
-    commands+=("$bin image build $image --force --mk $musl/mk --init $musl/ci-exec-init")
+    case "$image" in
+    ubuntu-24.04)
+        [ -z "$mirror" ] || continue
+        "$bin" image build ubuntu-noble $(options ubuntu-noble) >/dev/null 2>&1
+        served=$(mktemp -d)
+        bash "$root/guest-image/tests/fixtures/make-ubuntu-cloud-image.sh" \
+            "$("$bin" image path ubuntu-noble --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["disk"])')" \
+            "$served"
+        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        python3 -m http.server --bind 127.0.0.1 --directory "$served" "$port" >/dev/null 2>&1 &
+        server=$!
+        mirror="http://127.0.0.1:$port"
+        sleep 1
+        ;;
+    esac
+done
+# shellcheck disable=SC2046 # the options are words
+for image in "${all[@]}"; do "$bin" image build "$image" $(options "$image") >/dev/null 2>&1; done
+
+echo "== build from a warm apt archive, or download + verify + assemble (image forced)"
+commands=()
+downloads="${CI_EXEC_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ci-exec/images}/downloads"
+for image in "${all[@]}"; do
+    # A cloud image's run starts without its download (it is what that build does).
+    commands+=(--prepare "rm -f $downloads/*$image*" "$bin image build $image --force $(options "$image")")
 done
 timed --runs 1 "${commands[@]}"
 
