@@ -307,20 +307,7 @@ mod tests {
         ];
         build(b"\x7fELF init", &modules, &output).expect("build");
 
-        let mut entries = Vec::new();
-        let mut reader = std::fs::File::open(&output).expect("open");
-        loop {
-            let mut entry = cpio::newc::Reader::new(reader).expect("entry");
-            if entry.entry().is_trailer() {
-                break;
-            }
-            let name = entry.entry().name().to_owned();
-            let mode = entry.entry().mode();
-            let mut contents = Vec::new();
-            std::io::Read::read_to_end(&mut entry, &mut contents).expect("read");
-            entries.push((name, mode, contents));
-            reader = entry.finish().expect("finish");
-        }
+        let entries = entries_of(&std::fs::read(&output).expect("read"));
         let find = |name: &str| {
             entries
                 .iter()

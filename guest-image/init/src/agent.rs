@@ -313,6 +313,21 @@ mod tests {
         serde_json::from_slice(text).expect("JSON")
     }
 
+    fn status_command(pid: u64) -> String {
+        format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#)
+    }
+
+    /// Polls `guest-exec-status` until `pid` has exited; its answer.
+    fn exited(agent: &mut Agent, pid: u64) -> Value {
+        loop {
+            let status = ask(agent, &status_command(pid));
+            if status["return"]["exited"] == json!(true) {
+                return status["return"].clone();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn sync_delimited_answers_after_a_sentinel_and_echoes_the_id() {
         let mut agent = Agent::default();
@@ -335,23 +350,11 @@ mod tests {
             r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","printf \"$A\"; printf err >&2; exit 3"],"env":["A=x y"],"capture-output":true}}"#,
         );
         let pid = started["return"]["pid"].as_u64().expect("pid");
-        let status = loop {
-            let status = ask(
-                &mut agent,
-                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
-            );
-            if status["return"]["exited"] == json!(true) {
-                break status["return"].clone();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = exited(&mut agent, pid);
         assert_eq!(status["exitcode"], json!(3));
         assert_eq!(status["out-data"], json!("eCB5"));
         assert_eq!(status["err-data"], json!("ZXJy"));
-        let again = ask(
-            &mut agent,
-            &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
-        );
+        let again = ask(&mut agent, &status_command(pid));
         assert_eq!(again["error"]["class"], json!("GenericError"));
     }
 
@@ -363,16 +366,7 @@ mod tests {
             r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","kill -9 $$"]}}"#,
         );
         let pid = started["return"]["pid"].as_u64().expect("pid");
-        let status = loop {
-            let status = ask(
-                &mut agent,
-                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
-            );
-            if status["return"]["exited"] == json!(true) {
-                break status["return"].clone();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = exited(&mut agent, pid);
         assert_eq!(status["signal"], json!(9));
         assert!(status.get("out-data").is_none());
         let unknown = ask(&mut agent, r#"{"execute":"guest-fsfreeze-freeze","id":1}"#);
