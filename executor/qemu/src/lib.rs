@@ -33,3 +33,4 @@ pub use config::{QemuConfig, default_run_root};
 pub use driver::QemuDriver;
 pub use error::{ProtocolError, QemuError};
 pub use image::resolve as resolve_image;
+pub use machine::AGENT_TIMEOUT;

@@ -413,3 +413,35 @@ async fn the_default_image_runs_with_crun_until_the_image_store_changes() {
     );
     driver.close().await.expect("close");
 }
+
+/// Regression (a flaky conformance case under load): a guest that does not answer one status
+/// question within the agent timeout — here QEMU stopped for longer than it — is a slow guest,
+/// not a failed task. The task's exit is seen once the guest runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_stalled_past_the_agent_timeout_is_polled_on() {
+    let Some(driver) = driver("stalled") else {
+        return;
+    };
+    let machine = driver.machine().await.expect("boot");
+    let pid = machine.pid();
+    drop(machine);
+    let task = Task::new("stalled", ["sh", "-c", "sleep 1; echo done"]);
+    let container = driver.run_container(task).await.expect("run_container");
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our qemu.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let resume = tokio::spawn(async move {
+        let stalled = ci_exec_qemu::AGENT_TIMEOUT + Duration::from_secs(5);
+        tokio::time::sleep(stalled).await;
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    let (code, stdout, stderr) = finish(container.as_ref(), "stalled").await;
+    resume.await.expect("resume");
+    driver.close().await.expect("close");
+    assert_eq!(
+        (code, String::from_utf8_lossy(&stdout).as_ref()),
+        (0, "done\n"),
+        "{}",
+        String::from_utf8_lossy(&stderr)
+    );
+}
