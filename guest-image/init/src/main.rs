@@ -22,6 +22,9 @@
 //!   END exists, for the qemu driver's streamed stdin (`follow`).
 //! - **`ci-exec-init --task DIR`** (any PID): the qemu driver's task wrapper, which the guest
 //!   agent starts (`task`).
+//! - **`ci-exec-init --serve DIR`** and its exec commands (`--start`, `--poll`, …): a Fly
+//!   Machine's entrypoint and what the `fly` driver runs through the Machines API's `exec`
+//!   (`serve`).
 
 mod cmdline;
 mod control;
@@ -29,6 +32,7 @@ mod follow;
 mod initramfs;
 mod modules;
 mod root;
+mod serve;
 mod system;
 mod task;
 
@@ -54,6 +58,9 @@ fn main() {
         && flag == "--task"
     {
         task::run(Path::new(dir));
+    }
+    if let Some(code) = serve::command(&arguments) {
+        std::process::exit(code);
     }
     match name.as_str() {
         "poweroff" | "halt" => system::signal_init(libc::SIGUSR2),
