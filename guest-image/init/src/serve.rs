@@ -102,7 +102,11 @@ fn serve(dir: &Path) -> io::Result<()> {
             started.push(task.clone());
             let stdin = task.join("stdin");
             if !stdin.exists() {
-                std::fs::write(&stdin, b"")?;
+                // Appending: `--append` may have made it already.
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&stdin)?;
             }
             match std::process::Command::new(&program)
                 .arg("--task")
