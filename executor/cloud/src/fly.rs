@@ -319,7 +319,6 @@ struct Inner {
     config: FlyConfig,
     api: Api,
     app: String,
-    app_ready: tokio::sync::OnceCell<()>,
     /// `ci-exec-init`, base64, as `config.files` takes it.
     agent: tokio::sync::OnceCell<Arc<String>>,
     /// Held across a placement (which machine a task goes to, made or reused), so two tasks
@@ -332,6 +331,8 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The app exists (made or found); reset by `close`, which deletes an ephemeral one.
+    app_ready: bool,
     machines: Vec<Machine>,
     tasks: BTreeMap<String, Arc<TaskState>>,
     volumes: BTreeMap<String, FlyVolume>,
@@ -405,7 +406,6 @@ impl FlyDriver {
                 app: config.app_name(),
                 config,
                 api,
-                app_ready: tokio::sync::OnceCell::new(),
                 agent: tokio::sync::OnceCell::new(),
                 state: tokio::sync::Mutex::default(),
                 pumps: Mutex::default(),
@@ -454,42 +454,43 @@ impl Inner {
 
     /// The app exists: an existing `app` must; the ephemeral one is made (or taken over from a
     /// killed run of the namespace).
-    async fn ensure_app(&self) -> Result<(), CloudError> {
-        self.app_ready
-            .get_or_try_init(|| async {
-                let path = format!("/apps/{}", self.app);
-                let found = self
-                    .api
-                    .call(Method::GET, &path, &[], None, "look up the app", true)
+    async fn ensure_app(&self, state: &mut State) -> Result<(), CloudError> {
+        if state.app_ready {
+            return Ok(());
+        }
+        let path = format!("/apps/{}", self.app);
+        let found = self
+            .api
+            .call(Method::GET, &path, &[], None, "look up the app", true)
+            .await?;
+        match (found, &self.config.app) {
+            (Some(_), _) => {}
+            (None, Some(app)) => {
+                return Err(CloudError::InvalidParameter {
+                    driver: DRIVER,
+                    parameter: "app",
+                    reason: format!(
+                        "app `{app}` does not exist in Fly (unset `app` for an ephemeral one)"
+                    ),
+                });
+            }
+            (None, None) => {
+                let body = json!({"app_name": self.app, "org_slug": self.config.org});
+                self.api
+                    .call(
+                        Method::POST,
+                        "/apps",
+                        &[],
+                        Some(&body),
+                        "create the app",
+                        false,
+                    )
                     .await?;
-                match (found, &self.config.app) {
-                    (Some(_), _) => Ok(()),
-                    (None, Some(app)) => Err(CloudError::InvalidParameter {
-                        driver: DRIVER,
-                        parameter: "app",
-                        reason: format!(
-                            "app `{app}` does not exist in Fly (unset `app` for an ephemeral one)"
-                        ),
-                    }),
-                    (None, None) => {
-                        let body = json!({"app_name": self.app, "org_slug": self.config.org});
-                        self.api
-                            .call(
-                                Method::POST,
-                                "/apps",
-                                &[],
-                                Some(&body),
-                                "create the app",
-                                false,
-                            )
-                            .await?;
-                        tracing::info!(app = %self.app, "created an ephemeral Fly app");
-                        Ok(())
-                    }
-                }
-            })
-            .await
-            .map(|_| ())
+                tracing::info!(app = %self.app, "created an ephemeral Fly app");
+            }
+        }
+        state.app_ready = true;
+        Ok(())
     }
 
     /// Runs one agent command in `machine`, returning what it printed.
@@ -581,7 +582,7 @@ impl Inner {
                 reason: "a volume name must be non-empty, without `/`".to_owned(),
             });
         }
-        self.ensure_app()
+        self.ensure_app(state)
             .await
             .map_err(|error| self.backend("create the app", error))?;
         let fly_name = volume_name(&self.config.namespace, name);
@@ -828,7 +829,7 @@ impl Inner {
                 reason: "a Fly Machine mounts one volume: mount one per task".to_owned(),
             });
         }
-        self.ensure_app()
+        self.ensure_app(&mut state)
             .await
             .map_err(|error| self.backend("create the app", error))?;
         let image = if task.image.is_empty() {
@@ -1115,6 +1116,7 @@ impl Inner {
         };
         state.machines.clear();
         state.volumes.clear();
+        state.app_ready = false;
         for task in state.tasks.values() {
             task.removed.store(true, Ordering::Relaxed);
         }

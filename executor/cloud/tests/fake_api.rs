@@ -25,6 +25,7 @@ fn driver_name(api: Api) -> &'static str {
     match api {
         Api::Hetzner => "hetzner",
         Api::DigitalOcean => "digitalocean",
+        Api::Fly => "fly",
     }
 }
 
@@ -129,6 +130,7 @@ async fn runs_a_task_over_ssh_and_close_removes_server_and_key(api: Api) {
     let extra = match api {
         Api::Hetzner => "&server_type=auto&labels=team=ci,env=test",
         Api::DigitalOcean => "&size=auto&tags=prod,myapp",
+        Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
     };
     let driver = subject.driver(&ns, extra);
     assert!(
@@ -158,6 +160,7 @@ async fn runs_a_task_over_ssh_and_close_removes_server_and_key(api: Api) {
             };
             server.labels.contains_key(&tag)
         }
+        Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
     };
     assert!(has("ci", "true"), "{:?}", server.labels);
     assert!(has("namespace", &ns), "{:?}", server.labels);
@@ -169,6 +172,7 @@ async fn runs_a_task_over_ssh_and_close_removes_server_and_key(api: Api) {
             server.labels
         ),
         Api::DigitalOcean => assert!(has("prod", "") && has("myapp", ""), "{:?}", server.labels),
+        Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
     }
     assert_eq!(server.public_keys.len(), 1);
     assert!(server.public_keys[0].starts_with("ssh-ed25519 "));
@@ -243,6 +247,7 @@ async fn refusals_carry_the_apis_own_message_and_429_backs_off_as_the_headers_sa
                 "invalid size for Droplet creation",
                 "/v2/droplets",
             ),
+            Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
         };
         let reset = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -256,6 +261,7 @@ async fn refusals_carry_the_apis_own_message_and_429_backs_off_as_the_headers_sa
             Api::DigitalOcean => {
                 serde_json::json!({"id": "too_many_requests", "message": "API Rate limit exceeded."})
             }
+            Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
         };
         subject.fake.inject(Fault {
             method: "POST".parse().expect("method"),

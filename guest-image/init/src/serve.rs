@@ -86,7 +86,20 @@ fn alive(near: &Path) {
     }
 }
 
+/// Set by SIGTERM or SIGINT (how Fly stops a machine): the tasks are killed and `--serve`
+/// exits, so a stop takes no grace period.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn serve(dir: &Path) -> io::Result<()> {
+    let handler = on_stop as extern "C" fn(libc::c_int);
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+    }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(ALIVE), b"")?;
     let program = std::env::current_exe()?;
@@ -131,6 +144,12 @@ fn serve(dir: &Path) -> io::Result<()> {
                 break;
             }
             running = running.saturating_sub(1);
+        }
+        if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            for task in &started {
+                let _ = signal(task, "9");
+            }
+            return Ok(());
         }
         if running > 0 {
             idle_since = Instant::now();
