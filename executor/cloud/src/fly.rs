@@ -716,6 +716,7 @@ impl Inner {
                 ("state", "started".to_owned()),
                 ("timeout", seconds.to_string()),
             ];
+            let asked = Instant::now();
             match self
                 .api
                 .call(
@@ -729,7 +730,13 @@ impl Inner {
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(CloudError::Refused { status: 408, .. }) => continue,
+                Err(CloudError::Refused { status: 408, .. }) => {
+                    // Fly answers 408 at the request's timeout; one sooner (a proxy) must not
+                    // turn this into a busy loop.
+                    if asked.elapsed() < Duration::from_secs(1) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
                 Err(error) => return Err(error),
             }
         }

@@ -1,4 +1,5 @@
-//! The `hetzner` and `digitalocean` drivers against the fake APIs of `tests/fake-cloud`, whose
+//! The `hetzner` and `digitalocean` drivers (and `fly`, in `fake_api/fly.rs`) against the fake
+//! APIs of `tests/fake-cloud`, whose
 //! servers are the test sshd of `.ci/setup-docker.sh` (its sessions see the test Docker
 //! engine): provisioning, errors, and the worker pool. Every test also checks that the fake
 //! saw no request or sent no response that breaks the provider's OpenAPI document.
@@ -9,6 +10,9 @@ use std::time::{Duration, Instant};
 use ci_exec_cloud::{CloudConfig, CloudDriver};
 use ci_exec_driver::{Driver, DriverConfig, DriverError, Task, wait_for_exit};
 use ci_exec_fake_cloud::{Api, FakeCloud, FakeOptions, Fault, SshTestHost};
+
+#[path = "fake_api/fly.rs"]
+mod fly;
 
 const TOKEN: &str = "fake-cloud-token";
 const IMAGE: &str = "localhost/ci-exec/test:latest";
