@@ -275,3 +275,69 @@ async fn fly_a_machine_that_does_not_start_in_start_timeout_is_deleted_with_exit
     driver.close().await.expect("close");
     assert_eq!(fake.violations(), Vec::<String>::new());
 }
+
+/// The `fly` numbers of BENCHMARKS.md (`benches/cloud/bench.sh` prints the `bench:` lines): API
+/// requests of a run of one task and of ten (each task cleaned up), and the time from
+/// `run_container` on a fresh driver to the first output byte, next to the plain `docker`
+/// driver on the same engine in the same process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fly_bench_api_requests_and_time_to_first_output() {
+    let Some(fake) = fake("fly_bench_api_requests_and_time_to_first_output").await else {
+        return;
+    };
+    let docker_host = std::env::var("DOCKER_HOST")
+        .unwrap_or_else(|_| "unix:///run/ci-exec/docker.sock".to_owned());
+    for round in ["cold", "warm"] {
+        let docker = ci_exec_docker::DockerDriver::new(
+            ci_exec_docker::DockerConfig::new(
+                ci_exec_docker::Engine::Docker,
+                namespace("bench-docker"),
+            )
+            .host(docker_host.clone())
+            .image(IMAGE),
+        )
+        .expect("docker driver");
+        let time = super::first_output(&docker, "first").await;
+        eprintln!(
+            "bench: docker ({round}): first output after {} ms",
+            time.as_millis()
+        );
+        docker.close().await.expect("close");
+    }
+    for tasks in [1usize, 10] {
+        let before = fake.requests().len();
+        let driver = FlyDriver::new(config(&fake, &namespace("fly-bench"), "")).expect("driver");
+        let time = super::first_output(&driver, "task0").await;
+        for task in 1..tasks {
+            run(&driver, &format!("task{task}"), "true")
+                .await
+                .expect("run");
+        }
+        driver.close().await.expect("close");
+        let requests = &fake.requests()[before..];
+        let by_kind = requests.iter().fold(
+            std::collections::BTreeMap::<String, usize>::new(),
+            |mut map, request| {
+                let path: Vec<&str> = request
+                    .path
+                    .split('/')
+                    .enumerate()
+                    .map(|(index, part)| match index {
+                        2 => "{app}",
+                        4 => "{id}",
+                        _ => part,
+                    })
+                    .collect();
+                *map.entry(format!("{} {}", request.method, path.join("/")))
+                    .or_default() += 1;
+                map
+            },
+        );
+        eprintln!(
+            "bench: fly: {tasks} task(s): {} API requests ({by_kind:?}); first output after {} ms",
+            requests.len(),
+            time.as_millis()
+        );
+    }
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
