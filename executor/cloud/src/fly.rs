@@ -9,11 +9,13 @@
 //! stdin, signal it, read a file of a volume. The driver polls those, as the qemu driver polls
 //! its guest agent. Fly's own logs are not read.
 //!
-//! A Fly volume is attached to one machine at a time, so tasks that share a volume run in the
-//! machine that holds it (the first task's, kept after the task exits until its last task is
-//! cleaned up) when they use the same image; a task with another image gets the volume once no
-//! task of the holder runs (the holder's output is kept in memory first, and the holder is
-//! destroyed). Limits: the machine's `guest` from `size`, raised to fit the task's limits, and
+//! A Fly Machine mounts one Fly volume, and a Fly volume is attached to one machine at a time.
+//! So a namespace has one Fly volume, made by its first volume, and each of the driver's
+//! volumes is a directory of it, bind-mounted where a task wants it (a task may mount several).
+//! Tasks with volumes run in the machine that holds the Fly volume (the first such task's, kept
+//! after the task exits until its last task is cleaned up) when they use its image; a task with
+//! another image gets the Fly volume once no task of the holder runs (the holder's output is
+//! kept in memory first, and the holder is destroyed). Limits: the machine's `guest` from `size`, raised to fit the task's limits, and
 //! the task's memory limit as an address-space limit inside the machine (Fly's smallest
 //! machine has 256 MB).
 
@@ -38,10 +40,10 @@ use crate::api::{Api, Secret, TokenSource};
 
 const DRIVER: &str = "fly";
 const PROVIDER: &str = "Fly Machines";
-/// Where the agent, the tasks and the volumes are in a machine.
+/// Where the agent, the tasks and the Fly volume are in a machine.
 const AGENT: &str = "/ci-exec/init";
 const TASKS: &str = "/ci-exec/tasks";
-const VOLUMES: &str = "/ci-exec/volumes";
+const DATA: &str = "/ci-exec/data";
 /// Fly writes `files` without an executable bit (its `api.File` has no mode), so the image's
 /// `sh` and `chmod` make the agent executable, then it replaces the shell.
 const ENTRYPOINT: &str = "chmod 755 /ci-exec/init && exec /ci-exec/init --serve /ci-exec/tasks";
@@ -166,17 +168,21 @@ fn guest(size: &str, limits: &Limits) -> Result<Value, CloudError> {
     Ok(json!({"cpu_kind": kind, "cpus": cpus, "memory_mb": memory_mb}))
 }
 
-/// A task id as a directory name: letters, digits and `-` kept, anything else `_xx`.
-fn task_dir(id: &str) -> String {
-    let mut name = String::new();
-    for byte in id.bytes() {
+/// A name as a directory name: letters, digits and `-` kept, anything else `_xx`.
+fn directory_name(name: &str) -> String {
+    let mut directory = String::new();
+    for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' {
-            name.push(byte as char);
+            directory.push(byte as char);
         } else {
-            name.push_str(&format!("_{byte:02x}"));
+            directory.push_str(&format!("_{byte:02x}"));
         }
     }
-    format!("{TASKS}/{name}")
+    directory
+}
+
+fn task_dir(id: &str) -> String {
+    format!("{TASKS}/{}", directory_name(id))
 }
 
 fn short_hash(text: &str) -> String {
@@ -184,10 +190,10 @@ fn short_hash(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))[..8].to_owned()
 }
 
-/// A volume's Fly name (`[a-z0-9_]`, at most 30): `ci_`, the namespace's hash and the name's,
-/// so a run finds its namespace's volumes in a shared app by prefix.
-fn volume_name(namespace: &str, name: &str) -> String {
-    format!("{}{}", volume_prefix(namespace), short_hash(name))
+/// The namespace's Fly volume name (`[a-z0-9_]`, at most 30): `ci_`, the namespace's hash and
+/// `data`, so a run finds its namespace's volume in a shared app by prefix.
+fn volume_name(namespace: &str) -> String {
+    format!("{}data", volume_prefix(namespace))
 }
 
 fn volume_prefix(namespace: &str) -> String {
@@ -195,7 +201,7 @@ fn volume_prefix(namespace: &str) -> String {
 }
 
 /// The task as the wrapper's NUL-separated records (`guest-image/init/src/task.rs`).
-fn task_spec(task: &Task, volume: Option<(&str, &str)>) -> Result<Vec<u8>, DriverError> {
+fn task_spec(task: &Task, binds: &[(String, String)]) -> Result<Vec<u8>, DriverError> {
     let mut records: Vec<Vec<u8>> = vec![b"mode=guest-os".to_vec()];
     let mut record = |key: &str, value: &[u8]| {
         records.push([key.as_bytes(), b"=", value].concat());
@@ -228,7 +234,7 @@ fn task_spec(task: &Task, volume: Option<(&str, &str)>) -> Result<Vec<u8>, Drive
     if task.limits.memory_bytes > 0 {
         record("memory", task.limits.memory_bytes.to_string().as_bytes());
     }
-    if let Some((source, target)) = volume {
+    for (source, target) in binds {
         record("bind", source.as_bytes());
         record("at", target.as_bytes());
     }
@@ -335,7 +341,12 @@ struct State {
     app_ready: bool,
     machines: Vec<Machine>,
     tasks: BTreeMap<String, Arc<TaskState>>,
-    volumes: BTreeMap<String, FlyVolume>,
+    /// The namespace's Fly volume, once a volume was asked for.
+    data: Option<FlyVolume>,
+    /// The driver's volumes: name → its directory in the Fly volume (a fresh one after a
+    /// cleanup; the old one goes with the Fly volume).
+    volumes: BTreeMap<String, String>,
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -343,8 +354,8 @@ struct Machine {
     id: String,
     instance_id: String,
     image: String,
-    /// The volume (its name in the task) the machine holds.
-    volume: Option<String>,
+    /// The machine holds the namespace's Fly volume.
+    holds_data: bool,
     tasks: Vec<Arc<TaskState>>,
 }
 
@@ -360,7 +371,6 @@ struct FirstTask<'a> {
 #[derive(Debug, Clone)]
 struct FlyVolume {
     id: String,
-    fly_name: String,
     region: Option<String>,
 }
 
@@ -567,14 +577,15 @@ impl Inner {
         }
     }
 
+    /// The directory of volume `name` in the Fly volume, made (with the Fly volume) if new.
     async fn create_volume_locked(
         &self,
         state: &mut State,
         name: &str,
         size_bytes: u64,
-    ) -> Result<FlyVolume, DriverError> {
-        if let Some(volume) = state.volumes.get(name) {
-            return Ok(volume.clone());
+    ) -> Result<String, DriverError> {
+        if let Some(directory) = state.volumes.get(name) {
+            return Ok(directory.clone());
         }
         if name.is_empty() || name.contains('/') || name.contains('\0') {
             return Err(DriverError::InvalidVolume {
@@ -582,41 +593,43 @@ impl Inner {
                 reason: "a volume name must be non-empty, without `/`".to_owned(),
             });
         }
-        self.ensure_app(state)
-            .await
-            .map_err(|error| self.backend("create the app", error))?;
-        let fly_name = volume_name(&self.config.namespace, name);
-        let mut body = json!({
-            "name": fly_name,
-            "size_gb": size_bytes.div_ceil(1 << 30).max(1),
-        });
-        if let Some(region) = &self.config.region {
-            body["region"] = json!(region);
+        if state.data.is_none() {
+            self.ensure_app(state)
+                .await
+                .map_err(|error| self.backend("create the app", error))?;
+            let mut body = json!({
+                "name": volume_name(&self.config.namespace),
+                "size_gb": size_bytes.div_ceil(1 << 30).max(1),
+            });
+            if let Some(region) = &self.config.region {
+                body["region"] = json!(region);
+            }
+            let action = "create the namespace's Fly volume";
+            let created = self
+                .api
+                .call(
+                    Method::POST,
+                    &self.path("/volumes"),
+                    &[],
+                    Some(&body),
+                    action,
+                    false,
+                )
+                .await
+                .map_err(|error| self.backend(action, error))?
+                .unwrap_or_default();
+            let id = created["id"]
+                .as_str()
+                .ok_or_else(|| self.backend(action, self.api.protocol(action, "no volume `id`")))?;
+            state.data = Some(FlyVolume {
+                id: id.to_owned(),
+                region: created["region"].as_str().map(str::to_owned),
+            });
         }
-        let action = format!("create volume `{name}`");
-        let created = self
-            .api
-            .call(
-                Method::POST,
-                &self.path("/volumes"),
-                &[],
-                Some(&body),
-                &action,
-                false,
-            )
-            .await
-            .map_err(|error| self.backend(&action, error))?
-            .unwrap_or_default();
-        let id = created["id"]
-            .as_str()
-            .ok_or_else(|| self.backend(&action, self.api.protocol(&action, "no volume `id`")))?;
-        let volume = FlyVolume {
-            id: id.to_owned(),
-            fly_name,
-            region: created["region"].as_str().map(str::to_owned),
-        };
-        state.volumes.insert(name.to_owned(), volume.clone());
-        Ok(volume)
+        state.generation += 1;
+        let directory = format!("{DATA}/{}.{}", directory_name(name), state.generation);
+        state.volumes.insert(name.to_owned(), directory.clone());
+        Ok(directory)
     }
 
     /// Creates a machine running the agent (and `first`'s task, if given) and waits for it to
@@ -625,7 +638,7 @@ impl Inner {
         &self,
         image: &str,
         limits: &Limits,
-        volume: Option<(&str, &FlyVolume)>,
+        volume: Option<&FlyVolume>,
         first: Option<FirstTask<'_>>,
     ) -> Result<Machine, CloudError> {
         let agent = self.agent().await?;
@@ -650,12 +663,11 @@ impl Inner {
             "metadata": {"ci": "true", "ci-namespace": self.config.namespace},
         });
         let mut body = json!({});
-        if let Some((_, volume)) = volume {
-            config["mounts"] =
-                json!([{"volume": volume.id, "path": format!("{VOLUMES}/{}", volume.fly_name)}]);
+        if let Some(volume) = volume {
+            config["mounts"] = json!([{"volume": volume.id, "path": DATA}]);
         }
         let region = volume
-            .and_then(|(_, volume)| volume.region.clone())
+            .and_then(|volume| volume.region.clone())
             .or_else(|| self.config.region.clone());
         if let Some(region) = region {
             body["region"] = json!(region);
@@ -684,7 +696,7 @@ impl Inner {
                 .to_owned(),
             id,
             image: image.to_owned(),
-            volume: volume.map(|(name, _)| name.to_owned()),
+            holds_data: volume.is_some(),
             tasks: Vec::new(),
         };
         tracing::info!(app = %self.app, machine = %machine.id, image, "created a machine");
@@ -801,9 +813,9 @@ impl Inner {
                 return Err(DriverError::InvalidVolume {
                     volume: volume.to_owned(),
                     reason: format!(
-                        "Fly attaches a volume to one machine at a time, and task `{}` (image \
-                         `{}`) still runs with it: give tasks that share a volume at once the \
-                         same image",
+                        "Fly attaches a volume to one machine at a time, and the namespace's \
+                         volumes are held by the machine of task `{}` (image `{}`), which still \
+                         runs: tasks that use volumes at the same time need the same image",
                         task.id, machine.image
                     ),
                 });
@@ -830,12 +842,6 @@ impl Inner {
         for mount in &task.mounts {
             mount.check(&task.id)?;
         }
-        if task.mounts.len() > 1 {
-            return Err(DriverError::InvalidTask {
-                task: task.id.clone(),
-                reason: "a Fly Machine mounts one volume: mount one per task".to_owned(),
-            });
-        }
         self.ensure_app(&mut state)
             .await
             .map_err(|error| self.backend("create the app", error))?;
@@ -844,39 +850,30 @@ impl Inner {
         } else {
             task.image.clone()
         };
-        let mount = task.mounts.first().cloned();
-        let volume = match &mount {
-            Some(mount) => Some(
-                self.create_volume_locked(&mut state, &mount.volume, 0)
-                    .await?,
-            ),
-            None => None,
-        };
+        let mut binds = Vec::new();
+        for mount in &task.mounts {
+            let directory = self
+                .create_volume_locked(&mut state, &mount.volume, 0)
+                .await?;
+            binds.push((directory, mount.path.clone()));
+        }
         let dir = task_dir(&task.id);
-        let bind = volume
-            .as_ref()
-            .zip(mount.as_ref())
-            .map(|(volume, mount)| (format!("{VOLUMES}/{}", volume.fly_name), mount.path.clone()));
-        let spec = task_spec(
-            &task,
-            bind.as_ref()
-                .map(|(source, target)| (source.as_str(), target.as_str())),
-        )?;
+        let spec = task_spec(&task, &binds)?;
         let action = format!("start task `{}`", task.id);
 
-        let holder = mount.as_ref().and_then(|mount| {
-            state
-                .machines
-                .iter()
-                .position(|machine| machine.volume.as_deref() == Some(mount.volume.as_str()))
-        });
-        let holder = match (holder, &mount) {
-            (Some(index), _) if state.machines[index].image == image => Some(index),
-            (Some(index), Some(mount)) => {
-                self.release(&mut state, index, &mount.volume).await?;
+        let holder = if binds.is_empty() {
+            None
+        } else {
+            state.machines.iter().position(|machine| machine.holds_data)
+        };
+        let holder = match holder {
+            Some(index) if state.machines[index].image == image => Some(index),
+            Some(index) => {
+                let volume = task.mounts[0].volume.clone();
+                self.release(&mut state, index, &volume).await?;
                 None
             }
-            _ => None,
+            None => None,
         };
         let task_state = |machine: &str| {
             Arc::new(TaskState {
@@ -917,12 +914,13 @@ impl Inner {
                     spec,
                     stdin: fixed,
                 });
-                let volume = mount
-                    .as_ref()
-                    .zip(volume.as_ref())
-                    .map(|(mount, volume)| (mount.volume.as_str(), volume));
+                let volume = if binds.is_empty() {
+                    None
+                } else {
+                    state.data.clone()
+                };
                 let mut machine = self
-                    .create_machine(&image, &task.limits, volume, first)
+                    .create_machine(&image, &task.limits, volume.as_ref(), first)
                     .await
                     .map_err(|error| self.backend(&action, error))?;
                 let handle = task_state(&machine.id);
@@ -1033,24 +1031,10 @@ impl Inner {
         Ok(())
     }
 
+    /// Forgets the volume: its directory stays in the Fly volume, unseen (the next volume of
+    /// that name gets a fresh one), until close deletes the Fly volume. No request.
     async fn volume_cleanup(&self, name: &str) -> Result<(), DriverError> {
-        let mut state = self.state.lock().await;
-        let Some(volume) = state.volumes.get(name).cloned() else {
-            return Ok(());
-        };
-        if let Some(index) = state
-            .machines
-            .iter()
-            .position(|machine| machine.volume.as_deref() == Some(name))
-        {
-            self.release(&mut state, index, name).await?;
-        }
-        let action = format!("delete volume `{name}`");
-        self.api
-            .delete(&self.path(&format!("/volumes/{}", volume.id)), &action)
-            .await
-            .map_err(|error| self.backend(&action, error))?;
-        state.volumes.remove(name);
+        self.state.lock().await.volumes.remove(name);
         Ok(())
     }
 
@@ -1061,27 +1045,25 @@ impl Inner {
             volume: volume.to_owned(),
             path: path.to_owned(),
         };
-        let Some(fly) = state.volumes.get(volume).cloned() else {
+        let (Some(directory), Some(data)) =
+            (state.volumes.get(volume).cloned(), state.data.clone())
+        else {
             return Err(not_found());
         };
-        let index = match state
-            .machines
-            .iter()
-            .position(|machine| machine.volume.as_deref() == Some(volume))
-        {
+        let index = match state.machines.iter().position(|machine| machine.holds_data) {
             Some(index) => index,
             None => {
-                // Nothing holds the volume: a machine of the default image does, from now on.
+                // Nothing holds the Fly volume: a machine of the default image does from now on.
                 let image = self.config.container_image.clone();
                 let machine = self
-                    .create_machine(&image, &Limits::default(), Some((volume, &fly)), None)
+                    .create_machine(&image, &Limits::default(), Some(&data), None)
                     .await
                     .map_err(|error| self.backend("start a machine to read a volume", error))?;
                 state.machines.push(machine);
                 state.machines.len() - 1
             }
         };
-        let file = format!("{VOLUMES}/{}/{}", fly.fly_name, relative.display());
+        let file = format!("{directory}/{}", relative.display());
         let action = format!("read `{path}` of volume `{volume}`");
         let text = self
             .exec(&state.machines[index].id, &["--cat", &file], &action)
@@ -1123,6 +1105,7 @@ impl Inner {
         };
         state.machines.clear();
         state.volumes.clear();
+        state.data = None;
         state.app_ready = false;
         for task in state.tasks.values() {
             task.removed.store(true, Ordering::Relaxed);
@@ -1166,7 +1149,7 @@ impl Inner {
                     .unwrap_or_default()
                     .to_owned(),
                 image: String::new(),
-                volume: None,
+                holds_data: false,
                 tasks: Vec::new(),
             };
             keep(self.destroy(&machine).await);
@@ -1414,14 +1397,14 @@ mod tests {
     fn app_and_volume_names_fit_fly() {
         assert_eq!(ephemeral_app("My_NS.1"), "ci-my-ns-1");
         assert!(ephemeral_app(&"n".repeat(80)).len() <= 63);
-        let name = volume_name("ns", "data");
+        let name = volume_name("ns");
         assert!(name.len() <= 30, "{name}");
         assert!(name.starts_with(&volume_prefix("ns")));
         assert!(
             name.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         );
-        assert_ne!(volume_name("ns", "a"), volume_name("other", "a"));
+        assert_ne!(volume_name("ns"), volume_name("other"));
     }
 
     #[test]
@@ -1440,7 +1423,11 @@ mod tests {
             .user("1:2")
             .network(false)
             .stdin(ci_exec_driver::Stdin::bytes("x"));
-        let spec = task_spec(&task, Some(("/ci-exec/volumes/v", "/work"))).unwrap();
+        let spec = task_spec(
+            &task,
+            &[("/ci-exec/data/v.1".to_owned(), "/work".to_owned())],
+        )
+        .unwrap();
         let records: Vec<&[u8]> = spec
             .split(|byte| *byte == 0)
             .filter(|r| !r.is_empty())
@@ -1458,7 +1445,7 @@ mod tests {
                 "caps=container",
                 "workdir=/work",
                 "user=1:2",
-                "bind=/ci-exec/volumes/v",
+                "bind=/ci-exec/data/v.1",
                 "at=/work",
                 &format!("env=PATH={DEFAULT_PATH}"),
                 "env=A=1=2",
@@ -1469,7 +1456,7 @@ mod tests {
         );
         let bad = Task::new("t", ["a\0b"]);
         assert!(matches!(
-            task_spec(&bad, None),
+            task_spec(&bad, &[]),
             Err(DriverError::InvalidTask { .. })
         ));
     }

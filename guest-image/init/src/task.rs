@@ -485,7 +485,7 @@ fn drop_capabilities() -> io::Result<()> {
     Ok(())
 }
 
-/// A private mount namespace with each `(source, target)` bind-mounted, targets created.
+/// A private mount namespace with each `(source, target)` bind-mounted, both created.
 fn bind_volumes(binds: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
     if binds.is_empty() {
         return Ok(());
@@ -509,8 +509,11 @@ fn bind_volumes(binds: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
             Path::new(OsStr::from_bytes(source)),
             Path::new(OsStr::from_bytes(target)),
         );
-        std::fs::create_dir_all(target)
-            .map_err(|error| context(error, format!("create `{}`", target.display())))?;
+        // The source too: the `fly` driver's volumes are directories made on first use.
+        for directory in [source, target] {
+            std::fs::create_dir_all(directory)
+                .map_err(|error| context(error, format!("create `{}`", directory.display())))?;
+        }
         system::mount(&source.to_string_lossy(), target, "", libc::MS_BIND, "")?;
     }
     Ok(())
