@@ -741,7 +741,7 @@ impl Inner {
                 )
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => return self.wait_for_agent(machine, started).await,
                 Err(CloudError::Refused { status: 408, .. }) => {
                     // Fly answers 408 at the request's timeout; one sooner (a proxy) must not
                     // turn this into a busy loop.
@@ -751,6 +751,40 @@ impl Inner {
                 }
                 Err(error) => return Err(error),
             }
+        }
+    }
+
+    /// Waits until the agent answers an `exec`: a started machine's entrypoint may not have made
+    /// it executable yet, nor made its tasks directory.
+    async fn wait_for_agent(&self, machine: &Machine, started: Instant) -> Result<(), CloudError> {
+        let alive = format!("{TASKS}/.alive");
+        let mut interval = Duration::from_millis(20);
+        loop {
+            match self
+                .exec(
+                    &machine.id,
+                    &["--touch", &alive],
+                    "wait for the machine's agent",
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(error @ CloudError::Unauthorized { .. }) => return Err(error),
+                Err(error) if started.elapsed() < self.config.start_timeout => {
+                    tracing::debug!(%error, machine = %machine.id, "the agent does not answer yet");
+                }
+                Err(_) => {
+                    return Err(CloudError::ProvisioningTimeout {
+                        provider: PROVIDER,
+                        server: machine.id.clone(),
+                        what: "the agent",
+                        parameter: "start_timeout",
+                        after: self.config.start_timeout,
+                    });
+                }
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(Duration::from_millis(500));
         }
     }
 
@@ -903,9 +937,12 @@ impl Inner {
                 )
             }
             None => {
-                // Fixed input goes in with the machine; a stream is copied after it starts.
+                // Small fixed input goes in with the machine; a stream, or input that would
+                // swell the create request (Fly's API bounds a body), is copied after it starts.
                 let (fixed, stream) = match &task.stdin {
-                    Some(ci_exec_driver::Stdin::Bytes(bytes)) => (Some(bytes.to_vec()), None),
+                    Some(ci_exec_driver::Stdin::Bytes(bytes)) if bytes.len() <= STDIN_CHUNK => {
+                        (Some(bytes.to_vec()), None)
+                    }
                     Some(stdin) => (None, stdin.take_reader()),
                     None => (None, None),
                 };
