@@ -15,9 +15,11 @@
 //! Tasks with volumes run in the machine that holds the Fly volume (the first such task's, kept
 //! after the task exits until its last task is cleaned up) when they use its image; a task with
 //! another image gets the Fly volume once no task of the holder runs (the holder's output is
-//! kept in memory first, and the holder is destroyed). Limits: the machine's `guest` from `size`, raised to fit the task's limits, and
-//! the task's memory limit as an address-space limit inside the machine (Fly's smallest
-//! machine has 256 MB).
+//! kept in memory first, and the holder is destroyed).
+//!
+//! Limits: the machine's `guest` from `size`, with the task's CPUs and memory instead when it
+//! has limits, and the task's memory limit as an address-space limit inside the machine (Fly's
+//! smallest machine has 256 MB).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -919,7 +921,7 @@ impl Inner {
                 removed: AtomicBool::new(false),
             })
         };
-        let (handle, stream) = match holder {
+        let (handle, stream, fixed_sent) = match holder {
             Some(index) => {
                 let machine_id = state.machines[index].id.clone();
                 self.exec(
@@ -934,6 +936,7 @@ impl Inner {
                 (
                     handle,
                     task.stdin.as_ref().and_then(|stdin| stdin.take_reader()),
+                    false,
                 )
             }
             None => {
@@ -946,6 +949,7 @@ impl Inner {
                     Some(stdin) => (None, stdin.take_reader()),
                     None => (None, None),
                 };
+                let fixed_sent = fixed.is_some();
                 let first = Some(FirstTask {
                     dir: &dir,
                     spec,
@@ -963,12 +967,12 @@ impl Inner {
                 let handle = task_state(&machine.id);
                 machine.tasks.push(handle.clone());
                 state.machines.push(machine);
-                (handle, stream)
+                (handle, stream, fixed_sent)
             }
         };
         if let Some(stream) = stream {
             self.pump(handle.clone(), stream);
-        } else if task.stdin.is_some() && holder.is_some() {
+        } else if task.stdin.is_some() && !fixed_sent {
             // A stream already taken: the task gets an empty stdin.
             self.exec(
                 &handle.machine,
