@@ -313,6 +313,64 @@ pub async fn digitalocean() -> Option<Box<dyn Driver>> {
     fake_cloud(ci_exec_fake_cloud::Api::DigitalOcean, "digitalocean").await
 }
 
+/// The `fly` driver against the fake Fly Machines API, whose machines are containers on the
+/// test Docker engine (`.ci/setup-docker.sh`), running the static `ci-exec-init` that
+/// `.ci/setup-fly.sh` builds.
+pub async fn fly() -> Option<Box<dyn Driver>> {
+    const FIX: &str = "source .ci/setup-docker.sh (starts dockerd, imports the test image) and \
+                       .ci/setup-fly.sh (builds the static ci-exec-init)";
+    if ci_exec_guest_image::binaries::locate_static("ci-exec-init").is_none() {
+        return crate::missing_prerequisite(
+            "fly",
+            &format!("no static `ci-exec-init` (the machines' agent); {FIX}"),
+        );
+    }
+    let fake = match ci_exec_fake_cloud::FakeCloud::start(
+        ci_exec_fake_cloud::Api::Fly,
+        ci_exec_fake_cloud::FakeOptions::default(),
+    )
+    .await
+    {
+        Ok(fake) => fake,
+        Err(error) => return crate::missing_prerequisite("fly", &format!("{error}; {FIX}")),
+    };
+    let dsn = format!(
+        "fly://{}?token={FAKE_CLOUD_TOKEN}&endpoint={}&start_timeout=1m",
+        unique_namespace("fly"),
+        fake.endpoint(),
+    );
+    let config = DriverConfig::parse_with_env(&dsn, &|_| None)
+        .unwrap_or_else(|error| panic!("fly DSN `{dsn}`: {error}"));
+    let mut config = ci_exec_cloud::FlyConfig::from_driver_config(&config)
+        .unwrap_or_else(|error| panic!("fly config: {error}"));
+    config.container_image = CONTAINER_TEST_IMAGE.to_owned();
+    let driver =
+        ci_exec_cloud::FlyDriver::new(config).unwrap_or_else(|error| panic!("fly driver: {error}"));
+    Some(Box::new(driver))
+}
+
+/// The `fly` driver against Fly.io (opt-in with `CI_EXEC_CLOUD_REAL=1` and `FLY_API_TOKEN`;
+/// the rest of the DSN from `FLY_APP`, `FLY_REGION`, `FLY_ORG`). Each case makes real machines
+/// in an ephemeral app (billed), deleted at close.
+pub async fn fly_real() -> Option<Box<dyn Driver>> {
+    if std::env::var("CI_EXEC_CLOUD_REAL").as_deref() != Ok("1")
+        || std::env::var_os("FLY_API_TOKEN").is_none()
+    {
+        eprintln!(
+            "fly_real: set CI_EXEC_CLOUD_REAL=1 and FLY_API_TOKEN to run the suite against Fly.io (billed)"
+        );
+        return None;
+    }
+    let dsn = format!("fly://{}", unique_namespace("fly"));
+    let config = DriverConfig::parse_with_env(&dsn, &|variable| std::env::var(variable).ok())
+        .unwrap_or_else(|error| panic!("fly DSN `{dsn}`: {error}"));
+    let config = ci_exec_cloud::FlyConfig::from_driver_config(&config)
+        .unwrap_or_else(|error| panic!("fly config: {error}"));
+    let driver =
+        ci_exec_cloud::FlyDriver::new(config).unwrap_or_else(|error| panic!("fly driver: {error}"));
+    Some(Box::new(driver))
+}
+
 /// A cloud VM driver against the real service: opt-in with `CI_EXEC_CLOUD_REAL=1` and the
 /// provider's token variable (`HETZNER_TOKEN`, `DIGITALOCEAN_TOKEN`); the rest of the DSN comes
 /// from the provider's variables too. Each case creates (and deletes) a real server, billed.

@@ -413,3 +413,14 @@ pub const SEED_EXAMPLES: &[(&str, Option<(&str, &str)>)] = &[
     ("vz://my-namespace?memory=4096&cpus=4", None),
     ("vz:image=/path/to/custom.raw", None),
 ];
+
+/// An error with its sources, `: `-separated, for a test's panic message.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}

@@ -35,6 +35,13 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
             )
             .map_err(bad_parameter)?,
         ),
+        #[cfg(feature = "cloud")]
+        "fly" => Box::new(
+            ci_exec_cloud::FlyDriver::new(
+                ci_exec_cloud::FlyConfig::from_driver_config(config).map_err(bad_parameter)?,
+            )
+            .map_err(bad_parameter)?,
+        ),
         name => return Err(not_built(name).into()),
     };
     tracing::debug!(driver = %config.driver, namespace = %config.namespace, "driver ready");
@@ -56,7 +63,7 @@ fn not_available(name: &str) -> CliError {
         env!("CARGO_PKG_VERSION")
     ))
     .hint(
-        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`, `hetzner`, `digitalocean`)",
+        "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`, `hetzner`, `digitalocean`, `fly`)",
     )
 }
 

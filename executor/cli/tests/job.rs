@@ -1055,3 +1055,105 @@ fn hello_runs_on_k8s_against_the_fake_api_server() {
         text(&second.stderr)
     );
 }
+
+/// The fake Fly Machines API (machines are containers on the Docker engine of
+/// `.ci/setup-docker.sh`) on a runtime of its own; `None` when no engine answers.
+fn fake_fly() -> Option<&'static ci_exec_fake_cloud::FakeCloud> {
+    static FAKE: std::sync::OnceLock<Option<ci_exec_fake_cloud::FakeCloud>> =
+        std::sync::OnceLock::new();
+    FAKE.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                let fake = ci_exec_fake_cloud::FakeCloud::start(
+                    ci_exec_fake_cloud::Api::Fly,
+                    ci_exec_fake_cloud::FakeOptions::default(),
+                )
+                .await;
+                let _ = sender.send(fake.ok());
+                std::future::pending::<()>().await;
+            });
+        });
+        receiver.recv().ok()?
+    })
+    .as_ref()
+}
+
+/// `ci-exec test --driver=fly`: the base-OS steps and `mk test` run as Fly Machines of the
+/// fake API (each a real container on Docker running our agent), sharing the source through
+/// the namespace's Fly volume; then the result replays.
+#[test]
+fn hello_runs_on_fly_against_the_fake_api() {
+    let fake = fake_fly();
+    let missing = match fake {
+        None => Some(
+            "no Docker engine for the fake Fly API's machines: run `bash .ci/setup-docker.sh`"
+                .to_owned(),
+        ),
+        Some(_) => ci_exec_guest_image::binaries::locate_static("ci-exec-init")
+            .is_none()
+            .then(|| {
+                "no static ci-exec-init (the machines' agent): run `bash .ci/setup-fly.sh`"
+                    .to_owned()
+            }),
+    };
+    if !ci_exec_prerequisite::require(
+        "the job tests on `fly`",
+        missing,
+        "bash .ci/run installs and starts every driver's prerequisites",
+    ) {
+        return;
+    }
+    let Some(fake) = fake else { return };
+    let image = std::env::var("CI_EXEC_DOCKER_IMAGE")
+        .unwrap_or_else(|_| "localhost/ci-exec/base:latest".to_owned());
+    let dsn = format!(
+        "fly://ci?token=fake-cloud-token&endpoint={}",
+        fake.endpoint()
+    );
+    let repo = Repo::example("hello");
+    let env = [("CI_EXEC_DOCKER_IMAGE", image.as_str())];
+    let first = repo.test(&dsn, &[], &env);
+    assert_exit(&first, 0);
+    assert!(
+        text(&first.stdout).contains("hello from mk test"),
+        "{}",
+        text(&first.stdout)
+    );
+    assert!(
+        text(&first.stderr).contains("on `fly`"),
+        "{}",
+        text(&first.stderr)
+    );
+    assert!(
+        !text(&first.stderr).contains("fake-cloud-token"),
+        "{}",
+        text(&first.stderr)
+    );
+    // A named namespace keeps its volumes (here the app's Fly volume), not its machines.
+    assert!(
+        fake.fly_machines().is_empty(),
+        "every machine is deleted: {:?}",
+        fake.fly_machines()
+    );
+    let second = repo.test(&dsn, &[], &env);
+    assert_exit(&second, 0);
+    assert_eq!(second.stdout, first.stdout, "replayed stdout is byte-exact");
+    assert!(
+        text(&second.stderr).contains("==> replaying result"),
+        "{}",
+        text(&second.stderr)
+    );
+    let closed = Command::new(BINARY)
+        .args(["driver", "close", &format!("--driver={dsn}")])
+        .output()
+        .expect("ci-exec runs");
+    assert_exit(&closed, 0);
+    assert!(
+        fake.fly_apps().is_empty(),
+        "`driver close` deletes the app: {:?}",
+        fake.fly_apps()
+    );
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}

@@ -108,6 +108,31 @@ impl Api {
         action: &str,
         missing_ok: bool,
     ) -> Result<Option<Value>, CloudError> {
+        let Some(bytes) = self
+            .send(method, path, query, body, action, missing_ok)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if bytes.is_empty() {
+            return Ok(Some(Value::Null));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| self.protocol(action, format!("not JSON: {error}")))
+    }
+
+    /// Sends one request and returns its body as bytes (Fly's `exec` answers with the
+    /// command's raw output), backing off on 429 and mapping refusals to [`CloudError`]s.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        action: &str,
+        missing_ok: bool,
+    ) -> Result<Option<bytes::Bytes>, CloudError> {
         let url = format!("{}{path}", self.base);
         let mut waited = Duration::ZERO;
         loop {
@@ -170,12 +195,7 @@ impl Api {
                     message: api_message(&bytes),
                 });
             }
-            if bytes.is_empty() {
-                return Ok(Some(Value::Null));
-            }
-            return serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|error| self.protocol(action, format!("not JSON: {error}")));
+            return Ok(Some(bytes));
         }
     }
 

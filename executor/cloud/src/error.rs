@@ -92,4 +92,12 @@ pub enum CloudError {
         #[source]
         source: std::io::Error,
     },
+
+    /// The `fly` driver's machine agent is not on this machine.
+    #[error(
+        "the `fly` driver needs the static `ci-exec-init` (its machines' agent): build it with \
+         `cargo build --release --target x86_64-unknown-linux-musl -p ci-exec-guest-init`, or \
+         set `CI_EXEC_GUEST_BIN` to the directory that holds it"
+    )]
+    MissingAgent,
 }

@@ -1,5 +1,6 @@
 //! The cloud drivers of ci-exec: `hetzner` and `digitalocean` (a VM running Docker per run,
-//! reached over SSH, with worker pools) and, in time, `fly` (Fly Machines).
+//! reached over SSH, with worker pools) and `fly` (one Fly Machine per task, driven through
+//! the Machines API's `exec` and our static agent; see `fly.rs`).
 //!
 //! A VM driver provisions its server on the first task: an ephemeral ed25519 key pair (or the
 //! pool's, when servers are reused), the server through the provider's REST API, labelled
@@ -18,6 +19,7 @@ mod config;
 mod digitalocean;
 mod driver;
 mod error;
+mod fly;
 mod hetzner;
 mod pool;
 mod provider;
@@ -28,3 +30,4 @@ pub use api::Secret;
 pub use config::{CloudConfig, PoolConfig, ProviderKind};
 pub use driver::CloudDriver;
 pub use error::CloudError;
+pub use fly::{FlyConfig, FlyDriver};

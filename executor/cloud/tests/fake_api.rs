@@ -1,4 +1,5 @@
-//! The `hetzner` and `digitalocean` drivers against the fake APIs of `tests/fake-cloud`, whose
+//! The `hetzner` and `digitalocean` drivers (and `fly`, in `fake_api/fly.rs`) against the fake
+//! APIs of `tests/fake-cloud`, whose
 //! servers are the test sshd of `.ci/setup-docker.sh` (its sessions see the test Docker
 //! engine): provisioning, errors, and the worker pool. Every test also checks that the fake
 //! saw no request or sent no response that breaks the provider's OpenAPI document.
@@ -9,6 +10,9 @@ use std::time::{Duration, Instant};
 use ci_exec_cloud::{CloudConfig, CloudDriver};
 use ci_exec_driver::{Driver, DriverConfig, DriverError, Task, wait_for_exit};
 use ci_exec_fake_cloud::{Api, FakeCloud, FakeOptions, Fault, SshTestHost};
+
+#[path = "fake_api/fly.rs"]
+mod fly;
 
 const TOKEN: &str = "fake-cloud-token";
 const IMAGE: &str = "localhost/ci-exec/test:latest";
@@ -25,6 +29,7 @@ fn driver_name(api: Api) -> &'static str {
     match api {
         Api::Hetzner => "hetzner",
         Api::DigitalOcean => "digitalocean",
+        Api::Fly => "fly",
     }
 }
 
@@ -129,6 +134,7 @@ async fn runs_a_task_over_ssh_and_close_removes_server_and_key(api: Api) {
     let extra = match api {
         Api::Hetzner => "&server_type=auto&labels=team=ci,env=test",
         Api::DigitalOcean => "&size=auto&tags=prod,myapp",
+        Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
     };
     let driver = subject.driver(&ns, extra);
     assert!(
@@ -158,6 +164,7 @@ async fn runs_a_task_over_ssh_and_close_removes_server_and_key(api: Api) {
             };
             server.labels.contains_key(&tag)
         }
+        Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
     };
     assert!(has("ci", "true"), "{:?}", server.labels);
     assert!(has("namespace", &ns), "{:?}", server.labels);
@@ -169,6 +176,7 @@ async fn runs_a_task_over_ssh_and_close_removes_server_and_key(api: Api) {
             server.labels
         ),
         Api::DigitalOcean => assert!(has("prod", "") && has("myapp", ""), "{:?}", server.labels),
+        Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
     }
     assert_eq!(server.public_keys.len(), 1);
     assert!(server.public_keys[0].starts_with("ssh-ed25519 "));
@@ -243,6 +251,7 @@ async fn refusals_carry_the_apis_own_message_and_429_backs_off_as_the_headers_sa
                 "invalid size for Droplet creation",
                 "/v2/droplets",
             ),
+            Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
         };
         let reset = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -256,6 +265,7 @@ async fn refusals_carry_the_apis_own_message_and_429_backs_off_as_the_headers_sa
             Api::DigitalOcean => {
                 serde_json::json!({"id": "too_many_requests", "message": "API Rate limit exceeded."})
             }
+            Api::Fly => unreachable!("the fly driver has its own tests (`fly.rs`)"),
         };
         subject.fake.inject(Fault {
             method: "POST".parse().expect("method"),

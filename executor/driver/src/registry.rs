@@ -426,7 +426,7 @@ static DRIVERS: &[DriverSpec] = &[
     DriverSpec {
         name: "fly",
         description: "Fly Machines on Fly.io, in an existing or an ephemeral app",
-        available: false,
+        available: true,
         params: &[
             param("token", Text, "Fly API token")
                 .env("FLY_API_TOKEN")
@@ -451,6 +451,13 @@ static DRIVERS: &[DriverSpec] = &[
             param("endpoint", Text, "Machines API base URL (for tests and proxies)")
                 .default("https://api.machines.dev/v1")
                 .env("FLY_API_ENDPOINT"),
+            param(
+                "start_timeout",
+                Duration,
+                "longest wait for a machine to start; it is deleted after it",
+            )
+            .default("5m")
+            .env("FLY_START_TIMEOUT"),
         ],
     },
     DriverSpec {

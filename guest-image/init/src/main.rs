@@ -24,6 +24,9 @@
 //!   without `qemu-ga` (`agent`).
 //! - **`ci-exec-init --task DIR`** (any PID): the qemu driver's task wrapper, which the guest
 //!   agent starts (`task`).
+//! - **`ci-exec-init --serve DIR`** and its exec commands (`--start`, `--poll`, …): a Fly
+//!   Machine's entrypoint and what the `fly` driver runs through the Machines API's `exec`
+//!   (`serve`).
 
 mod agent;
 mod cmdline;
@@ -32,6 +35,7 @@ mod follow;
 mod initramfs;
 mod modules;
 mod root;
+mod serve;
 mod system;
 mod task;
 
@@ -62,6 +66,9 @@ fn main() {
         && flag == "--task"
     {
         task::run(Path::new(dir));
+    }
+    if let Some(code) = serve::command(&arguments) {
+        std::process::exit(code);
     }
     match name.as_str() {
         "poweroff" | "halt" => system::signal_init(libc::SIGUSR2),

@@ -23,6 +23,8 @@
 //! user=NAME|UID|UID:GID      guest-os: whom to run as (default root)
 //! bind=SOURCE  at=TARGET     guest-os: a volume directory and where it appears, in pairs
 //! env=NAME=VALUE             guest-os: the whole environment, one record per variable
+//! caps=container|all         guest-os: `container` keeps only Docker's default capabilities
+//!                            (a Fly Machine's root has all: its unprivileged tasks drop them)
 //! arg=WORD                   the command, one record per word
 //! ```
 
@@ -61,6 +63,8 @@ struct Spec {
     /// `memory=BYTES`: the command's address space is limited to it, as the native driver
     /// limits host processes (a VM has no container runtime around its guest-OS tasks).
     memory: Option<u64>,
+    /// `caps=container`: Docker's default capability set instead of root's whole one.
+    container_caps: bool,
     binds: Vec<(Vec<u8>, Vec<u8>)>,
     env: Vec<Vec<u8>>,
     argv: Vec<Vec<u8>>,
@@ -74,6 +78,7 @@ fn parse(bytes: &[u8]) -> Result<Spec, String> {
         user: None,
         offline: false,
         memory: None,
+        container_caps: false,
         binds: Vec::new(),
         env: Vec::new(),
         argv: Vec::new(),
@@ -121,6 +126,13 @@ fn parse(bytes: &[u8]) -> Result<Spec, String> {
                     b"none" => true,
                     b"guest" => false,
                     _ => return Err(format!("unknown network `{}`", text())),
+                }
+            }
+            b"caps" => {
+                spec.container_caps = match value.as_slice() {
+                    b"container" => true,
+                    b"all" => false,
+                    _ => return Err(format!("unknown caps `{}`", text())),
                 }
             }
             b"bind" => pending_bind = Some(value),
@@ -285,6 +297,11 @@ fn exec_command(spec: &Spec) -> i32 {
                 ),
             );
         }
+        if spec.container_caps
+            && let Err(error) = drop_capabilities()
+        {
+            return fail(SETUP_FAILED, error.to_string());
+        }
         if let Some(user) = &spec.user
             && let Err(error) = switch_user(user)
         {
@@ -387,7 +404,88 @@ fn leave_the_network() -> io::Result<()> {
     system::loopback_up()
 }
 
-/// A private mount namespace with each `(source, target)` bind-mounted, targets created.
+/// Docker's default capabilities (moby `oci/caps/defaults.go`): CHOWN, DAC_OVERRIDE, FOWNER,
+/// FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD,
+/// AUDIT_WRITE, SETFCAP.
+const CONTAINER_CAPABILITIES: u64 = (1 << 0)
+    | (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
+    | (1 << 10)
+    | (1 << 13)
+    | (1 << 18)
+    | (1 << 27)
+    | (1 << 29)
+    | (1 << 31);
+
+/// Keeps only [`CONTAINER_CAPABILITIES`], before the user switch: out of the bounding set (so
+/// an exec as root cannot regain them) and out of the effective, permitted and inheritable
+/// sets.
+fn drop_capabilities() -> io::Result<()> {
+    for capability in 0..64u64 {
+        if CONTAINER_CAPABILITIES & (1 << capability) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments; EINVAL past the kernel's last capability.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0) } != 0
+        {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(context(error, "drop a capability".to_owned()));
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget with a version-3 header and room for its two data words.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(context(io::Error::last_os_error(), "capget".to_owned()));
+    }
+    for (word, data) in data.iter_mut().enumerate() {
+        let keep = (CONTAINER_CAPABILITIES >> (32 * word)) as u32;
+        data.effective &= keep;
+        data.permitted &= keep;
+        data.inheritable &= keep;
+    }
+    // SAFETY: capset with the header and data capget filled in.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(context(io::Error::last_os_error(), "capset".to_owned()));
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
+}
+
+/// A private mount namespace with each `(source, target)` bind-mounted, both created.
 fn bind_volumes(binds: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
     if binds.is_empty() {
         return Ok(());
@@ -411,8 +509,11 @@ fn bind_volumes(binds: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
             Path::new(OsStr::from_bytes(source)),
             Path::new(OsStr::from_bytes(target)),
         );
-        std::fs::create_dir_all(target)
-            .map_err(|error| context(error, format!("create `{}`", target.display())))?;
+        // The source too: the `fly` driver's volumes are directories made on first use.
+        for directory in [source, target] {
+            std::fs::create_dir_all(directory)
+                .map_err(|error| context(error, format!("create `{}`", directory.display())))?;
+        }
         system::mount(&source.to_string_lossy(), target, "", libc::MS_BIND, "")?;
     }
     Ok(())
@@ -515,6 +616,7 @@ mod tests {
             "user=1000:100",
             "network=none",
             "memory=1048576",
+            "caps=container",
             "bind=/mnt/ci/volumes/v",
             "at=/data",
             "env=A=1=2",
@@ -533,6 +635,7 @@ mod tests {
                 user: Some("1000:100".to_owned()),
                 offline: true,
                 memory: Some(1048576),
+                container_caps: true,
                 binds: vec![(b"/mnt/ci/volumes/v".to_vec(), b"/data".to_vec())],
                 env: vec![b"A=1=2".to_vec(), b"PATH=/bin".to_vec()],
                 argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo \"$A\"".to_vec()],

@@ -29,10 +29,7 @@ const SIZES: &[&str] = &[
 const DROPLET: &str = "/paths/~1v2~1droplets~1{droplet_id}/get/responses/200/content/application~1json/schema/properties/droplet";
 
 fn error(status: u16, id: &str, message: &str) -> Answer {
-    Answer::json(
-        status,
-        json!({"id": id, "message": message, "request_id": "fake"}),
-    )
+    Answer::error(crate::Api::DigitalOcean, status, id, message)
 }
 
 /// Writes the tags into the API object.

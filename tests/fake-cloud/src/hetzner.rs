@@ -13,10 +13,7 @@ const SERVER_TYPES: &[&str] = &[
 ];
 
 fn error(status: u16, code: &str, message: &str) -> Answer {
-    Answer::json(
-        status,
-        json!({"error": {"code": code, "message": message, "details": {}}}),
-    )
+    Answer::error(crate::Api::Hetzner, status, code, message)
 }
 
 fn now() -> String {

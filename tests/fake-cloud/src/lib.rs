@@ -1,4 +1,4 @@
-//! Fakes of the Hetzner Cloud and DigitalOcean APIs on loopback, for the cloud drivers' tests:
+//! Fakes of the Hetzner Cloud, DigitalOcean and Fly Machines APIs on loopback, for the cloud drivers' tests:
 //! nothing here reaches a real provider.
 //!
 //! Each speaks the documented wire format for exactly what the drivers use: servers / droplets
@@ -13,9 +13,13 @@
 //! with are added to that sshd's `authorized_keys` (as cloud-init adds them on a real server)
 //! and removed when the server is deleted.
 //!
+//! The Fly fake's machines are containers on the local Docker engine (`fly.rs`): the `fly`
+//! driver's agent really runs in them, and `exec` really executes there.
+//!
 //! It is not a simulator of the providers: no billing, no actions API, no regions.
 
 mod digitalocean;
+mod fly;
 mod hetzner;
 pub mod openapi;
 mod server;

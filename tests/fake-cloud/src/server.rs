@@ -19,6 +19,8 @@ use crate::openapi::Spec;
 pub enum Api {
     Hetzner,
     DigitalOcean,
+    /// Fly Machines: each machine is a container on the Docker engine of `DOCKER_HOST`.
+    Fly,
 }
 
 /// How a fake behaves.
@@ -112,7 +114,16 @@ impl State0 {
     }
 }
 
-type Shared = Arc<(Mutex<State0>, Spec)>;
+/// What every request of one fake shares.
+#[derive(Debug)]
+pub(crate) struct Fake {
+    state: Mutex<State0>,
+    spec: Spec,
+    /// Fly's machines and volumes, handled with the state's lock released (they await Docker).
+    fly: Option<crate::fly::Fly>,
+}
+
+type Shared = Arc<Fake>;
 
 /// A fake provider API on `127.0.0.1`, serving on the runtime it was started on.
 #[derive(Debug, Clone)]
@@ -125,6 +136,8 @@ pub struct FakeCloud {
 pub(crate) struct Answer {
     pub(crate) status: u16,
     pub(crate) body: Option<Value>,
+    /// An `application/octet-stream` body instead (Fly's `exec`).
+    pub(crate) raw: Option<Vec<u8>>,
 }
 
 impl Answer {
@@ -132,23 +145,59 @@ impl Answer {
         Answer {
             status,
             body: Some(body),
+            raw: None,
         }
     }
 
     pub(crate) fn empty(status: u16) -> Answer {
-        Answer { status, body: None }
+        Answer {
+            status,
+            body: None,
+            raw: None,
+        }
+    }
+
+    pub(crate) fn raw(status: u16, bytes: Vec<u8>) -> Answer {
+        Answer {
+            status,
+            body: None,
+            raw: Some(bytes),
+        }
+    }
+
+    /// An error in `api`'s own shape: Hetzner `{"error":{"code","message"}}`, DigitalOcean
+    /// `{"id","message"}`, Fly `{"error"}`.
+    pub(crate) fn error(api: Api, status: u16, code: &str, message: &str) -> Answer {
+        Answer::json(
+            status,
+            match api {
+                Api::Hetzner => {
+                    serde_json::json!({"error": {"code": code, "message": message, "details": {}}})
+                }
+                Api::DigitalOcean => {
+                    serde_json::json!({"id": code, "message": message, "request_id": "fake"})
+                }
+                Api::Fly => serde_json::json!({"error": message}),
+            },
+        )
     }
 }
 
 impl FakeCloud {
-    /// Starts a fake of `api` on a free loopback port.
+    /// Starts a fake of `api` on a free loopback port. The Fly fake needs the Docker engine of
+    /// `DOCKER_HOST` (or the default socket) and fails when it does not answer.
     pub async fn start(api: Api, options: FakeOptions) -> std::io::Result<FakeCloud> {
         let spec = match api {
             Api::Hetzner => Spec::hetzner(),
             Api::DigitalOcean => Spec::digitalocean(crate::digitalocean::PATHS),
+            Api::Fly => Spec::fly(),
         };
-        let shared: Shared = Arc::new((
-            Mutex::new(State0 {
+        let fly = match api {
+            Api::Fly => Some(crate::fly::Fly::connect().await?),
+            _ => None,
+        };
+        let shared: Shared = Arc::new(Fake {
+            state: Mutex::new(State0 {
                 api,
                 options,
                 servers: BTreeMap::new(),
@@ -161,7 +210,8 @@ impl FakeCloud {
                 peak_servers: 0,
             }),
             spec,
-        ));
+            fly,
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let router = axum::Router::new()
@@ -176,7 +226,29 @@ impl FakeCloud {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State0> {
-        self.shared.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fly: the machines that exist (not destroyed), as `(app, id, state)`.
+    pub fn fly_machines(&self) -> Vec<(String, String, String)> {
+        self.shared
+            .fly
+            .as_ref()
+            .map(crate::fly::Fly::machines)
+            .unwrap_or_default()
+    }
+
+    /// Fly: the apps and their volumes that exist, as `(app, volume name)` (a `""` name for an
+    /// app without volumes).
+    pub fn fly_apps(&self) -> Vec<(String, String)> {
+        self.shared
+            .fly
+            .as_ref()
+            .map(crate::fly::Fly::apps)
+            .unwrap_or_default()
     }
 
     /// The base URL to give a driver as `endpoint`.
@@ -239,6 +311,7 @@ impl FakeCloud {
             match api {
                 Api::Hetzner => crate::hetzner::sync(server),
                 Api::DigitalOcean => crate::digitalocean::sync(server),
+                Api::Fly => {}
             }
         }
     }
@@ -252,37 +325,75 @@ async fn handle(
     Query(query): Query<Vec<(String, String)>>,
     body: Bytes,
 ) -> Response {
-    let (state, spec) = &*shared;
+    let spec = &shared.spec;
     let path = uri.path().to_owned();
-    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-    let answer = answer(&mut state, spec, &method, &path, &headers, &query, &body);
-    let (mut answer, extra_headers) = answer;
-    if let Err(violation) =
-        spec.check_response(method.as_str(), &path, answer.status, answer.body.as_ref())
-    {
+    let lock = || shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    let prepared = prepare(&mut lock(), spec, &method, &path, &headers, &query, &body);
+    let (mut answer, extra_headers) = match prepared {
+        Err(early) => early,
+        Ok(parsed) => {
+            let template = spec.template(&path).unwrap_or_default().to_owned();
+            let answer = match &shared.fly {
+                Some(fly) => {
+                    fly.handle(spec, method.as_str(), &template, &path, &query, parsed)
+                        .await
+                }
+                None => {
+                    let mut state = lock();
+                    let answer = match state.api {
+                        Api::Hetzner => crate::hetzner::handle(
+                            &mut state,
+                            spec,
+                            method.as_str(),
+                            &template,
+                            &path,
+                            &query,
+                            parsed,
+                        ),
+                        _ => crate::digitalocean::handle(
+                            &mut state,
+                            spec,
+                            method.as_str(),
+                            &template,
+                            &path,
+                            &query,
+                            parsed,
+                        ),
+                    };
+                    state.peak_servers = state.peak_servers.max(state.servers.len());
+                    answer
+                }
+            };
+            (answer, Vec::new())
+        }
+    };
+    let mut state = lock();
+    let checked = match &answer.raw {
+        Some(_) => spec.check_raw_response(method.as_str(), &path, answer.status),
+        None => spec.check_response(method.as_str(), &path, answer.status, answer.body.as_ref()),
+    };
+    if let Err(violation) = checked {
         // The fake's own bug: a 500 makes the driver, and so the test, fail.
         tracing::error!(%violation, "fake cloud response breaks the spec");
         state.violations.push(format!("response: {violation}"));
-        answer = match state.api {
-            Api::Hetzner => Answer::json(
-                500,
-                serde_json::json!({"error": {"code": "server_error", "message": violation, "details": {}}}),
-            ),
-            Api::DigitalOcean => Answer::json(
-                500,
-                serde_json::json!({"id": "server_error", "message": violation, "request_id": "fake"}),
-            ),
-        };
+        answer = Answer::error(state.api, 500, "server_error", &violation);
     }
     state.requests.push(Recorded {
         method: method.to_string(),
         path: path.clone(),
         status: answer.status,
     });
+    drop(state);
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = match answer.body {
-        Some(body) => (status, axum::Json(body)).into_response(),
-        None => status.into_response(),
+    let mut response = match (answer.raw, answer.body) {
+        (Some(raw), _) => (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            raw,
+        )
+            .into_response(),
+        (None, Some(body)) => (status, axum::Json(body)).into_response(),
+        (None, None) => status.into_response(),
     };
     for (name, value) in extra_headers {
         if let (Ok(name), Ok(value)) = (
@@ -295,7 +406,12 @@ async fn handle(
     response
 }
 
-fn answer(
+/// An answer sent instead of the handler's, with extra headers (a fault's rate-limit ones).
+type Early = (Answer, Vec<(String, String)>);
+
+/// What every API does before its handler: the bearer token, injected faults, a JSON body and
+/// the request against the spec. `Err` is the answer to send instead.
+fn prepare(
     state: &mut State0,
     spec: &Spec,
     method: &Method,
@@ -303,27 +419,17 @@ fn answer(
     headers: &HeaderMap,
     query: &[(String, String)],
     body: &[u8],
-) -> (Answer, Vec<(String, String)>) {
+) -> Result<Option<Value>, Early> {
     let api = state.api;
-    let error = |status: u16, code: &str, message: &str| match api {
-        Api::Hetzner => Answer::json(
-            status,
-            serde_json::json!({"error": {"code": code, "message": message, "details": {}}}),
-        ),
-        Api::DigitalOcean => Answer::json(
-            status,
-            serde_json::json!({"id": code, "message": message, "request_id": "fake"}),
-        ),
-    };
     let token = headers
         .get("authorization")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
     if !token.is_some_and(|token| state.options.tokens.iter().any(|known| known == token)) {
-        return (
-            error(401, "unauthorized", "Unable to authenticate you"),
+        return Err((
+            Answer::error(api, 401, "unauthorized", "Unable to authenticate you"),
             Vec::new(),
-        );
+        ));
     }
     if let Some(index) = state
         .faults
@@ -337,7 +443,7 @@ fn answer(
         if fault.times == 0 {
             state.faults.remove(index);
         }
-        return (answer, headers);
+        return Err((answer, headers));
     }
     let parsed = if body.is_empty() {
         None
@@ -345,35 +451,22 @@ fn answer(
         match serde_json::from_slice::<Value>(body) {
             Ok(value) => Some(value),
             Err(parse) => {
-                return (
-                    error(400, "json_error", &format!("invalid JSON: {parse}")),
+                return Err((
+                    Answer::error(api, 400, "json_error", &format!("invalid JSON: {parse}")),
                     Vec::new(),
-                );
+                ));
             }
         }
     };
     if let Err(violation) = spec.check_request(method.as_str(), path, query, parsed.as_ref()) {
         tracing::error!(%violation, "request breaks the spec");
         state.violations.push(format!("request: {violation}"));
-        return (error(422, "invalid_input", &violation), Vec::new());
+        return Err((
+            Answer::error(api, 422, "invalid_input", &violation),
+            Vec::new(),
+        ));
     }
-    let template = spec.template(path).unwrap_or_default().to_owned();
-    let answer = match api {
-        Api::Hetzner => {
-            crate::hetzner::handle(state, spec, method.as_str(), &template, path, query, parsed)
-        }
-        Api::DigitalOcean => crate::digitalocean::handle(
-            state,
-            spec,
-            method.as_str(),
-            &template,
-            path,
-            query,
-            parsed,
-        ),
-    };
-    state.peak_servers = state.peak_servers.max(state.servers.len());
-    (answer, Vec::new())
+    Ok(parsed)
 }
 
 /// Lines added to the sshd's `authorized_keys` are shared by every fake of the process.

@@ -659,6 +659,10 @@ conformance! {
         capabilities = ALL;
     digitalocean => ci_exec_tests::drivers::digitalocean, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
         capabilities = ALL;
+    fly => ci_exec_tests::drivers::fly, image = ci_exec_tests::drivers::CONTAINER_TEST_IMAGE,
+        capabilities = ALL;
+    fly_real => ci_exec_tests::drivers::fly_real, image = "",
+        capabilities = ALL;
     hetzner_real => ci_exec_tests::drivers::hetzner_real, image = "",
         capabilities = ALL;
     digitalocean_real => ci_exec_tests::drivers::digitalocean_real, image = "",
