@@ -46,18 +46,6 @@ where
 }
 
 /// A namespace no other test uses.
-/// An error with its causes, `: `-separated: a failed case says why, not only what.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 pub fn unique_namespace(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
