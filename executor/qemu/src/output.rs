@@ -138,6 +138,9 @@ mod tests {
                     file.write_all(format!("line {chunk}\n").as_bytes())
                         .await
                         .expect("write");
+                    // tokio's File writes in the background: without a flush, a dropped
+                    // file's line can land after the next one (seen once in CI).
+                    file.flush().await.expect("flush");
                     tokio::task::yield_now().await;
                 }
                 tokio::fs::write(dir.join("stderr"), b"\xffraw")
