@@ -403,12 +403,4 @@ pub const SEED_EXAMPLES: &[(&str, Option<(&str, &str)>)] = &[
 ];
 
 /// An error with its sources, `: `-separated, for a test's panic message.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
+pub use ci_exec_driver::error_chain as chain;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ci_exec_cloud::{CloudConfig, CloudDriver};
-use ci_exec_driver::{Driver, DriverConfig, DriverError, Task, wait_for_exit};
+use ci_exec_driver::{
+    Driver, DriverConfig, DriverError, Task, error_chain as chain, wait_for_exit,
+};
 use ci_exec_fake_cloud::{Api, FakeCloud, FakeOptions, Fault, SshTestHost};
 
 #[path = "fake_api/fly.rs"]
@@ -223,17 +225,6 @@ async fn a_bad_token_names_the_parameter_and_its_variable_and_never_itself() {
         }
         subject.assert_spec_kept();
     }
-}
-
-/// The whole error chain on one line, as the CLI prints it.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(next) = source {
-        parts.push(next.to_string());
-        source = next.source();
-    }
-    parts.join(": ")
 }
 
 #[tokio::test]
@@ -558,18 +549,12 @@ async fn first_output(driver: &dyn Driver, id: &str) -> Duration {
     }
 }
 
-/// The numbers of BENCHMARKS.md (`benches/cloud/bench.sh` prints the `bench:` lines): API
-/// requests of a run of one task and of ten, and the time to the first output byte against
-/// the fakes (provisioning included: a server that is the local sshd) next to the plain
-/// `docker` driver on the same engine.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_api_requests_and_time_to_first_output() {
-    let Some(host) = ssh_host("bench_api_requests_and_time_to_first_output") else {
-        return;
-    };
+/// The baseline of the cloud benches: time to the first output byte of the plain `docker`
+/// driver on the test engine, printed as `bench:` lines. Twice: the first also pays for the
+/// engine's first connection of this process.
+async fn docker_baseline() {
     let docker_host = std::env::var("DOCKER_HOST")
         .unwrap_or_else(|_| "unix:///run/ci-exec/docker.sock".to_owned());
-    // Twice: the first also pays for the engine's first connection of this process.
     for round in ["cold", "warm"] {
         let docker = ci_exec_docker::DockerDriver::new(
             ci_exec_docker::DockerConfig::new(
@@ -587,6 +572,18 @@ async fn bench_api_requests_and_time_to_first_output() {
         );
         docker.close().await.expect("close");
     }
+}
+
+/// The numbers of BENCHMARKS.md (`benches/cloud/bench.sh` prints the `bench:` lines): API
+/// requests of a run of one task and of ten, and the time to the first output byte against
+/// the fakes (provisioning included: a server that is the local sshd) next to the plain
+/// `docker` driver on the same engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_api_requests_and_time_to_first_output() {
+    let Some(host) = ssh_host("bench_api_requests_and_time_to_first_output") else {
+        return;
+    };
+    docker_baseline().await;
     for api in [Api::Hetzner, Api::DigitalOcean] {
         for tasks in [1usize, 10] {
             let subject = Subject::new(api, Some(host.clone())).await;

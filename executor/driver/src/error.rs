@@ -89,3 +89,15 @@ impl DriverError {
         }
     }
 }
+
+/// `error: cause: cause`, on one line: an error with every source below it.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -32,7 +32,7 @@ pub use dsn::{
     DriverConfig, DsnError, ParamSource, ParamValue, REDACTED, ResolvedParam, generate_namespace,
     is_generated_namespace, parse_duration, validate_namespace,
 };
-pub use error::{DriverError, ExitClass};
+pub use error::{DriverError, ExitClass, error_chain};
 pub use registry::{
     DriverSpec, ParamDefault, ParamKind, ParamSpec, driver_spec, drivers, user_cache_dir,
     user_state_dir,

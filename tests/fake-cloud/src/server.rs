@@ -340,26 +340,19 @@ async fn handle(
                 }
                 None => {
                     let mut state = lock();
-                    let answer = match state.api {
-                        Api::Hetzner => crate::hetzner::handle(
-                            &mut state,
-                            spec,
-                            method.as_str(),
-                            &template,
-                            &path,
-                            &query,
-                            parsed,
-                        ),
-                        _ => crate::digitalocean::handle(
-                            &mut state,
-                            spec,
-                            method.as_str(),
-                            &template,
-                            &path,
-                            &query,
-                            parsed,
-                        ),
+                    let handle = match state.api {
+                        Api::Hetzner => crate::hetzner::handle,
+                        _ => crate::digitalocean::handle,
                     };
+                    let answer = handle(
+                        &mut state,
+                        spec,
+                        method.as_str(),
+                        &template,
+                        &path,
+                        &query,
+                        parsed,
+                    );
                     state.peak_servers = state.peak_servers.max(state.servers.len());
                     answer
                 }

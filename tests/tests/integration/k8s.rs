@@ -58,13 +58,7 @@ fn shell(id: &str, script: &str) -> Task {
 /// An infrastructure failure (exit 125) whose message names `pod` (when given) and `reason`
 /// and never the kubeconfig's token.
 fn assert_failure(error: &DriverError, pod: Option<&str>, reason: &str) {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let message = ci_exec_driver::error_chain(error);
     assert_eq!(error.exit_class().code(), 125, "{message}");
     assert!(
         message.contains(reason),

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use ci_exec_driver::{Driver, DriverConfig, MkSource};
+use ci_exec_driver::{Driver, DriverConfig, MkSource, error_chain};
 use ci_exec_job::store::Keep;
 use ci_exec_job::{JobOptions, JobReport, PreparedJob, ResultStore, Terminal};
 use ci_exec_remote::client::{ClientOptions, Fetched, Orchestrator, Published};
@@ -433,17 +433,6 @@ fn step_summary(report: &JobReport, driver: &dyn Driver) {
     if let Err(error) = written {
         eprintln!("warning: cannot write the step summary: {error}");
     }
-}
-
-/// `error: cause: cause`, on one line, for warnings.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 fn summarize(report: &JobReport, driver: &dyn Driver, kept: bool, config: &DriverConfig) {

@@ -285,25 +285,7 @@ async fn fly_bench_api_requests_and_time_to_first_output() {
     let Some(fake) = fake("fly_bench_api_requests_and_time_to_first_output").await else {
         return;
     };
-    let docker_host = std::env::var("DOCKER_HOST")
-        .unwrap_or_else(|_| "unix:///run/ci-exec/docker.sock".to_owned());
-    for round in ["cold", "warm"] {
-        let docker = ci_exec_docker::DockerDriver::new(
-            ci_exec_docker::DockerConfig::new(
-                ci_exec_docker::Engine::Docker,
-                namespace("bench-docker"),
-            )
-            .host(docker_host.clone())
-            .image(IMAGE),
-        )
-        .expect("docker driver");
-        let time = super::first_output(&docker, "first").await;
-        eprintln!(
-            "bench: docker ({round}): first output after {} ms",
-            time.as_millis()
-        );
-        docker.close().await.expect("close");
-    }
+    super::docker_baseline().await;
     for tasks in [1usize, 10] {
         let before = fake.requests().len();
         let driver = FlyDriver::new(config(&fake, &namespace("fly-bench"), "")).expect("driver");
