@@ -8,8 +8,10 @@
 #   - disk size (qcow2 bytes) and the kernel and initramfs sizes;
 #   - cold start: `ci-exec run --driver=qemu:image=NAME,warm=false -- true` (boot to the agent);
 #   - warm start: the same from the image's saved VM state (made once before timing).
+# An aarch64 image (`debian-bookworm-arm64`) is built through qemu-user and booted under
+# qemu-system-aarch64 (TCG on an x86_64 host), from binaries for aarch64-unknown-linux-musl.
 # Usage, as root: benches/image/os.sh [RUNS] [IMAGE…]  (default: 5 runs, ubuntu-noble)
-#   e.g. benches/image/os.sh 5 ubuntu-noble ubuntu-24.04
+#   e.g. benches/image/os.sh 5 ubuntu-noble ubuntu-24.04 debian-bookworm-arm64
 # Needs hyperfine, mmdebstrap, qemu, and the mirrors the builds use.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -21,8 +23,13 @@ command -v hyperfine >/dev/null || { echo "bench: hyperfine is missing: apt-get 
 target="${CARGO_TARGET_DIR:-$root/target}"
 cargo build --quiet --release --manifest-path "$root/Cargo.toml" --target x86_64-unknown-linux-musl \
     -p mkrunner -p ci-exec-guest-init
+case " ${images[*]} " in *-arm64\ *)
+    cargo build --quiet --release --manifest-path "$root/Cargo.toml" --target aarch64-unknown-linux-musl \
+        -p mkrunner -p ci-exec-guest-init ;;
+esac
 cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p ci-exec
 musl="$target/x86_64-unknown-linux-musl/release"
+arm="$target/aarch64-unknown-linux-musl/release"
 table=$(mktemp)
 # hyperfine rewrites its Markdown file as it goes: the table is read once it is done.
 timed() { hyperfine "$@" --export-markdown "$table" >/dev/null 2>&1; cat "$table"; }
@@ -30,6 +37,7 @@ bin="$target/release/ci-exec"
 options() {
     case "$1" in
     ubuntu-2*.* | alpine-*) echo "--mk $musl/mk --mirror $mirror" ;;
+    *-arm64) echo "--mk $arm/mk --init $arm/ci-exec-init" ;;
     *) echo "--mk $musl/mk --init $musl/ci-exec-init" ;;
     esac
 }

@@ -1,7 +1,8 @@
 //! Builds an image into the cache without the CLI (used by `.ci/setup-image.sh` and the
-//! benchmarks): `build_image <mk> <ci-exec-init> [default|cloud-init|ubuntu-noble] [--force]`.
+//! benchmarks): `build_image <mk> <ci-exec-init> [default|cloud-init|ubuntu-noble] [arm64] [--force]`
+//! (`arm64`: the image for aarch64, from aarch64 binaries).
 
-use ci_exec_guest_image::{BuildOptions, ImageCache, Reporter, UBUNTU_IMAGE, Variant};
+use ci_exec_guest_image::{Arch, BuildOptions, ImageCache, Reporter, UBUNTU_IMAGE, Variant};
 use std::time::Instant;
 
 struct Steps(Instant);
@@ -16,7 +17,7 @@ fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mk), Some(init)) = (arguments.first(), arguments.get(1)) else {
         eprintln!(
-            "usage: build_image <mk> <ci-exec-init> [default|cloud-init|ubuntu-noble] [--force]"
+            "usage: build_image <mk> <ci-exec-init> [default|cloud-init|ubuntu-noble] [arm64] [--force]"
         );
         std::process::exit(2);
     };
@@ -26,6 +27,9 @@ fn main() {
     }
     if arguments.iter().any(|argument| argument == UBUNTU_IMAGE) {
         options = BuildOptions::ubuntu(mk.into(), init.into());
+    }
+    if arguments.iter().any(|argument| argument == "arm64") {
+        options.set_arch(Arch::Aarch64);
     }
     options.force = arguments.iter().any(|argument| argument == "--force");
     let result = ImageCache::open(None)

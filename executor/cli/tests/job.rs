@@ -108,11 +108,13 @@ fn assert_exit(output: &Output, code: i32) {
 }
 
 /// The DSN of a test's driver name: `qemu_ubuntu` is the qemu driver booting the Ubuntu image,
-/// `qemu_ubuntu_cloud` booting Canonical's cloud image (a stand-in in its format, in CI).
+/// `qemu_ubuntu_cloud` booting Canonical's cloud image (a stand-in in its format, in CI),
+/// `qemu_arm64` the aarch64 image under qemu-system-aarch64.
 fn dsn(driver: &str) -> String {
     match driver {
         "qemu_ubuntu" => "qemu:image=ubuntu-noble".to_owned(),
         "qemu_ubuntu_cloud" => "qemu:image=ubuntu-24.04".to_owned(),
+        "qemu_arm64" => "qemu:image=debian-bookworm-arm64".to_owned(),
         other => other.to_owned(),
     }
 }
@@ -133,6 +135,7 @@ fn available(driver: &str) -> bool {
         "qemu" => qemu_missing("debian-bookworm", ".ci/setup-image.sh"),
         "qemu_ubuntu" => qemu_missing("ubuntu-noble", ".ci/setup-test-images.sh"),
         "qemu_ubuntu_cloud" => qemu_missing("ubuntu-24.04", ".ci/setup-test-images.sh"),
+        "qemu_arm64" => qemu_missing("debian-bookworm-arm64", ".ci/setup-test-images.sh"),
         "docker" | "podman" => engine_missing(driver),
         other => Some(format!("no prerequisite check for driver `{other}`")),
     };
@@ -194,7 +197,15 @@ macro_rules! job_test {
 
 job_test!(
     hello_runs_then_replays_byte_exact,
-    [native, qemu, docker, podman, qemu_ubuntu, qemu_ubuntu_cloud],
+    [
+        native,
+        qemu,
+        docker,
+        podman,
+        qemu_ubuntu,
+        qemu_ubuntu_cloud,
+        qemu_arm64
+    ],
     |driver| {
         let repo = Repo::example("hello");
         let first = repo.test(driver, &[], &[]);
@@ -231,7 +242,7 @@ job_test!(
 
 job_test!(
     artifacts_are_collected_and_the_cache_survives,
-    [native, qemu, qemu_ubuntu, qemu_ubuntu_cloud],
+    [native, qemu, qemu_ubuntu, qemu_ubuntu_cloud, qemu_arm64],
     |driver| {
         let repo = Repo::example("artifacts-cache");
         let artifacts = repo.path().join("collected");
