@@ -1,7 +1,8 @@
 # Sourced by .ci/run, after .ci/setup-image.sh (which built the default guest image and the
 # static binaries): the guest images only the tests use: the default one with systemd and
 # Debian's cloud-init, for the NoCloud seed boot test; `ubuntu-noble`, which the qemu
-# conformance suite and job tests also run on; and `debian-bookworm-arm64`, the aarch64 image
+# conformance suite and job tests also run on; the stand-ins for Canonical's and Alpine's cloud
+# images; and `debian-bookworm-arm64`, the aarch64 image
 # (what the `vz` driver boots on a Mac), built through qemu-user and booted by the tests under
 # qemu-system-aarch64. Kept out of README's first command
 # (it costs a newcomer two more minutes). Builds here run as root; the user `ci-exec-builder`
@@ -75,6 +76,13 @@
     "$target/debug/ci-exec" image build ubuntu-24.04 --mk "$musl/mk" \
         --mirror "http://127.0.0.1:$port" >/dev/null
     echo "setup-test-images: ubuntu-24.04 (stand-in) ready ($(( $(date +%s) - started )) s)" >&2
+    # Alpine's cloud image, from a stand-in in its format (busybox userland; Alpine's mirrors
+    # are not reachable from CI machines), served from the same place under Alpine's paths.
+    started=$(date +%s)
+    bash guest-image/tests/fixtures/make-alpine-cloud-image.sh "$cloud"
+    "$target/debug/ci-exec" image build alpine-3.22 --mk "$musl/mk" \
+        --mirror "http://127.0.0.1:$port" >/dev/null
+    echo "setup-test-images: alpine-3.22 (stand-in) ready ($(( $(date +%s) - started )) s)" >&2
     if ! wait "$arm_build"; then
         tail -n 30 "$arm_log" >&2
         echo "error: .ci/setup-test-images.sh: the aarch64 image (debian-bookworm-arm64) did not build" >&2

@@ -557,14 +557,14 @@ mod tests {
         );
         // The old build stays until pruned: overlays may still be backed by it.
         assert!(first.disk.exists());
-        fake_build(&cache, "alpine-3.20", &"c".repeat(64));
+        fake_build(&cache, "alpine-3.22", &"c".repeat(64));
         let names: Vec<String> = cache
             .list()
             .expect("list")
             .into_iter()
             .map(|manifest| manifest.name)
             .collect();
-        assert_eq!(names, ["alpine-3.20", "debian-bookworm"]);
+        assert_eq!(names, ["alpine-3.22", "debian-bookworm"]);
 
         std::fs::create_dir_all(cache.root().join(".build-debian-bookworm-999999999"))
             .expect("stale");

@@ -7,7 +7,7 @@ use crate::Error;
 /// One downloadable image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CatalogEntry {
-    /// `ubuntu-24.04`, `alpine-3.20`.
+    /// `ubuntu-24.04`, `alpine-3.22`.
     pub name: &'static str,
     /// The publisher's download site; a mirror replaces it.
     pub base: &'static str,
@@ -43,11 +43,13 @@ pub const CATALOG: &[CatalogEntry] = &[
         user: "ubuntu",
     },
     CatalogEntry {
-        name: "alpine-3.20",
+        // The `tiny` variant: tiny-cloud instead of cloud-init (neither runs here: the image
+        // boots our init, see `ImageCache::fetch_cloud`), the smallest of Alpine's builds.
+        name: "alpine-3.22",
         base: "https://dl-cdn.alpinelinux.org/alpine",
-        url: "/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2",
-        checksum_url: "/v3.20/releases/cloud/nocloud_alpine-3.20.3-{arch}-{firmware}-cloudinit-r0.qcow2.sha512",
-        os: "Alpine Linux 3.20.3 (cloud image)",
+        url: "/v3.22/releases/cloud/nocloud_alpine-3.22.1-{arch}-{firmware}-tiny-r0.qcow2",
+        checksum_url: "/v3.22/releases/cloud/nocloud_alpine-3.22.1-{arch}-{firmware}-tiny-r0.qcow2.sha512",
+        os: "Alpine Linux 3.22.1 (cloud image)",
         arches: &[("x86_64", "x86_64", "bios"), ("aarch64", "aarch64", "uefi")],
         user: "alpine",
     },
@@ -128,13 +130,13 @@ mod tests {
             .expect("x86_64");
         assert_eq!(ubuntu.file_name, "ubuntu-24.04-server-cloudimg-amd64.img");
         assert!(ubuntu.checksum_url.ends_with("/SHA256SUMS"));
-        let alpine = lookup("alpine-3.20")
+        let alpine = lookup("alpine-3.22")
             .expect("alpine")
             .resolve("aarch64", None)
             .expect("aarch64");
         assert_eq!(
             alpine.file_name,
-            "nocloud_alpine-3.20.3-aarch64-uefi-cloudinit-r0.qcow2"
+            "nocloud_alpine-3.22.1-aarch64-uefi-tiny-r0.qcow2"
         );
         assert_eq!(alpine.checksum_url, format!("{}.sha512", alpine.url));
         assert_eq!(alpine.firmware, "uefi");
@@ -159,14 +161,14 @@ mod tests {
             error.starts_with("unknown image `windows-11` (known: `ubuntu-24.04`"),
             "{error}"
         );
-        let error = lookup("alpine-3.20")
+        let error = lookup("alpine-3.22")
             .expect("alpine")
             .resolve("riscv64", None)
             .unwrap_err()
             .to_string();
         assert_eq!(
             error,
-            "image `alpine-3.20` has no riscv64 build in the catalog"
+            "image `alpine-3.22` has no riscv64 build in the catalog"
         );
     }
 }

@@ -265,14 +265,11 @@ mod tests {
         );
         assert_eq!(parse_checksum_file(&listing, "missing.img"), None);
         let alpine = format!(
-            "{}  nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2\n",
+            "{}  nocloud_alpine-3.22.1-x86_64-bios-tiny-r0.qcow2\n",
             "C".repeat(128)
         );
         assert_eq!(
-            parse_checksum_file(
-                &alpine,
-                "nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2"
-            ),
+            parse_checksum_file(&alpine, "nocloud_alpine-3.22.1-x86_64-bios-tiny-r0.qcow2"),
             Some(Checksum::Sha512("c".repeat(128)))
         );
         assert_eq!(

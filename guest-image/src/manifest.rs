@@ -11,7 +11,7 @@ pub const RECIPE_VERSION: u32 = 2;
 /// see [`crate::create_overlay`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// `debian-bookworm`, `alpine-3.20`, …
+    /// `debian-bookworm`, `alpine-3.22`, …
     pub name: String,
     /// sha256 (hex) over everything that decides the image's content: recipe version, the
     /// resolved package versions, the kernel, and the sha256 of our `mk` and init binaries.

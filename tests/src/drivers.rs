@@ -113,6 +113,20 @@ pub async fn qemu_ubuntu() -> Option<Box<dyn Driver>> {
     Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
 }
 
+/// Alpine's cloud image as a guest (`ci-exec image build alpine-3.22`; CI builds it from a
+/// stand-in in Alpine's format served on loopback, `.ci/setup-test-images.sh`).
+pub const ALPINE_CLOUD_IMAGE: &str = "alpine-3.22";
+
+/// The qemu driver booting Alpine's cloud image: a busybox userland, no qemu-ga, no `mk`.
+pub async fn qemu_alpine_cloud() -> Option<Box<dyn Driver>> {
+    let dsn = format!(
+        "qemu://{}?image={ALPINE_CLOUD_IMAGE}",
+        unique_namespace("qemu-alpine")
+    );
+    let config = qemu_config(&dsn)?;
+    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+}
+
 /// The default image for aarch64 (`ci-exec image build --arch aarch64`;
 /// `.ci/setup-test-images.sh`), which the `vz` driver boots on a Mac.
 pub const ARM64_IMAGE: &str = "debian-bookworm-arm64";

@@ -109,12 +109,14 @@ fn assert_exit(output: &Output, code: i32) {
 
 /// The DSN of a test's driver name: `qemu_ubuntu` is the qemu driver booting the Ubuntu image,
 /// `qemu_ubuntu_cloud` booting Canonical's cloud image (a stand-in in its format, in CI),
-/// `qemu_arm64` the aarch64 image under qemu-system-aarch64.
+/// `qemu_arm64` the aarch64 image under qemu-system-aarch64, `qemu_alpine_cloud` Alpine's
+/// cloud image (a stand-in in its format, in CI).
 fn dsn(driver: &str) -> String {
     match driver {
         "qemu_ubuntu" => "qemu:image=ubuntu-noble".to_owned(),
         "qemu_ubuntu_cloud" => "qemu:image=ubuntu-24.04".to_owned(),
         "qemu_arm64" => "qemu:image=debian-bookworm-arm64".to_owned(),
+        "qemu_alpine_cloud" => "qemu:image=alpine-3.22".to_owned(),
         other => other.to_owned(),
     }
 }
@@ -136,6 +138,7 @@ fn available(driver: &str) -> bool {
         "qemu_ubuntu" => qemu_missing("ubuntu-noble", ".ci/setup-test-images.sh"),
         "qemu_ubuntu_cloud" => qemu_missing("ubuntu-24.04", ".ci/setup-test-images.sh"),
         "qemu_arm64" => qemu_missing("debian-bookworm-arm64", ".ci/setup-test-images.sh"),
+        "qemu_alpine_cloud" => qemu_missing("alpine-3.22", ".ci/setup-test-images.sh"),
         "docker" | "podman" => engine_missing(driver),
         other => Some(format!("no prerequisite check for driver `{other}`")),
     };
@@ -204,6 +207,7 @@ job_test!(
         podman,
         qemu_ubuntu,
         qemu_ubuntu_cloud,
+        qemu_alpine_cloud,
         qemu_arm64
     ],
     |driver| {
@@ -242,7 +246,14 @@ job_test!(
 
 job_test!(
     artifacts_are_collected_and_the_cache_survives,
-    [native, qemu, qemu_ubuntu, qemu_ubuntu_cloud, qemu_arm64],
+    [
+        native,
+        qemu,
+        qemu_ubuntu,
+        qemu_ubuntu_cloud,
+        qemu_alpine_cloud,
+        qemu_arm64
+    ],
     |driver| {
         let repo = Repo::example("artifacts-cache");
         let artifacts = repo.path().join("collected");

@@ -472,7 +472,11 @@ impl Driver for QemuDriver {
     fn job_support(&self) -> JobSupport {
         JobSupport {
             mk: MkSource::BaseOs,
-            test_in_container: true,
+            // A publisher's cloud image (`ubuntu-24.04`, `alpine-3.22`) boots as published,
+            // without podman: its `mk test` runs in the guest OS, as its `prepare-runtime`
+            // does. The images built here preload the default test image into podman.
+            test_in_container: image::resolve(&self.config.image)
+                .map_or(true, |image| !image.container_images.is_empty()),
             default_test_image: DEFAULT_TEST_IMAGE.to_owned(),
             shares_host_run_dir: false,
         }

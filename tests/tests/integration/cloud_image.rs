@@ -19,6 +19,7 @@ async fn the_stock_image_boots_with_our_agent_and_mk_and_is_never_written() {
     let script = "\
         . /etc/os-release; echo \"os=$ID $VERSION_ID\"; \
         test -e /usr/sbin/qemu-ga && echo has-qemu-ga; \
+        command -v podman >/dev/null && echo has-podman; \
         for pid in /proc/[0-9]*; do \
             [ \"$(tr '\\0' ' ' < $pid/cmdline)\" = 'ci-exec-init --agent /dev/virtio-ports/org.qemu.guest_agent.0 ' ] && \
             echo \"agent=$(readlink $pid/exe)\"; \
@@ -31,6 +32,7 @@ async fn the_stock_image_boots_with_our_agent_and_mk_and_is_never_written() {
     assert_eq!(output.code, 0, "{stdout}{}", output.stderr_text());
     assert!(stdout.contains("os=ubuntu 24.04\n"), "{stdout}");
     assert!(!stdout.contains("has-qemu-ga"), "{stdout}");
+    assert!(!stdout.contains("has-podman"), "{stdout}");
     assert!(
         stdout.contains("agent=/usr/sbin/ci-exec-init\n"),
         "{stdout}"

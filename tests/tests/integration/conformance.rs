@@ -680,6 +680,8 @@ conformance! {
     // A stock cloud image has no podman: its tasks run in the guest OS.
     qemu_ubuntu_cloud => ci_exec_tests::drivers::qemu_ubuntu_cloud, image = "",
         capabilities = Capabilities { privileged: false, ..ALL };
+    qemu_alpine_cloud => ci_exec_tests::drivers::qemu_alpine_cloud, image = "",
+        capabilities = Capabilities { privileged: false, ..ALL };
     // The aarch64 image under qemu-system-aarch64: what the `vz` driver boots on a Mac.
     qemu_arm64 => ci_exec_tests::drivers::qemu_arm64, image = "",
         capabilities = Capabilities { privileged: false, ..ALL };

@@ -18,7 +18,7 @@ pub enum ImageCommand {
     /// download and prepare a catalog cloud image; does nothing when the cached image is current
     Build {
         /// `debian-bookworm`, `debian-bookworm-cloud-init`, `ubuntu-noble`, or a catalog name
-        /// (`ubuntu-24.04`, `alpine-3.20`)
+        /// (`ubuntu-24.04`, `alpine-3.22`)
         #[arg(default_value = DEFAULT_IMAGE)]
         name: String,
         /// The guest's architecture, `x86_64` or `aarch64` (`arm64`): an aarch64 image's name
