@@ -17,6 +17,14 @@ pub const SHARE_TAG: &str = ci_exec_qemu::run_dir::SHARE_TAG;
 /// `validateTag:`, 36 bytes of UTF-8).
 pub const MAX_TAG_BYTES: usize = 36;
 
+/// Configures the guest's NIC on the framework's NAT, which hands out addresses by DHCP
+/// (vmnet's, 192.168.64.0/24 by default, unlike QEMU's fixed user-mode addresses): a one-shot
+/// lease from whichever DHCP client the image has. Idempotent.
+pub const NETWORK_SETUP: &str = "ip link set eth0 up && \
+     if command -v dhclient >/dev/null; then dhclient -1 eth0; \
+     elif command -v udhcpc >/dev/null; then udhcpc -i eth0 -n -q -t 10; \
+     else echo 'the guest image has no DHCP client (dhclient or udhcpc) for the vz NAT' >&2; exit 1; fi";
+
 const MIB: u64 = 1024 * 1024;
 
 /// What the host allows: the framework's `minimumAllowed…`/`maximumAllowed…` class properties

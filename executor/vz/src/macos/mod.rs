@@ -3,11 +3,7 @@
 //!
 //! Compile-checked only (clippy for `aarch64-apple-darwin` on Linux); it has not run on a Mac.
 
+mod driver;
 mod vm;
 
-#[expect(unused_imports, reason = "used by the driver, next")]
-pub use vm::{Vm, host_limits};
-
-/// Stand-in until the driver lands in this module.
-#[derive(Debug)]
-pub struct VzDriver;
+pub use driver::VzDriver;

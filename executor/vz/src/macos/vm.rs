@@ -80,12 +80,11 @@ fn message(error: &NSError) -> String {
 fn configuration(spec: &VmSpec) -> Result<Retained<VZVirtualMachineConfiguration>, VzError> {
     let kernel = url(&spec.kernel, "kernel")?;
     let initrd = url(&spec.initrd, "initramfs")?;
-    let console = std::fs::File::create(&spec.console_log).map_err(|source| {
-        VzError::WriteFile {
+    let console =
+        std::fs::File::create(&spec.console_log).map_err(|source| VzError::WriteFile {
             path: spec.console_log.clone(),
             source,
-        }
-    })?;
+        })?;
     // SAFETY: every call below builds fresh configuration objects on this thread, with
     // arguments of the types the framework documents; none is shared until it is validated.
     unsafe {
@@ -140,8 +139,10 @@ fn configuration(spec: &VmSpec) -> Result<Retained<VZVirtualMachineConfiguration
                 &*url(&share.path, "share")?,
                 share.read_only,
             );
-            let single =
-                VZSingleDirectoryShare::initWithDirectory(VZSingleDirectoryShare::alloc(), &directory);
+            let single = VZSingleDirectoryShare::initWithDirectory(
+                VZSingleDirectoryShare::alloc(),
+                &directory,
+            );
             let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(
                 VZVirtioFileSystemDeviceConfiguration::alloc(),
                 &NSString::from_str(&share.tag),
@@ -168,11 +169,12 @@ fn configuration(spec: &VmSpec) -> Result<Retained<VZVirtualMachineConfiguration
             std::os::fd::IntoRawFd::into_raw_fd(console),
             true,
         );
-        let attachment = VZFileHandleSerialPortAttachment::initWithFileHandleForReading_fileHandleForWriting(
-            VZFileHandleSerialPortAttachment::alloc(),
-            None,
-            Some(&handle),
-        );
+        let attachment =
+            VZFileHandleSerialPortAttachment::initWithFileHandleForReading_fileHandleForWriting(
+                VZFileHandleSerialPortAttachment::alloc(),
+                None,
+                Some(&handle),
+            );
         let serial = VZVirtioConsoleDeviceSerialPortConfiguration::new();
         serial.setAttachment(Some(&attachment));
         configuration.setSerialPorts(&NSArray::from_retained_slice(&[serial.into_super()]));
@@ -180,9 +182,9 @@ fn configuration(spec: &VmSpec) -> Result<Retained<VZVirtualMachineConfiguration
             VZVirtioEntropyDeviceConfiguration::new().into_super(),
         ]));
 
-        configuration.validateWithError().map_err(|error| {
-            framework_error("validate the VM configuration", message(&error))
-        })?;
+        configuration
+            .validateWithError()
+            .map_err(|error| framework_error("validate the VM configuration", message(&error)))?;
         Ok(configuration)
     }
 }
@@ -194,8 +196,7 @@ fn save_restore_support(configuration: &VZVirtualMachineConfiguration) -> Result
         return Err("saving VM states needs macOS 14 or later".to_owned());
     }
     // SAFETY: the selector exists (checked above); called on the thread that built it.
-    unsafe { configuration.validateSaveRestoreSupportWithError() }
-        .map_err(|error| message(&error))
+    unsafe { configuration.validateSaveRestoreSupportWithError() }.map_err(|error| message(&error))
 }
 
 /// A VM created (not yet started) from a [`VmSpec`].
@@ -279,9 +280,7 @@ impl Vm {
     async fn call(
         &self,
         action: &str,
-        work: impl FnOnce(&VZVirtualMachine, &block2::DynBlock<dyn Fn(*mut NSError)>)
-        + Send
-        + 'static,
+        work: impl FnOnce(&VZVirtualMachine, &block2::DynBlock<dyn Fn(*mut NSError)>) + Send + 'static,
     ) -> Result<(), VzError> {
         let (sender, receiver) = oneshot::channel::<Completion>();
         let sender = Arc::new(Mutex::new(Some(sender)));
@@ -302,7 +301,10 @@ impl Vm {
         match receiver.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(framework_error(action, message)),
-            Err(_) => Err(framework_error(action, "the completion handler was dropped")),
+            Err(_) => Err(framework_error(
+                action,
+                "the completion handler was dropped",
+            )),
         }
     }
 
@@ -426,7 +428,12 @@ impl Vm {
         let fd = match receiver.await {
             Ok(Ok(fd)) => fd,
             Ok(Err(message)) => return Err(framework_error(action, message)),
-            Err(_) => return Err(framework_error(action, "the completion handler was dropped")),
+            Err(_) => {
+                return Err(framework_error(
+                    action,
+                    "the completion handler was dropped",
+                ));
+            }
         };
         VsockStream::new(fd).map_err(|error| framework_error(action, error.to_string()))
     }
