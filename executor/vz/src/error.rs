@@ -97,9 +97,8 @@ pub enum VzError {
     },
 
     #[error(
-        "this binary lacks the `{}` entitlement the Virtualization framework requires; sign it with `mk sign` (or `{}`)",
-        entitlement::ENTITLEMENT,
-        entitlement::SIGN_COMMAND
+        "this binary lacks the `{}` entitlement that Apple's Virtualization framework requires; sign it with `mk sign`",
+        entitlement::ENTITLEMENT
     )]
     MissingEntitlement,
 

@@ -7,6 +7,7 @@
 //! created with, and calls each completion handler on that queue: [`QueueBound`] is how the
 //! machine travels into the closures submitted there, and nothing touches it elsewhere.
 
+use std::mem::ManuallyDrop;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -199,9 +200,29 @@ fn save_restore_support(configuration: &VZVirtualMachineConfiguration) -> Result
     unsafe { configuration.validateSaveRestoreSupportWithError() }.map_err(|error| message(&error))
 }
 
+impl Drop for Vm {
+    /// Stops the VM if it still runs (a driver dropped without `close`) and releases it on its
+    /// own queue, where the framework wants every use of it.
+    fn drop(&mut self) {
+        // SAFETY: `machine` is not used again: this is `drop`.
+        let machine = unsafe { ManuallyDrop::take(&mut self.machine) };
+        self.queue.exec_async(move || {
+            // SAFETY: on the machine's queue; the completion handler ignores the outcome.
+            unsafe {
+                if machine.get().canStop() {
+                    let ignored = RcBlock::new(|_: *mut NSError| {});
+                    machine.get().stopWithCompletionHandler(&ignored);
+                }
+            }
+            drop(machine);
+        });
+    }
+}
+
 /// A VM created (not yet started) from a [`VmSpec`].
 pub struct Vm {
-    machine: Arc<QueueBound<VZVirtualMachine>>,
+    /// Taken only by `Drop`, which hands the last reference to the machine's queue.
+    machine: ManuallyDrop<Arc<QueueBound<VZVirtualMachine>>>,
     queue: DispatchRetained<DispatchQueue>,
     save_restore: Result<(), String>,
 }
@@ -247,7 +268,7 @@ impl Vm {
             .and_then(|mut slot| slot.take())
             .ok_or_else(|| framework_error("create the VM", "no VM was created"))?;
         Ok(Vm {
-            machine: Arc::new(machine),
+            machine: ManuallyDrop::new(Arc::new(machine)),
             queue,
             save_restore,
         })
@@ -263,7 +284,7 @@ impl Vm {
         &self,
         work: impl FnOnce(&VZVirtualMachine) -> R + Send + 'static,
     ) -> Option<R> {
-        let machine = self.machine.clone();
+        let machine = Arc::clone(&self.machine);
         let result: Arc<Mutex<Option<R>>> = Arc::default();
         let slot = result.clone();
         self.queue.exec_sync(move || {
@@ -284,7 +305,7 @@ impl Vm {
     ) -> Result<(), VzError> {
         let (sender, receiver) = oneshot::channel::<Completion>();
         let sender = Arc::new(Mutex::new(Some(sender)));
-        let machine = self.machine.clone();
+        let machine = Arc::clone(&self.machine);
         self.queue.exec_async(move || {
             let completion = RcBlock::new(move |error: *mut NSError| {
                 // SAFETY: the framework passes nil or a valid NSError for the call's duration.
@@ -385,7 +406,7 @@ impl Vm {
         let action = format!("connect to vsock port {port}");
         let (sender, receiver) = oneshot::channel::<Result<OwnedFd, String>>();
         let sender = Arc::new(Mutex::new(Some(sender)));
-        let machine = self.machine.clone();
+        let machine = Arc::clone(&self.machine);
         self.queue.exec_async(move || {
             let send = move |outcome: Result<OwnedFd, String>| {
                 if let Some(sender) = sender.lock().ok().and_then(|mut slot| slot.take()) {
