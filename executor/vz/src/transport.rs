@@ -121,6 +121,29 @@ pub trait Connector: Send + Sync {
 
 /// How long one agent handshake may take before the host tries again.
 const SYNC_ATTEMPT: Duration = Duration::from_millis(500);
+/// How long one connection attempt may take. The framework documents that connecting to a
+/// port nobody listens on "does nothing": its completion handler may never be called, so an
+/// attempt that hangs counts as a refusal.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
+
+/// Connects to `port`, giving up after `limit`.
+async fn connect_within(
+    connector: &dyn Connector,
+    port: u32,
+    limit: Duration,
+) -> Result<VsockStream, VzError> {
+    match tokio::time::timeout(limit, connector.connect(port)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(VzError::Control {
+            stage: format!("connect to vsock port {port}"),
+            source: ProtocolError::Timeout {
+                peer: if port == AGENT_PORT { "qga" } else { "control" },
+                command: "connect".to_owned(),
+                after: limit,
+            },
+        }),
+    }
+}
 /// The longest pause between connection attempts while the guest boots.
 const MAX_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -138,7 +161,8 @@ pub async fn connect_agent(
     let mut interval = Duration::from_millis(5);
     loop {
         connector.check_running("boot")?;
-        match connector.connect(AGENT_PORT).await {
+        let attempt = CONNECT_ATTEMPT.min(deadline.saturating_duration_since(Instant::now()));
+        match connect_within(connector, AGENT_PORT, attempt).await {
             Ok(stream) => {
                 let mut agent = QgaClient::from_stream(stream);
                 // The same connection is synced again after a timeout (a slow guest); a
@@ -179,7 +203,7 @@ pub async fn connect_control(
         stage: "connect".to_owned(),
         source,
     };
-    let stream = connector.connect(CONTROL_PORT).await?;
+    let stream = connect_within(connector, CONTROL_PORT, timeout).await?;
     let mut control = ControlClient::from_stream(stream, 0);
     let version = control.await_hello(timeout).await;
     if version < MOUNTFS_VERSION {
@@ -290,6 +314,8 @@ mod tests {
     /// A VM whose guest listens on the agent port after `refusals` connection attempts.
     struct FakeGuest {
         refusals: usize,
+        /// Attempts before the guest listens hang instead of failing.
+        hang: bool,
         attempts: AtomicUsize,
         control_version: u32,
         control_lines: Arc<Mutex<Vec<String>>>,
@@ -300,6 +326,7 @@ mod tests {
         fn new(refusals: usize, control_version: u32) -> Self {
             FakeGuest {
                 refusals,
+                hang: false,
                 attempts: AtomicUsize::new(0),
                 control_version,
                 control_lines: Arc::default(),
@@ -312,6 +339,9 @@ mod tests {
     impl Connector for FakeGuest {
         async fn connect(&self, port: u32) -> Result<VsockStream, VzError> {
             if self.attempts.fetch_add(1, Ordering::SeqCst) < self.refusals {
+                if self.hang {
+                    std::future::pending::<()>().await;
+                }
                 return Err(crate::entitlement::framework_error(
                     format!("connect to vsock port {port}"),
                     "Connection reset by peer",
@@ -367,6 +397,16 @@ mod tests {
         assert_eq!(pid, 42);
         let status = agent.exec_status(pid, timeout).await.expect("status");
         assert_eq!((status.shell_code(), status.stdout), (0, b"hi".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_connection_attempt_that_hangs_is_retried() {
+        let mut guest = FakeGuest::new(2, 4);
+        guest.hang = true;
+        connect_agent(&guest, Duration::from_secs(60))
+            .await
+            .expect("agent after two hung attempts");
+        assert_eq!(guest.attempts.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
