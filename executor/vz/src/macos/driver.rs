@@ -6,15 +6,16 @@
 //!
 //! Compile-checked only (clippy for `aarch64-apple-darwin` on Linux); it has not run on a Mac.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ci_exec_driver::{
     Container, ContainerStatus, Driver, DriverError, FollowLogs, JobSupport, LogSink, MkSource,
-    Stdin, Task, Volume, VolumeFiles,
+    Sandbox, SandboxExec, SandboxOutput, Stdin, Task, Volume, VolumeFiles,
 };
 use ci_exec_qemu::control::{self, ControlClient};
 use ci_exec_qemu::guest::{self, Runner, StdinSource};
@@ -51,6 +52,7 @@ pub struct VzDriver {
     owner: std::sync::Mutex<Option<ci_exec_driver::leftovers::OwnerLock>>,
     guest: Mutex<Option<Arc<Guest>>>,
     containers: Mutex<HashMap<String, Arc<TaskHandle>>>,
+    sandboxes: AtomicU64,
 }
 
 /// The paths of the namespace's run directory.
@@ -87,6 +89,7 @@ impl VzDriver {
             owner: std::sync::Mutex::new(None),
             guest: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
+            sandboxes: AtomicU64::new(0),
         }
     }
 
@@ -254,83 +257,82 @@ impl VzDriver {
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
         Ok(path)
     }
+}
 
-    /// Writes the task's files on the share and starts the guest's wrapper for it; returns
-    /// the task's directory and the wrapper's guest pid.
-    async fn start_task(
-        &self,
-        guest: &Guest,
-        task: &Task,
-        runner: Runner<'_>,
-    ) -> Result<(PathBuf, i64), DriverError> {
-        for mount in &task.mounts {
-            self.ensure_volume(&mount.volume)?;
-        }
-        let dir = self.run().task(&task.id);
-        let prepare = |error: VzError| backend(format!("prepare task `{}`", task.id), error);
-        std::fs::create_dir_all(&dir).map_err(|source| {
-            prepare(VzError::CreateDir {
-                path: dir.clone(),
-                source,
-            })
-        })?;
-        for stale in ["exit", "pid", "stdin.end"] {
-            let _ = std::fs::remove_file(dir.join(stale));
-        }
-        let mut stream = None;
-        let (source, stdin_bytes) = match &task.stdin {
-            None => (StdinSource::None, None),
-            Some(stdin @ Stdin::Stream(_)) => {
-                stream = stdin.take_reader();
-                (StdinSource::Follow, Some(Vec::new()))
-            }
-            Some(stdin) => {
-                let mut bytes = Vec::new();
-                if let Some(mut reader) = stdin.take_reader() {
-                    tokio::io::copy(&mut reader, &mut bytes)
-                        .await
-                        .map_err(|source| {
-                            DriverError::backend(
-                                DRIVER,
-                                format!("read stdin of task `{}`", task.id),
-                                source,
-                            )
-                        })?;
-                }
-                (StdinSource::File, Some(bytes))
-            }
-        };
-        let mut files = vec![
-            ("stdout", Vec::new()),
-            ("stderr", Vec::new()),
-            ("task", guest::task_spec(task, &task.env, runner, source)),
-        ];
-        if let Some(bytes) = stdin_bytes {
-            files.push(("stdin", bytes));
-        }
-        for (name, contents) in files {
-            let path = dir.join(name);
-            std::fs::write(&path, contents)
-                .map_err(|source| prepare(VzError::WriteFile { path, source }))?;
-        }
-        let pid = guest
-            .exec(
-                guest::TASK_HELPER,
-                &["--task".to_owned(), guest::guest_task_dir(&task.id)],
-                &guest::wrapper_env(),
-                false,
-            )
-            .await
-            .map_err(|error| backend(format!("start task `{}`", task.id), error))?;
-        if let Some(reader) = stream {
-            tokio::spawn(stream_stdin(
-                reader,
-                dir.join("stdin"),
-                dir.join("stdin.end"),
-            ));
-        }
-        Ok((dir, pid))
+/// Writes the task's files on the share and starts the guest's wrapper for it (`env` is the
+/// command's whole environment); returns the task's directory and the wrapper's guest pid.
+/// The task's volumes exist already.
+async fn start_task(
+    run: &RunDir,
+    guest: &Guest,
+    task: &Task,
+    env: &BTreeMap<String, String>,
+    runner: Runner<'_>,
+) -> Result<(PathBuf, i64), DriverError> {
+    let dir = run.task(&task.id);
+    let prepare = |error: VzError| backend(format!("prepare task `{}`", task.id), error);
+    std::fs::create_dir_all(&dir).map_err(|source| {
+        prepare(VzError::CreateDir {
+            path: dir.clone(),
+            source,
+        })
+    })?;
+    for stale in ["exit", "pid", "stdin.end"] {
+        let _ = std::fs::remove_file(dir.join(stale));
     }
+    let mut stream = None;
+    let (source, stdin_bytes) = match &task.stdin {
+        None => (StdinSource::None, None),
+        Some(stdin @ Stdin::Stream(_)) => {
+            stream = stdin.take_reader();
+            (StdinSource::Follow, Some(Vec::new()))
+        }
+        Some(stdin) => {
+            let mut bytes = Vec::new();
+            if let Some(mut reader) = stdin.take_reader() {
+                tokio::io::copy(&mut reader, &mut bytes)
+                    .await
+                    .map_err(|source| {
+                        DriverError::backend(
+                            DRIVER,
+                            format!("read stdin of task `{}`", task.id),
+                            source,
+                        )
+                    })?;
+            }
+            (StdinSource::File, Some(bytes))
+        }
+    };
+    let mut files = vec![
+        ("stdout", Vec::new()),
+        ("stderr", Vec::new()),
+        ("task", guest::task_spec(task, env, runner, source)),
+    ];
+    if let Some(bytes) = stdin_bytes {
+        files.push(("stdin", bytes));
+    }
+    for (name, contents) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .map_err(|source| prepare(VzError::WriteFile { path, source }))?;
+    }
+    let pid = guest
+        .exec(
+            guest::TASK_HELPER,
+            &["--task".to_owned(), guest::guest_task_dir(&task.id)],
+            &guest::wrapper_env(),
+            false,
+        )
+        .await
+        .map_err(|error| backend(format!("start task `{}`", task.id), error))?;
+    if let Some(reader) = stream {
+        tokio::spawn(stream_stdin(
+            reader,
+            dir.join("stdin"),
+            dir.join("stdin.end"),
+        ));
+    }
+    Ok((dir, pid))
 }
 
 /// Saves `vm`'s state and a clone of its root disk as `state`: the vsock connections are
@@ -624,7 +626,10 @@ impl Driver for VzDriver {
                 name: &name,
             }
         };
-        let (dir, pid) = self.start_task(&guest, &task, runner).await?;
+        for mount in &task.mounts {
+            self.ensure_volume(&mount.volume)?;
+        }
+        let (dir, pid) = start_task(&self.run(), &guest, &task, &task.env, runner).await?;
         let handle = Arc::new(TaskHandle {
             id: task.id.clone(),
             dir,
@@ -667,6 +672,10 @@ impl Driver for VzDriver {
     }
 
     fn as_volume_files(&self) -> Option<&dyn VolumeFiles> {
+        Some(self)
+    }
+
+    fn as_sandbox(&self) -> Option<&dyn SandboxExec> {
         Some(self)
     }
 }
@@ -857,5 +866,163 @@ impl Volume for VzVolume {
                 },
             )),
         }
+    }
+}
+
+#[async_trait]
+impl SandboxExec for VzDriver {
+    async fn start_sandbox(&self, task: Task) -> Result<Box<dyn Sandbox>, DriverError> {
+        let mut probe = Task::new(task.id.clone(), ["true"]);
+        probe.mounts = task.mounts.clone();
+        guest::check_task(&probe)?;
+        let guest = self
+            .guest()
+            .await
+            .map_err(|error| backend("start the VM", error))?;
+        for mount in &task.mounts {
+            self.ensure_volume(&mount.volume)?;
+        }
+        let serial = self.sandboxes.fetch_add(1, Ordering::Relaxed);
+        let container = if task.image.is_empty() {
+            None
+        } else {
+            let name = ci_exec_driver::resource_name(
+                &self.config.namespace,
+                &format!("{}-sandbox{serial}", task.id),
+            );
+            // The container idles until `exec`s arrive; output goes to the exec'd commands.
+            let mut keeper =
+                Task::new(format!("{}-sandbox{serial}-start", task.id), ["2147483647"]);
+            keeper.image = task.image.clone();
+            keeper.mounts = task.mounts.clone();
+            keeper.user = task.user.clone();
+            keeper.workdir = task.workdir.clone();
+            keeper.privileged = task.privileged;
+            keeper.limits = task.limits;
+            keeper.network = task.network;
+            let runner = Runner::PodmanStart {
+                image: &task.image,
+                name: &name,
+            };
+            let (dir, pid) = start_task(&self.run(), &guest, &keeper, &task.env, runner).await?;
+            let handle = TaskHandle {
+                id: keeper.id.clone(),
+                dir: dir.clone(),
+                guest: guest.clone(),
+                pid,
+                podman_name: None,
+                polled: Mutex::new(Polled::default()),
+            };
+            let code = wait(&handle).await?;
+            if code != 0 {
+                let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+                return Err(backend(
+                    format!("start sandbox container `{name}` of image `{}`", task.image),
+                    VzError::GuestCommand {
+                        command: "podman run --detach".to_owned(),
+                        code,
+                        stderr: stderr.trim().to_owned(),
+                    },
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            Some(name)
+        };
+        Ok(Box::new(VzSandbox {
+            run: self.run(),
+            guest,
+            task,
+            container,
+            serial,
+            execs: AtomicU64::new(0),
+        }))
+    }
+}
+
+async fn wait(handle: &TaskHandle) -> Result<i32, DriverError> {
+    let mut interval = Duration::from_millis(1);
+    loop {
+        if let ContainerStatus::Exited { code } = handle.status().await? {
+            return Ok(code);
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// The VM itself (no image) or a long-lived podman container in it.
+#[derive(Debug)]
+struct VzSandbox {
+    run: RunDir,
+    guest: Arc<Guest>,
+    task: Task,
+    container: Option<String>,
+    serial: u64,
+    execs: AtomicU64,
+}
+
+#[async_trait]
+impl Sandbox for VzSandbox {
+    async fn exec(
+        &self,
+        command: &[String],
+        env: &BTreeMap<String, String>,
+        stdout: LogSink<'_>,
+        stderr: LogSink<'_>,
+    ) -> Result<SandboxOutput, DriverError> {
+        let number = self.execs.fetch_add(1, Ordering::Relaxed);
+        let mut step = Task::new(
+            format!("{}-sandbox{}-exec{number}", self.task.id, self.serial),
+            command.iter().cloned(),
+        );
+        guest::check_task(&step)?;
+        step.mounts = self.task.mounts.clone();
+        step.user = self.task.user.clone();
+        step.workdir = self.task.workdir.clone();
+        step.network = self.task.network;
+        let mut all_env = self.task.env.clone();
+        all_env.extend(
+            env.iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        let (runner, exec_env) = match &self.container {
+            None => (Runner::GuestOs, all_env),
+            Some(name) => (Runner::PodmanExec { name }, env.clone()),
+        };
+        let (dir, pid) = start_task(&self.run, &self.guest, &step, &exec_env, runner).await?;
+        let handle = TaskHandle {
+            id: step.id.clone(),
+            dir: dir.clone(),
+            guest: self.guest.clone(),
+            pid,
+            podman_name: None,
+            polled: Mutex::new(Polled::default()),
+        };
+        output::follow(&dir, &mut *stdout, &mut *stderr, || async {
+            Ok(handle.status().await?.is_done())
+        })
+        .await?;
+        let code = wait(&handle).await?;
+        let _ = stdout.flush().await;
+        let _ = stderr.flush().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(SandboxOutput { exit_code: code })
+    }
+
+    async fn cleanup(&self) -> Result<(), DriverError> {
+        if let Some(name) = &self.container
+            && self.guest.check_running("cleanup").is_ok()
+        {
+            self.guest
+                .sh(
+                    &format!(
+                        "/usr/bin/podman --network-backend=cni rm --force --time=0 {name} >/dev/null 2>&1; true"
+                    ),
+                    AGENT_TIMEOUT,
+                )
+                .await
+                .map_err(|error| backend(format!("remove sandbox `{name}`"), error))?;
+        }
+        Ok(())
     }
 }
