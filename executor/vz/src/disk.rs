@@ -365,8 +365,16 @@ mod tests {
         let directory = tempfile::tempdir().expect("tempdir");
         let disks = directory.path().join("disks");
         std::fs::create_dir_all(&disks).expect("mkdir");
-        // What a killed conversion leaves behind.
-        std::fs::write(disks.join(".abc.raw.1-2.partial"), b"half a disk").expect("write");
+        // What a killed conversion left behind an hour and more ago, and what a conversion
+        // running now (in another process) writes.
+        let stale = disks.join(".abc.raw.1-2.partial");
+        std::fs::write(&stale, b"half a disk").expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|file| file.set_modified(SystemTime::now() - 2 * STALE_PARTIAL))
+            .expect("age the stale partial");
+        std::fs::write(disks.join(".abc.raw.3-4.partial"), b"in progress").expect("write");
         let not_qcow2 = directory.path().join("broken.qcow2");
         std::fs::write(&not_qcow2, b"not a qcow2 image").expect("write");
         let error = RawDisks::new(disks.clone())
@@ -383,8 +391,43 @@ mod tests {
             .flatten()
             .map(|entry| entry.file_name().to_string_lossy().into_owned())
             .collect();
-        // The fresh partial of another (maybe live) conversion stays; ours is gone.
-        assert_eq!(names, vec![".abc.raw.1-2.partial".to_owned()]);
+        // The stale partial and ours are gone; the fresh one of a live conversion stays.
+        assert_eq!(names, vec![".abc.raw.3-4.partial".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_conversion_shorter_than_the_virtual_size_is_never_published() {
+        use std::os::unix::fs::PermissionsExt;
+        let directory = tempfile::tempdir().expect("tempdir");
+        // A `qemu-img` that claims 1 MiB and writes 10 bytes (a full disk, an interrupted copy).
+        let program = directory.path().join("qemu-img");
+        std::fs::write(
+            &program,
+            "#!/bin/sh\ncase \"$1\" in\n\
+             info) echo '{\"virtual-size\": 1048576}' ;;\n\
+             convert) for last; do :; done; printf 0123456789 > \"$last\" ;;\n\
+             esac\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let disks = directory.path().join("disks");
+        let error = RawDisks::new(disks.clone())
+            .with_qemu_img(program.display().to_string())
+            .get(&image(directory.path().join("disk.qcow2"), "abc"))
+            .await
+            .expect_err("short conversion");
+        assert!(
+            matches!(
+                error,
+                VzError::DiskSize {
+                    expected: 1048576,
+                    actual: 10,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(std::fs::read_dir(&disks).expect("list").count(), 0);
     }
 
     #[tokio::test]
