@@ -73,6 +73,14 @@ fn url(path: &Path, what: &'static str) -> Result<Retained<NSURL>, VzError> {
     })
 }
 
+/// A directory's URL (a file URL marked as a directory, as `VZSharedDirectory` wants).
+fn directory_url(path: &Path, what: &'static str) -> Result<Retained<NSURL>, VzError> {
+    NSURL::from_directory_path(path).ok_or_else(|| VzError::FileMissing {
+        what,
+        path: path.to_owned(),
+    })
+}
+
 fn message(error: &NSError) -> String {
     error.localizedDescription().to_string()
 }
@@ -137,7 +145,7 @@ fn configuration(spec: &VmSpec) -> Result<Retained<VZVirtualMachineConfiguration
             spec::check_tag(&share.tag)?;
             let directory = VZSharedDirectory::initWithURL_readOnly(
                 VZSharedDirectory::alloc(),
-                &*url(&share.path, "share")?,
+                &*directory_url(&share.path, "share")?,
                 share.read_only,
             );
             let single = VZSingleDirectoryShare::initWithDirectory(
