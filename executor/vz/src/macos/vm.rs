@@ -246,6 +246,10 @@ impl std::fmt::Debug for Vm {
 
 type Completion = Result<(), String>;
 
+/// The longest a lifecycle call (start, stop, pause, save, restore) may take: a save writes
+/// the guest's whole memory, a few GB at most, well within it.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Vm {
     /// Builds and validates the configuration and creates the VM on a queue of its own.
     pub fn new(spec: &VmSpec) -> Result<Vm, VzError> {
@@ -327,12 +331,16 @@ impl Vm {
             });
             work(machine.get(), &completion);
         });
-        match receiver.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(framework_error(action, message)),
-            Err(_) => Err(framework_error(
+        match tokio::time::timeout(CALL_TIMEOUT, receiver).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(message))) => Err(framework_error(action, message)),
+            Ok(Err(_)) => Err(framework_error(
                 action,
                 "the completion handler was dropped",
+            )),
+            Err(_) => Err(framework_error(
+                action,
+                format!("no answer within {CALL_TIMEOUT:?}"),
             )),
         }
     }
