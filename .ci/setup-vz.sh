@@ -9,8 +9,10 @@
     if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-apple-darwin; then
         rustup target add aarch64-apple-darwin
     fi
-    if ! command -v cargo-zigbuild >/dev/null 2>&1 || ! python3 -m ziglang version >/dev/null 2>&1; then
+    # By path: a pip-installed script gets no pyenv shim until a rehash.
+    zigbuild="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/cargo-zigbuild"
+    if [ ! -x "$zigbuild" ] || ! python3 -m ziglang version >/dev/null 2>&1; then
         python3 -m pip install --quiet --disable-pip-version-check "ziglang==0.17.0" "cargo-zigbuild==0.24.0"
     fi
-    cargo-zigbuild clippy --quiet --target aarch64-apple-darwin -p ci-exec-vz -- -D warnings
+    "$zigbuild" clippy --quiet --target aarch64-apple-darwin -p ci-exec-vz -- -D warnings
 )
