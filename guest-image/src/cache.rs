@@ -142,9 +142,10 @@ impl ImageCache {
             &inputs,
             &work,
             // One archive per distribution: each build copies its whole archive into the tree.
-            &self.root.join(match options.distribution {
-                Distribution::Debian => "apt-archives".to_owned(),
-                other => format!("apt-archives-{}", other.name()),
+            &self.root.join(match (options.distribution, options.arch) {
+                (Distribution::Debian, crate::Arch::X86_64) => "apt-archives".to_owned(),
+                (Distribution::Debian, arch) => format!("apt-archives-{}", arch.debian()),
+                (other, _) => format!("apt-archives-{}", other.name()),
             }),
             reporter,
         )
@@ -176,7 +177,7 @@ impl ImageCache {
             ),
         })?;
         let _lock = Lock::acquire(&self.root.join(format!(".lock-{name}")))?;
-        let mk = host::require_static(&options.mk_binary, "mkrunner")?;
+        let mk = host::require_static(&options.mk_binary, "mkrunner", crate::Arch::host())?;
         reporter.step(&format!("downloading `{}`", image.url));
         let download = download::fetch_verified(
             &image.url,

@@ -9,7 +9,7 @@
 
 use crate::exchange::Exchange;
 use crate::manifest::{Manifest, RECIPE_VERSION};
-use crate::{Error, Reporter, disk, host, initramfs, kernel};
+use crate::{Arch, Error, Reporter, disk, host, initramfs, kernel};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -185,6 +185,9 @@ pub struct BuildOptions {
     pub mk_binary: PathBuf,
     /// Our static init (`… -p ci-exec-guest-init`, binary `ci-exec-init`).
     pub init_binary: PathBuf,
+    /// The guest's architecture; another than the host's runs the bootstrap's programs through
+    /// qemu-user (binfmt_misc), which is slower but needs no machine of that architecture.
+    pub arch: Arch,
     pub distribution: Distribution,
     /// The distribution's suite: `bookworm`, `noble`.
     pub suite: String,
@@ -209,6 +212,7 @@ impl BuildOptions {
         Self {
             mk_binary,
             init_binary,
+            arch: Arch::host(),
             distribution: Distribution::Debian,
             suite: "bookworm".to_owned(),
             mirror: None,
@@ -232,13 +236,16 @@ impl BuildOptions {
     }
 
     /// The options that build image `name` (`debian-bookworm`, `debian-bookworm-cloud-init`,
-    /// `ubuntu-noble`), or `None` for a name no recipe here makes.
+    /// `ubuntu-noble`, each for aarch64 with `-arm64` at the end), or `None` for a name no
+    /// recipe here makes.
     pub fn for_image(name: &str, mk_binary: PathBuf, init_binary: PathBuf) -> Option<Self> {
+        let (_, arch) = Arch::split_image_name(name);
         let mut options = if name.starts_with("ubuntu-") {
             Self::ubuntu(mk_binary, init_binary)
         } else {
             Self::new(mk_binary, init_binary)
         };
+        options.set_arch(arch);
         if name == options.image_name() {
             return Some(options);
         }
@@ -247,17 +254,44 @@ impl BuildOptions {
             .then_some(options)
     }
 
-    /// `debian-bookworm`, `debian-bookworm-cloud-init`, `ubuntu-noble`.
+    /// Builds for `arch`, with the kernel that is the default there.
+    pub fn set_arch(&mut self, arch: Arch) {
+        self.arch = arch;
+        if self.distribution == Distribution::Debian {
+            self.kernel = Kernel::default_for(arch.name());
+        }
+    }
+
+    /// `debian-bookworm`, `debian-bookworm-cloud-init`, `ubuntu-noble`; `-arm64` at the end
+    /// for aarch64.
     pub fn image_name(&self) -> String {
         let distribution = self.distribution.name();
+        let suffix = self.arch.image_suffix();
         match self.variant {
-            Variant::Default => format!("{distribution}-{}", self.suite),
-            Variant::CloudInit => format!("{distribution}-{}-cloud-init", self.suite),
+            Variant::Default => format!("{distribution}-{}{suffix}", self.suite),
+            Variant::CloudInit => format!("{distribution}-{}-cloud-init{suffix}", self.suite),
         }
     }
 
     /// Whether the options make sense together: Ubuntu images boot Ubuntu's own kernel.
     pub fn check(&self) -> Result<(), Error> {
+        if self.arch == Arch::Aarch64 && self.distribution == Distribution::Ubuntu {
+            return Err(Error::Build {
+                reason: format!(
+                    "`{}` is built for x86_64 only (Ubuntu's arm64 packages are on another \
+                     archive, ports.ubuntu.com): build `debian-bookworm-arm64`",
+                    self.image_name()
+                ),
+            });
+        }
+        if self.arch == Arch::Aarch64 && self.kernel == Kernel::UbuntuKvm {
+            return Err(Error::Build {
+                reason:
+                    "the `ubuntu-kvm` kernel exists for x86_64 only: drop `--kernel ubuntu-kvm` \
+                         (aarch64 images boot Debian's arm64 kernel)"
+                        .to_owned(),
+            });
+        }
         if self.distribution == Distribution::Ubuntu && self.kernel != Kernel::UbuntuKvm {
             return Err(Error::Build {
                 reason: format!(
@@ -292,9 +326,12 @@ impl BuildOptions {
     }
 
     fn kernel_cmdline(&self) -> String {
-        let base = "root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet panic=-1";
+        let base = format!(
+            "root=/dev/vda rootfstype=ext4 rw console={} quiet panic=-1",
+            self.arch.serial_console()
+        );
         match self.variant {
-            Variant::Default => base.to_owned(),
+            Variant::Default => base,
             Variant::CloudInit => format!("{base} ci.init=/sbin/init"),
         }
     }
@@ -309,14 +346,14 @@ pub(crate) struct Inputs {
 }
 
 pub(crate) fn inputs(options: &BuildOptions) -> Result<Inputs, Error> {
-    let mk = host::require_static(&options.mk_binary, "mkrunner")?;
-    let init = host::require_static(&options.init_binary, "ci-exec-guest-init")?;
+    let mk = host::require_static(&options.mk_binary, "mkrunner", options.arch)?;
+    let init = host::require_static(&options.init_binary, "ci-exec-guest-init", options.arch)?;
     options.check()?;
     let request = serde_json::json!({
         "recipe_version": RECIPE_VERSION,
         "name": options.image_name(),
         "suite": options.suite,
-        "arch": std::env::consts::ARCH,
+        "arch": options.arch.name(),
         "packages": options.packages(),
         "kernel": options.kernel,
         "kernel_cmdline": options.kernel_cmdline(),
@@ -349,6 +386,7 @@ pub(crate) fn build(
     host::find(host::QEMU_IMG)?;
     host::find(host::XZ)?;
     let podman = host::find(host::PODMAN)?;
+    host::require_foreign_programs(options.arch)?;
     create_directory(apt_cache)?;
     let exchange = Exchange::new(work)?;
     let out = exchange.path();
@@ -380,6 +418,7 @@ pub(crate) fn build(
     let base_tar = out.join("base.tar");
     let mut base = Command::new(&mmdebstrap);
     base.arg("--variant=minbase");
+    base.arg(format!("--architectures={}", options.arch.debian()));
     base.args(common_mmdebstrap_arguments(apt_cache));
     base.arg(format!(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f '${{Package}}\\t${{Version}}\\n' > {}",
@@ -395,6 +434,7 @@ pub(crate) fn build(
     )?;
     let mut root = Command::new(&mmdebstrap);
     root.arg("--variant=minbase");
+    root.arg(format!("--architectures={}", options.arch.debian()));
     root.arg(format!("--include={}", options.packages().join(",")));
     root.args(common_mmdebstrap_arguments(apt_cache));
     root.arg(format!(
@@ -428,7 +468,7 @@ pub(crate) fn build(
 
     reporter.step("building the initramfs");
     let release = read_text(&out.join("kernel-release"))?.trim().to_owned();
-    let modules = initramfs_modules(out)?;
+    let modules = initramfs_modules(out, options.arch)?;
     let initrd = work.join("initrd.cpio");
     initramfs::build(&inputs.init, &modules, &initrd)?;
 
@@ -478,15 +518,17 @@ pub(crate) fn build(
         vmlinux,
         initrd,
         disk: qcow2,
-        // Host-specific and so outside the digest: see `clock`.
-        kernel_cmdline: match crate::clock::tcg_kernel_arguments(kernel_hz) {
+        // Host-specific and so outside the digest: see `clock` (x86 guests on x86 hosts only).
+        kernel_cmdline: match crate::clock::tcg_kernel_arguments(kernel_hz)
+            .filter(|_| options.arch == Arch::X86_64)
+        {
             Some(argument) => format!("{} {argument}", options.kernel_cmdline()),
             None => options.kernel_cmdline(),
         },
         packages,
         recipe_version: RECIPE_VERSION,
         inputs: inputs.digest.clone(),
-        arch: std::env::consts::ARCH.to_owned(),
+        arch: options.arch.name().to_owned(),
         os: pretty_name(&read_text(&out.join("os-release"))?),
         kernel_release: release,
         container_images: vec![BASE_CONTAINER_IMAGE.to_owned()],
@@ -553,7 +595,7 @@ fn mirror(options: &BuildOptions) -> Vec<String> {
 fn finish_script(options: &BuildOptions, out: &Path, mkfs: &Path, podman: &Path) -> String {
     let quote = |path: &Path| shell_quote(path);
     let pruned = PRUNED_MODULE_DIRECTORIES.join(" ");
-    let modules = initramfs::MODULES
+    let modules = initramfs::modules(options.arch)
         .iter()
         .map(|(name, _)| *name)
         .collect::<Vec<_>>()
@@ -657,7 +699,7 @@ fi
 HOME="$runroot" XDG_CONFIG_HOME="$runroot/config" XDG_DATA_HOME="$runroot/data" \
 {podman} --root "$root/var/lib/containers/storage" --runroot "$runroot" --storage-driver overlay \
   --tmpdir "$runroot/libpod" --events-backend none --cgroup-manager cgroupfs \
-  import --change 'CMD ["/bin/sh"]' --message 'ci-exec base image' "$work/base.tar" {base_image} >&2
+  import --arch {debian_arch} --change 'CMD ["/bin/sh"]' --message 'ci-exec base image' "$work/base.tar" {base_image} >&2
 # podman's database records the host paths it was run with; the guest makes its own.
 rm -rf "$root/var/lib/containers/storage/libpod" "$root/var/lib/containers/storage/tmp" \
   "$root/var/lib/containers/storage/defaultNetworkBackend" \
@@ -689,6 +731,7 @@ mount --bind "$root" "$work/rootview"
         podman = quote(podman),
         mkfs = quote(mkfs),
         base_image = BASE_CONTAINER_IMAGE,
+        debian_arch = options.arch.debian(),
         size = options.disk_size_gib,
     )
 }
@@ -736,7 +779,7 @@ deb=$(ls "$root"/var/cache/apt/archives/linux-image-[0-9]*.deb | head -n 1)
 record "${{deb##*/}}"
 unpack "${{deb##*/}}"
 "#,
-            arch = debian_arch(),
+            arch = options.arch.debian(),
         ),
         // apt in the tree fetches Ubuntu's indexes into a directory of their own (the tree's
         // apt never sees them), checks them against Ubuntu's key, and downloads the flavour's
@@ -766,14 +809,6 @@ record "${{deb##*/}}"
 "#,
             mirror = shell_quote(Path::new(&options.ubuntu_mirror)),
         ),
-    }
-}
-
-/// Debian's name for this machine's architecture.
-fn debian_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        _ => "amd64",
     }
 }
 
@@ -809,7 +844,7 @@ fn keep_packages(debs: &Path, apt_cache: &Path) -> Result<(), Error> {
 
 /// Module files listed by `modprobe --show-depends` after each `wanted` line, deduplicated, in
 /// load order, each in its wanted module's group; signatures stripped.
-fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
+fn initramfs_modules(work: &Path, arch: Arch) -> Result<Vec<initramfs::ModuleFile>, Error> {
     let listing = read_text(&work.join("modules.show"))?;
     let mut seen = std::collections::HashSet::new();
     let mut modules = Vec::new();
@@ -819,7 +854,7 @@ fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
         match words.next() {
             Some("wanted") => {
                 let name = words.next().unwrap_or_default();
-                group = initramfs::group_of(name).unwrap_or(initramfs::Group::Boot);
+                group = initramfs::group_of(arch, name).unwrap_or(initramfs::Group::Boot);
                 continue;
             }
             Some("insmod") => {}
@@ -843,7 +878,7 @@ fn initramfs_modules(work: &Path) -> Result<Vec<initramfs::ModuleFile>, Error> {
             contents: initramfs::strip_signature(&contents).to_vec(),
         });
     }
-    for (wanted, _) in initramfs::MODULES {
+    for (wanted, _) in initramfs::modules(arch) {
         let found = modules
             .iter()
             .any(|module| initramfs::module_name(&module.relative_path) == *wanted);
@@ -934,6 +969,35 @@ mod tests {
         assert_eq!(options.image_name(), "debian-bookworm-cloud-init");
         assert!(options.kernel_cmdline().ends_with("ci.init=/sbin/init"));
         assert!(options.packages().contains(&"cloud-init".to_owned()));
+    }
+
+    #[test]
+    fn arm64_images_are_named_for_their_architecture_and_boot_debians_kernel() {
+        let options = BuildOptions::for_image("debian-bookworm-arm64", "mk".into(), "init".into())
+            .expect("arm64 default image");
+        assert_eq!(options.arch, Arch::Aarch64);
+        assert_eq!(options.kernel, Kernel::Debian);
+        assert_eq!(options.image_name(), "debian-bookworm-arm64");
+        assert!(options.kernel_cmdline().contains("console=ttyAMA0"));
+        options.check().expect("consistent");
+        let cloud_init = BuildOptions::for_image(
+            "debian-bookworm-cloud-init-arm64",
+            "mk".into(),
+            "init".into(),
+        )
+        .expect("arm64 cloud-init variant");
+        assert_eq!(cloud_init.variant, Variant::CloudInit);
+        let ubuntu = BuildOptions::for_image("ubuntu-noble-arm64", "mk".into(), "init".into())
+            .expect("named");
+        let error = ubuntu.check().expect_err("no arm64 Ubuntu");
+        assert!(error.to_string().contains("x86_64 only"), "{error}");
+        let mut ubuntu_kernel = options.clone();
+        ubuntu_kernel.kernel = Kernel::UbuntuKvm;
+        let error = ubuntu_kernel.check().expect_err("no arm64 kvm flavour");
+        assert!(
+            error.to_string().contains("drop `--kernel ubuntu-kvm`"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1036,9 +1100,11 @@ mod tests {
         options.kernel = Kernel::Debian;
         let debian = kernel_script(&options);
         assert!(
-            debian.contains(&format!("linux-image-{}", debian_arch())),
+            debian.contains(&format!("linux-image-{}", options.arch.debian())),
             "{debian}"
         );
+        options.set_arch(Arch::Aarch64);
+        assert!(kernel_script(&options).contains("linux-image-arm64"));
         assert!(!debian.contains("ubuntu"), "{debian}");
         assert!(
             String::from_utf8_lossy(UBUNTU_ARCHIVE_KEY)

@@ -97,7 +97,7 @@ pub enum Error {
     #[error("the image build did not produce `{path}`")]
     MissingOutput { path: PathBuf },
 
-    #[error("kernel `{path}` is not a bzImage ({reason})")]
+    #[error("kernel `{path}` is neither a bzImage nor an arm64 Image ({reason})")]
     NotBzImage { path: PathBuf, reason: &'static str },
 
     #[error("cannot decompress the kernel in `{path}`: {reason}")]

@@ -1,5 +1,6 @@
 //! Host tools the builder shells out to, found up front so a missing one is one clear error.
 
+use crate::arch::Arch;
 use crate::{Error, Reporter};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -29,6 +30,10 @@ pub const XZ: Tool = Tool {
     name: "xz",
     hint: "apt-get install xz-utils",
 };
+pub const GZIP: Tool = Tool {
+    name: "gzip",
+    hint: "apt-get install gzip",
+};
 const UIDMAP_HINT: &str =
     "apt-get install uidmap; building as a normal user uses mmdebstrap's unshare mode";
 pub const NEWUIDMAP: Tool = Tool {
@@ -43,6 +48,37 @@ pub const PODMAN: Tool = Tool {
     name: "podman",
     hint: "apt-get install podman",
 };
+
+pub const ARCH_TEST: Tool = Tool {
+    name: "arch-test",
+    hint: "apt-get install arch-test qemu-user-static binfmt-support",
+};
+
+/// What building for another architecture than the host's needs: mmdebstrap runs the guest's
+/// maintainer scripts and our build hook's `chroot` commands through qemu-user, registered in
+/// binfmt_misc with the `F` flag (so it works inside the bootstrap's chroot), and checks that
+/// with `arch-test`.
+pub fn require_foreign_programs(arch: Arch) -> Result<(), Error> {
+    if arch == Arch::host() {
+        return Ok(());
+    }
+    find(ARCH_TEST)?;
+    let entry = Path::new("/proc/sys/fs/binfmt_misc").join(arch.binfmt_name());
+    let registered = std::fs::read_to_string(&entry).unwrap_or_default();
+    if !registered.starts_with("enabled") {
+        return Err(Error::Build {
+            reason: format!(
+                "building a {arch} image on this {} host runs {arch} programs through qemu-user, \
+                 but binfmt_misc has no enabled `{}` entry: `apt-get install qemu-user-static \
+                 binfmt-support` (and `mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc` \
+                 where it is not mounted)",
+                Arch::host(),
+                arch.binfmt_name()
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// Finds `tool` on PATH, then in the sbin directories a normal user's PATH often lacks.
 pub fn find(tool: Tool) -> Result<PathBuf, Error> {
@@ -153,12 +189,12 @@ fn describe(command: &Command) -> String {
 
 /// Refuses dynamically linked executables: the init runs in an initramfs without a libc, and
 /// `mk` is mounted into arbitrary containers.
-pub fn require_static(path: &Path, package: &'static str) -> Result<Vec<u8>, Error> {
+pub fn require_static(path: &Path, package: &'static str, arch: Arch) -> Result<Vec<u8>, Error> {
     let bytes = std::fs::read(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,
     })?;
-    let reason = elf_static_problem(&bytes);
+    let reason = elf_static_problem(&bytes, arch);
     match reason {
         None => Ok(bytes),
         Some(reason) => Err(Error::NotStaticBinary {
@@ -169,8 +205,9 @@ pub fn require_static(path: &Path, package: &'static str) -> Result<Vec<u8>, Err
     }
 }
 
-/// `None` when `bytes` is a 64-bit little-endian x86-64 ELF executable with no interpreter.
-pub(crate) fn elf_static_problem(bytes: &[u8]) -> Option<&'static str> {
+/// `None` when `bytes` is a 64-bit little-endian ELF executable for `arch` with no
+/// interpreter.
+pub(crate) fn elf_static_problem(bytes: &[u8], arch: Arch) -> Option<&'static str> {
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Some("not an ELF file");
     }
@@ -183,8 +220,11 @@ pub(crate) fn elf_static_problem(bytes: &[u8]) -> Option<&'static str> {
         word.copy_from_slice(&bytes[offset..offset + 8]);
         u64::from_le_bytes(word)
     };
-    if u16_at(18) != 62 {
-        return Some("not built for x86-64");
+    if u16_at(18) != arch.elf_machine() {
+        return Some(match arch {
+            Arch::X86_64 => "not built for x86-64",
+            Arch::Aarch64 => "not built for aarch64",
+        });
     }
     let (table, entry_size, count) = (
         u64_at(32) as usize,
@@ -217,9 +257,21 @@ mod tests {
     #[test]
     fn rejects_dynamic_and_non_elf_files() {
         let shell = std::fs::read("/bin/sh").expect("read /bin/sh");
-        assert_eq!(elf_static_problem(&shell), Some("it is dynamically linked"));
+        let (host, other) = match Arch::host() {
+            Arch::X86_64 => (Arch::X86_64, Arch::Aarch64),
+            Arch::Aarch64 => (Arch::Aarch64, Arch::X86_64),
+        };
         assert_eq!(
-            elf_static_problem(b"#!/bin/sh\necho hi\n"),
+            elf_static_problem(&shell, host),
+            Some("it is dynamically linked")
+        );
+        assert!(
+            elf_static_problem(&shell, other)
+                .is_some_and(|problem| problem.starts_with("not built for")),
+            "a binary for the other architecture is refused"
+        );
+        assert_eq!(
+            elf_static_problem(b"#!/bin/sh\necho hi\n", Arch::X86_64),
             Some("not an ELF file")
         );
     }

@@ -2,7 +2,7 @@
 //! holding the static init as `/init`, the few modules needed to reach the root disk, and the
 //! order to load them in.
 
-use crate::Error;
+use crate::{Arch, Error};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
@@ -55,12 +55,29 @@ pub const MODULES: &[(&str, Group)] = &[
     ("virtio_net", Group::Net),
 ];
 
-/// The group of module `name` in [`MODULES`].
-pub fn group_of(name: &str) -> Option<Group> {
-    MODULES
-        .iter()
+/// Added for aarch64 guests, which Apple's Virtualization.framework (`vz`) also boots: its
+/// guest agent and control port are on vsock and its shares are virtiofs. They load in the
+/// background; the init waits for vsock before it listens (`ci.transport=vsock`).
+pub const AARCH64_MODULES: &[(&str, Group)] = &[
+    ("vmw_vsock_virtio_transport", Group::Background),
+    ("virtiofs", Group::Background),
+];
+
+/// The modules a guest of `arch` needs, in load order.
+pub fn modules(arch: Arch) -> Vec<(&'static str, Group)> {
+    let mut modules = MODULES.to_vec();
+    if arch == Arch::Aarch64 {
+        modules.extend_from_slice(AARCH64_MODULES);
+    }
+    modules
+}
+
+/// The group of module `name` in [`modules`] of `arch`.
+pub fn group_of(arch: Arch, name: &str) -> Option<Group> {
+    modules(arch)
+        .into_iter()
         .find(|(module, _)| *module == name)
-        .map(|(_, group)| *group)
+        .map(|(_, group)| group)
 }
 
 /// What ends a signed module: the signature, a 12-byte `struct module_signature` whose last
@@ -363,10 +380,18 @@ mod tests {
         .map(Group::word)
         .into();
         assert_eq!(words.len(), 5);
-        let names: BTreeSet<_> = MODULES.iter().map(|(name, _)| name).collect();
-        assert_eq!(names.len(), MODULES.len());
-        assert_eq!(group_of("ext4"), Some(Group::Filesystem));
-        assert_eq!(group_of("9p"), Some(Group::Background));
-        assert_eq!(group_of("nope"), None);
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let modules = modules(arch);
+            let names: BTreeSet<_> = modules.iter().map(|(name, _)| name).collect();
+            assert_eq!(names.len(), modules.len());
+            assert_eq!(group_of(arch, "ext4"), Some(Group::Filesystem));
+            assert_eq!(group_of(arch, "9p"), Some(Group::Background));
+            assert_eq!(group_of(arch, "nope"), None);
+        }
+        assert_eq!(group_of(Arch::X86_64, "virtiofs"), None);
+        assert_eq!(
+            group_of(Arch::Aarch64, "vmw_vsock_virtio_transport"),
+            Some(Group::Background)
+        );
     }
 }

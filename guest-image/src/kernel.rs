@@ -1,4 +1,6 @@
-//! The uncompressed `vmlinux` inside a bzImage, for PVH direct boot.
+//! The uncompressed kernel a VM boots directly: the `vmlinux` inside an x86 bzImage (for PVH
+//! direct boot), or an arm64 `Image` (what `qemu-system-aarch64 -kernel` and Apple's
+//! `VZLinuxBootLoader` load; the latter takes no compressed kernel).
 
 use crate::{Error, host};
 use std::io::Write;
@@ -11,6 +13,9 @@ use std::process::{Command, Stdio};
 /// `payload_length`, relative to the protected-mode code after the setup sectors). Debian's
 /// kernels compress it with xz and the x86 BCJ filter, which pure-Rust decoders lack, so that
 /// goes to the host's `xz`; Ubuntu's use zstd, which `ruzstd` decodes here.
+///
+/// An arm64 kernel is written as it is when it is an uncompressed `Image` (Debian's arm64
+/// `vmlinuz` is), or gunzipped (by the host's `gzip`) when it is an `Image.gz`.
 pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
     let image = std::fs::read(kernel).map_err(|source| Error::Read {
         path: kernel.to_owned(),
@@ -20,9 +25,31 @@ pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
         path: kernel.to_owned(),
         reason,
     };
+    if is_arm64_image(&image) {
+        return std::fs::write(vmlinux, &image).map_err(|source| Error::Write {
+            path: vmlinux.to_owned(),
+            source,
+        });
+    }
+    if image.starts_with(GZIP_MAGIC) {
+        decompress_with(host::GZIP, &["--decompress", "--stdout"], &image, vmlinux)?;
+        let unpacked = std::fs::read(vmlinux).map_err(|source| Error::Read {
+            path: vmlinux.to_owned(),
+            source,
+        })?;
+        if !is_arm64_image(&unpacked) {
+            return Err(not_bzimage("a gzip file that is not an arm64 Image"));
+        }
+        return Ok(());
+    }
     let payload = payload(&image).map_err(not_bzimage)?;
     if payload.starts_with(XZ_MAGIC) {
-        decompress_xz(payload, vmlinux)?;
+        decompress_with(
+            host::XZ,
+            &["--decompress", "--stdout", "--single-stream"],
+            payload,
+            vmlinux,
+        )?;
     } else if payload.starts_with(ZSTD_MAGIC) {
         decompress_zstd(payload, kernel, vmlinux)?;
     } else {
@@ -38,6 +65,13 @@ pub fn extract_vmlinux(kernel: &Path, vmlinux: &Path) -> Result<(), Error> {
 }
 
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+
+/// Whether `image` is an arm64 Linux `Image`: the boot header's magic `ARM\x64` at 0x38
+/// (Documentation/arch/arm64/booting.rst).
+fn is_arm64_image(image: &[u8]) -> bool {
+    image.get(0x38..0x3c) == Some(b"ARM\x64".as_slice())
+}
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
 fn create(vmlinux: &Path) -> Result<std::fs::File, Error> {
@@ -47,16 +81,22 @@ fn create(vmlinux: &Path) -> Result<std::fs::File, Error> {
     })
 }
 
-fn decompress_xz(payload: &[u8], vmlinux: &Path) -> Result<(), Error> {
-    let xz = host::find(host::XZ)?;
-    let mut child = Command::new(&xz)
-        .args(["--decompress", "--stdout", "--single-stream"])
+/// Runs the host's `tool` (`xz`, `gzip`) with `arguments` on `payload`, into `vmlinux`.
+fn decompress_with(
+    tool: host::Tool,
+    arguments: &[&str],
+    payload: &[u8],
+    vmlinux: &Path,
+) -> Result<(), Error> {
+    let program = host::find(tool)?;
+    let mut child = Command::new(&program)
+        .args(arguments)
         .stdin(Stdio::piped())
         .stdout(create(vmlinux)?)
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| Error::Spawn {
-            program: "xz".to_owned(),
+            program: tool.name.to_owned(),
             source,
         })?;
     let mut stdin = child.stdin.take();
@@ -65,7 +105,7 @@ fn decompress_xz(payload: &[u8], vmlinux: &Path) -> Result<(), Error> {
         writer.join()
     });
     let output = child.wait_with_output().map_err(|source| Error::Spawn {
-        program: "xz".to_owned(),
+        program: tool.name.to_owned(),
         source,
     })?;
     // xz stops reading after the stream; a broken pipe on the trailing bytes is expected.
@@ -79,7 +119,7 @@ fn decompress_xz(payload: &[u8], vmlinux: &Path) -> Result<(), Error> {
     }
     if !output.status.success() {
         return Err(Error::CommandFailed {
-            command: "xz --decompress --stdout --single-stream".to_owned(),
+            command: format!("{} {}", tool.name, arguments.join(" ")),
             status: output.status,
             stderr_tail: String::from_utf8_lossy(&output.stderr).into_owned(),
         });
@@ -210,5 +250,41 @@ mod tests {
         compressed.truncate(compressed.len() / 2);
         let error = extract_wrapped(&compressed).expect_err("a truncated frame cannot decode");
         assert!(error.to_string().contains("vmlinuz"), "{error}");
+    }
+
+    fn arm64_image() -> Vec<u8> {
+        let mut image = vec![0_u8; 4096];
+        image[0x38..0x3c].copy_from_slice(b"ARM\x64");
+        image[1000..1010].copy_from_slice(b"kernel txt");
+        image
+    }
+
+    #[test]
+    fn an_arm64_image_is_kept_as_it_is_and_a_gzipped_one_unpacked() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let kernel = directory.path().join("vmlinuz");
+        let vmlinux = directory.path().join("vmlinux");
+        std::fs::write(&kernel, arm64_image()).expect("write");
+        extract_vmlinux(&kernel, &vmlinux).expect("plain Image");
+        assert_eq!(std::fs::read(&vmlinux).expect("read"), arm64_image());
+
+        let gzip = Command::new("gzip")
+            .arg("--stdout")
+            .arg(&vmlinux)
+            .output()
+            .expect("gzip is a prerequisite of these tests");
+        std::fs::write(&kernel, &gzip.stdout).expect("write");
+        std::fs::remove_file(&vmlinux).expect("remove");
+        extract_vmlinux(&kernel, &vmlinux).expect("Image.gz");
+        assert_eq!(std::fs::read(&vmlinux).expect("read"), arm64_image());
+
+        // A gzip file that holds something else is refused, naming the kernel.
+        let other = Command::new("sh")
+            .args(["-c", "echo not a kernel | gzip"])
+            .output()
+            .expect("gzip");
+        std::fs::write(&kernel, &other.stdout).expect("write");
+        let error = extract_vmlinux(&kernel, &vmlinux).expect_err("not an Image");
+        assert!(error.to_string().contains("not an arm64 Image"), "{error}");
     }
 }

@@ -30,6 +30,7 @@
 //! `localhost/ci-exec/base:latest` preloaded, 9p/virtio/overlay built into the kernel or loaded
 //! from the initramfs, and `mk` at `/usr/local/bin/mk`.
 
+mod arch;
 pub mod binaries;
 mod cache;
 pub mod catalog;
@@ -46,6 +47,7 @@ mod kernel;
 mod manifest;
 mod reporter;
 
+pub use arch::{Arch, default_image};
 pub use cache::{ImageCache, PruneReport, default_directory};
 pub use clock::tcg_kernel_arguments;
 pub use cloud::CloudOptions;

@@ -113,6 +113,21 @@ pub async fn qemu_ubuntu() -> Option<Box<dyn Driver>> {
     Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
 }
 
+/// The default image for aarch64 (`ci-exec image build --arch aarch64`;
+/// `.ci/setup-test-images.sh`), which the `vz` driver boots on a Mac.
+pub const ARM64_IMAGE: &str = "debian-bookworm-arm64";
+
+/// The qemu driver booting the aarch64 image: `qemu-system-aarch64`, which on an x86_64 host
+/// emulates the guest (TCG), as it does here.
+pub async fn qemu_arm64() -> Option<Box<dyn Driver>> {
+    let dsn = format!(
+        "qemu://{}?image={ARM64_IMAGE}",
+        unique_namespace("qemu-arm64")
+    );
+    let config = qemu_config(&dsn)?;
+    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+}
+
 /// Canonical's Ubuntu cloud image as a guest (`ci-exec image build ubuntu-24.04`; CI builds it
 /// from a stand-in in the same format served on loopback, `.ci/setup-test-images.sh`).
 pub const UBUNTU_CLOUD_IMAGE: &str = "ubuntu-24.04";
@@ -135,18 +150,20 @@ pub fn qemu_config(dsn: &str) -> Option<ci_exec_qemu::QemuConfig> {
         .unwrap_or_else(|error| panic!("qemu DSN `{dsn}`: {error}"));
     let config = ci_exec_qemu::QemuConfig::from_driver_config(&config)
         .unwrap_or_else(|error| panic!("qemu config: {error}"));
-    for program in [config.qemu_binary.as_str(), "qemu-img"] {
+    let image = match ci_exec_qemu::resolve_image(&config.image) {
+        Ok(image) => image,
+        Err(error) => return crate::missing_prerequisite("qemu", &error.to_string()),
+    };
+    let qemu_binary = config.qemu_binary_for(image.arch);
+    for program in [qemu_binary.as_str(), "qemu-img"] {
         if ci_exec_qemu::accel::find_on_path(program).is_none() {
             return crate::missing_prerequisite(
                 "qemu",
                 &format!(
-                    "`{program}` is not installed: apt-get install qemu-system-x86 qemu-utils"
+                    "`{program}` is not installed: apt-get install qemu-system-x86 qemu-system-arm qemu-utils"
                 ),
             );
         }
-    }
-    if let Err(error) = ci_exec_qemu::resolve_image(&config.image) {
-        return crate::missing_prerequisite("qemu", &error.to_string());
     }
     Some(config)
 }

@@ -140,10 +140,6 @@ fn native_state_dir() -> Option<String> {
     path_string(user_state_dir().map(|dir| dir.join("native")))
 }
 
-fn qemu_binary() -> Option<String> {
-    Some(format!("qemu-system-{}", std::env::consts::ARCH))
-}
-
 const fn param(name: &'static str, kind: ParamKind, description: &'static str) -> ParamSpec {
     ParamSpec {
         name,
@@ -478,9 +474,12 @@ static DRIVERS: &[DriverSpec] = &[
             )
             .default("auto")
             .env("QEMU_ACCEL"),
-            param("qemu_binary", Text, "QEMU system emulator to run")
-                .computed(qemu_binary)
-                .env("QEMU_BINARY"),
+            param(
+                "qemu_binary",
+                Text,
+                "QEMU system emulator to run (default: `qemu-system-<the image's architecture>`)",
+            )
+            .env("QEMU_BINARY"),
             param("cache_dir", Text, "directory for cached guest images")
                 .computed(qemu_cache_dir)
                 .env("QEMU_CACHE_DIR"),

@@ -16,8 +16,8 @@ pub struct QemuConfig {
     pub cpus: u64,
     /// `accel`: `auto` probes.
     pub accel: AccelChoice,
-    /// `qemu_binary`: the system emulator.
-    pub qemu_binary: String,
+    /// `qemu_binary`: the system emulator; `None` is `qemu-system-<the image's architecture>`.
+    pub qemu_binary: Option<String>,
     /// `cache_dir`: the accelerator verdict and warm VM states live here.
     pub cache_dir: PathBuf,
     /// `image`: a catalog name (`debian-bookworm`), or the path of a built image's directory
@@ -42,11 +42,11 @@ impl QemuConfig {
             memory_mb: 2048,
             cpus: 2,
             accel: AccelChoice::Auto,
-            qemu_binary: format!("qemu-system-{}", std::env::consts::ARCH),
+            qemu_binary: None,
             cache_dir: ci_exec_driver::user_cache_dir()
                 .map(|dir| dir.join("qemu"))
                 .unwrap_or_else(|| std::env::temp_dir().join("ci-exec-cache").join("qemu")),
-            image: "debian-bookworm".to_owned(),
+            image: ci_exec_guest_image::default_image(),
             boot_timeout: Duration::from_secs(300),
             run_root: default_run_root(),
             warm: true,
@@ -67,7 +67,7 @@ impl QemuConfig {
             qemu.accel = accel.parse()?;
         }
         if let Some(binary) = config.str("qemu_binary") {
-            qemu.qemu_binary = binary.to_owned();
+            qemu.qemu_binary = Some(binary.to_owned());
         }
         if let Some(cache_dir) = config.str("cache_dir") {
             qemu.cache_dir = PathBuf::from(cache_dir);
@@ -85,6 +85,14 @@ impl QemuConfig {
             qemu.network = network;
         }
         Ok(qemu)
+    }
+
+    /// The system emulator for guests of `arch`: `qemu_binary` when given, else
+    /// `qemu-system-x86_64` or `qemu-system-aarch64`.
+    pub fn qemu_binary_for(&self, arch: ci_exec_guest_image::Arch) -> String {
+        self.qemu_binary
+            .clone()
+            .unwrap_or_else(|| format!("qemu-system-{arch}"))
     }
 
     /// The run directory of this driver's namespace.

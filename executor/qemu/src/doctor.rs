@@ -57,14 +57,26 @@ impl DoctorReport {
 
 /// Checks the host; with `boot`, also boots a VM in a throwaway namespace and asks it.
 pub async fn diagnose(config: &QemuConfig, boot: bool) -> DoctorReport {
-    let qemu_version = version_of(&config.qemu_binary, "--version");
+    let resolved = image::resolve(&config.image);
+    let arch = resolved
+        .as_ref()
+        .map_or(ci_exec_guest_image::Arch::host(), |files| files.arch);
+    let qemu_binary = config.qemu_binary_for(arch);
+    let qemu_version = version_of(&qemu_binary, "--version");
     let qemu_img = version_of("qemu-img", "--version");
     let driver = QemuDriver::new(config.clone());
-    let accel = driver.accel().await;
-    let image = match image::resolve(&config.image) {
+    let accel = match driver.accel_for(arch).await {
+        Ok(verdict) => verdict,
+        Err(error) => crate::accel::AccelVerdict {
+            accel: crate::accel::Accel::Tcg,
+            reason: error.to_string(),
+        },
+    };
+    let image = match resolved {
         Ok(files) => Check::ok(format!(
-            "`{}` digest {} (kernel `{}`)",
+            "`{}` ({}) digest {} (kernel `{}`)",
             files.name,
+            files.arch,
             &files.digest[..files.digest.len().min(16)],
             files.vmlinux.display()
         )),
@@ -106,7 +118,7 @@ pub async fn diagnose(config: &QemuConfig, boot: bool) -> DoctorReport {
         }
     }
     DoctorReport {
-        qemu_binary: config.qemu_binary.clone(),
+        qemu_binary,
         qemu_version,
         qemu_img,
         accel,

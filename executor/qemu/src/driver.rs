@@ -11,6 +11,7 @@ use ci_exec_driver::{
     Container, ContainerStatus, Driver, DriverError, FollowLogs, JobSupport, LogSink, MkSource,
     RepositoryState, Sandbox, SandboxExec, SandboxOutput, Stdin, Task, Volume, VolumeFiles,
 };
+use ci_exec_guest_image::Arch;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
@@ -67,14 +68,47 @@ impl QemuDriver {
         &self.config
     }
 
-    /// The accelerator this driver will use, and why.
+    /// The accelerator this driver will use for guests of the host's architecture, and why.
     pub async fn accel(&self) -> AccelVerdict {
-        accel::choose(
+        self.accel_for(Arch::host())
+            .await
+            .unwrap_or_else(|error| AccelVerdict {
+                accel: crate::accel::Accel::Tcg,
+                reason: error.to_string(),
+            })
+    }
+
+    /// The accelerator for a guest of `arch`: another architecture than the host's is always
+    /// emulated (TCG); asking for hardware acceleration of it is an error.
+    pub async fn accel_for(&self, arch: Arch) -> Result<AccelVerdict, QemuError> {
+        if arch != Arch::host() {
+            if let crate::accel::AccelChoice::Fixed(accel) = self.config.accel
+                && accel != crate::accel::Accel::Tcg
+            {
+                return Err(QemuError::InvalidParameter {
+                    parameter: "accel".to_owned(),
+                    reason: format!(
+                        "`{accel}` cannot run an {arch} guest on this {} host: use `accel=tcg` \
+                         (or leave `accel` out), or an image for {}",
+                        Arch::host(),
+                        Arch::host()
+                    ),
+                });
+            }
+            return Ok(AccelVerdict {
+                accel: crate::accel::Accel::Tcg,
+                reason: format!(
+                    "an {arch} guest on an {} host is emulated (TCG)",
+                    Arch::host()
+                ),
+            });
+        }
+        Ok(accel::choose(
             self.config.accel,
-            &self.config.qemu_binary,
+            &self.config.qemu_binary_for(arch),
             &self.config.cache_dir,
         )
-        .await
+        .await)
     }
 
     /// Boots the VM if it is not running yet (warm when a saved state exists) and returns it.
@@ -85,9 +119,10 @@ impl QemuDriver {
             return Ok(machine.clone());
         }
         let mut image = image::resolve(&self.config.image)?;
-        let verdict = self.accel().await;
-        image.kernel_cmdline = crate::machine::fast_kernel_cmdline(&image.kernel_cmdline);
-        if verdict.accel == crate::accel::Accel::Tcg {
+        let verdict = self.accel_for(image.arch).await?;
+        image.kernel_cmdline =
+            crate::machine::fast_kernel_cmdline(&image.kernel_cmdline, image.arch);
+        if verdict.accel == crate::accel::Accel::Tcg && image.arch == Arch::X86_64 {
             image.kernel_cmdline = crate::machine::tcg_kernel_cmdline(
                 &image.kernel_cmdline,
                 crate::machine::host_tsc_khz(),
@@ -120,7 +155,7 @@ impl QemuDriver {
                 Some((request.key.clone(), image.digest.clone(), fresh));
         }
         let spec = MachineSpec {
-            qemu_binary: self.config.qemu_binary.clone(),
+            qemu_binary: self.config.qemu_binary_for(image.arch),
             accel: verdict.accel,
             memory_mb: self.config.memory_mb,
             cpus: self.config.cpus,

@@ -34,6 +34,13 @@ pub fn resolve(image: &str) -> Result<ImageFiles, QemuError> {
         disk: manifest.disk,
         kernel_cmdline: manifest.kernel_cmdline,
         container_images: manifest.container_images,
+        arch: manifest
+            .arch
+            .parse()
+            .map_err(|reason: String| QemuError::ImageLoad {
+                image: image.to_owned(),
+                source: reason.into(),
+            })?,
         current: true,
     })
 }

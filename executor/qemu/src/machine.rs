@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ci_exec_guest_image::Arch;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, watch};
 
@@ -44,10 +45,17 @@ pub struct ImageFiles {
     /// Container images preloaded in the guest's podman storage.
     #[serde(default)]
     pub container_images: Vec<String>,
+    /// The guest's architecture (manifests from before aarch64 images are x86_64).
+    #[serde(default = "x86_64")]
+    pub arch: Arch,
     /// Resolved by catalog name (the cache's current build) rather than pinned by path: only
     /// then does saving its warm state remove the states of the name's other builds.
     #[serde(skip)]
     pub current: bool,
+}
+
+fn x86_64() -> Arch {
+    Arch::X86_64
 }
 
 /// What to start.
@@ -99,11 +107,26 @@ impl MachineSpec {
     pub fn arguments(&self) -> Vec<OsString> {
         let run = &self.run_dir;
         let mut arguments: Vec<OsString> = Vec::new();
-        let cpu = match self.accel {
-            Accel::Tcg => "max",
-            Accel::Kvm | Accel::Hvf => "host",
+        let arch = self.image.arch;
+        let cpu = match (self.accel, arch) {
+            (Accel::Kvm | Accel::Hvf, _) => "host",
+            (Accel::Tcg, Arch::X86_64) => "max",
+            // QEMU's own advice for TCG: the architected pointer-authentication algorithm
+            // (QARMA) costs more to emulate than everything else the CPU does on a return.
+            (Accel::Tcg, Arch::Aarch64) => "max,pauth-impdef=on",
         };
-        let mut machine = "microvm,pit=on,pic=off,rtc=on,isa-serial=on".to_owned();
+        // x86_64: microvm, whose devices sit on virtio-mmio. aarch64: `virt`, with the same
+        // devices on PCI, where they are found in slot order (its virtio-mmio slots are probed
+        // from the top, which would turn the root disk into `vdb`); `gic-version=max` is the
+        // host's GIC under KVM and GICv3 (more than 8 vCPUs) under TCG.
+        let (mut machine, bus) = match arch {
+            Arch::X86_64 => (
+                "microvm,pit=on,pic=off,rtc=on,isa-serial=on".to_owned(),
+                "device",
+            ),
+            Arch::Aarch64 => ("virt,gic-version=max".to_owned(), "pci"),
+        };
+        let device = |kind: &str| format!("{kind}-{bus}");
         if let Some(ram) = &self.ram_file {
             machine.push_str(",memory-backend=ram");
             arguments.extend(
@@ -147,7 +170,7 @@ impl MachineSpec {
                 "-netdev",
                 "user,id=net,ipv6=off",
                 "-device",
-                "virtio-net-device,netdev=net",
+                &format!("{},netdev=net", device("virtio-net")),
             ]);
         } else {
             push(&["-nic", "none"]);
@@ -169,7 +192,7 @@ impl MachineSpec {
                 path(&self.overlay)
             ),
             "-device",
-            "virtio-blk-device,drive=root",
+            &format!("{},drive=root", device("virtio-blk")),
         ]);
         push(&[
             "-drive",
@@ -178,7 +201,7 @@ impl MachineSpec {
                 path(&self.state_disk)
             ),
             "-device",
-            "virtio-blk-device,drive=state",
+            &format!("{},drive=state", device("virtio-blk")),
         ]);
         push(&[
             "-chardev",
@@ -189,7 +212,7 @@ impl MachineSpec {
             "-device",
             // Port 0 (reserved for a console) and our two: the guest sets up two virtqueues per
             // port at boot, 64 for the default 31 ports (25 ms of a TCG boot, measured).
-            "virtio-serial-device,max_ports=3",
+            &format!("{},max_ports=3", device("virtio-serial")),
             "-device",
             "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
         ]);
@@ -211,7 +234,7 @@ impl MachineSpec {
                 path(&run.share())
             ),
             "-device",
-            &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}"),
+            &format!("{},fsdev=share,mount_tag={SHARE_TAG}", device("virtio-9p")),
         ]);
         push(&[
             "-qmp",
@@ -238,8 +261,6 @@ pub const FAST_KERNEL_ARGUMENTS: &[&str] = &[
     "init_on_alloc=0",
     // Self-tests of every crypto algorithm registered at boot.
     "cryptomgr.notests",
-    // microvm has one UART; probing four costs port I/O exits.
-    "8250.nr_uarts=1",
     // Making the kernel's text and rodata read-only rewrites its page tables and then walks
     // them all for writable+executable mappings: 0.3 s of a TCG boot (measured from printk
     // times). The VM is the isolation boundary, not the guest kernel's self-protection.
@@ -250,20 +271,33 @@ pub const FAST_KERNEL_ARGUMENTS: &[&str] = &[
     // derivation (35 ms) and BLAKE2s (12 ms) that `cryptomgr.notests` does not cover; parsing the
     // X.509 certificates that verify module signatures (20 ms; unverified modules load, tainting
     // the kernel, as the initramfs's already do); `/dev/cpu/*/msr` (8 ms); and the VGA arbiter of a
-    // machine without VGA (16 ms).
+    // machine without VGA (16 ms). The last two do not exist on arm64, where the list is
+    // harmless.
     "initcall_blacklist=init_kprobe_trace,init_blk_tracer,crypto_kdf108_init,blake2s_mod_init,\
      load_system_certificate_list,msr_init,vga_arb_device_init",
+];
+
+/// [`FAST_KERNEL_ARGUMENTS`] that only x86_64 guests understand.
+pub const FAST_X86_KERNEL_ARGUMENTS: &[&str] = &[
+    // microvm has one UART; probing four costs port I/O exits.
+    "8250.nr_uarts=1",
     // Four-level paging: TCG walks the guest's page tables on every TLB miss, and a 5-level
     // walk (`-cpu max` offers LA57) is one step longer. 2.45 → 2.35 s to the agent's start
     // (medians of 6 boots); a VM's memory is nowhere near the 128 TiB four levels map.
     "no5lvl",
 ];
 
-/// Appends [`FAST_KERNEL_ARGUMENTS`] to `cmdline`, keeping any the image already sets.
-pub fn fast_kernel_cmdline(cmdline: &str) -> String {
+/// Appends [`FAST_KERNEL_ARGUMENTS`] (and for x86_64 [`FAST_X86_KERNEL_ARGUMENTS`]) to
+/// `cmdline`, keeping any the image already sets.
+pub fn fast_kernel_cmdline(cmdline: &str, arch: Arch) -> String {
     let arguments: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
+    let x86: &[&str] = match arch {
+        Arch::X86_64 => FAST_X86_KERNEL_ARGUMENTS,
+        Arch::Aarch64 => &[],
+    };
     let extra: Vec<String> = FAST_KERNEL_ARGUMENTS
         .iter()
+        .chain(x86)
         .filter(|wanted| {
             let name = wanted.split('=').next().unwrap_or(wanted);
             !arguments
@@ -1130,6 +1164,7 @@ mod tests {
                 disk: PathBuf::from("/images/disk.qcow2"),
                 kernel_cmdline: "console=ttyS0 quiet".to_owned(),
                 container_images: Vec::new(),
+                arch: Arch::X86_64,
                 current: true,
             },
             run_dir: RunDir::new(PathBuf::from("/run/q/ns")),
@@ -1184,6 +1219,29 @@ mod tests {
     }
 
     #[test]
+    fn an_aarch64_guest_gets_the_virt_machine_with_its_devices_on_pci() {
+        let mut spec = spec(None);
+        spec.image.arch = Arch::Aarch64;
+        spec.network = true;
+        let line = joined(&spec);
+        for expected in [
+            "-machine virt,gic-version=max",
+            "-cpu max,pauth-impdef=on",
+            "virtio-blk-pci,drive=root",
+            "virtio-blk-pci,drive=state",
+            "virtio-serial-pci,max_ports=3",
+            "virtio-9p-pci,fsdev=share,mount_tag=ci",
+            "virtio-net-pci,netdev=net",
+        ] {
+            assert!(line.contains(expected), "`{expected}` missing from {line}");
+        }
+        assert!(!line.contains("-device virtio-"), "{line}");
+        assert!(!line.contains("microvm"), "{line}");
+        spec.accel = Accel::Kvm;
+        assert!(joined(&spec).contains("-cpu host "));
+    }
+
+    #[test]
     fn warm_start_maps_the_saved_ram_privately_and_defers_incoming() {
         let line = joined(&spec(Some(PathBuf::from("/cache/warm/k/state"))));
         assert!(
@@ -1214,7 +1272,7 @@ mod tests {
 
     #[test]
     fn fast_arguments_are_added_unless_the_image_sets_them() {
-        let line = fast_kernel_cmdline("root=/dev/vda mitigations=auto -- init-arg");
+        let line = fast_kernel_cmdline("root=/dev/vda mitigations=auto -- init-arg", Arch::X86_64);
         assert!(
             line.starts_with("root=/dev/vda mitigations=auto "),
             "{line}"
@@ -1226,6 +1284,12 @@ mod tests {
             assert!(!argument.contains(char::is_whitespace), "{argument:?}");
         }
         assert!(line.contains(",load_system_certificate_list,"), "{line}");
+        assert!(line.contains(" no5lvl "), "{line}");
+        let arm = fast_kernel_cmdline("console=ttyAMA0", Arch::Aarch64);
+        assert!(arm.contains(" mitigations=off"), "{arm}");
+        for x86 in FAST_X86_KERNEL_ARGUMENTS {
+            assert!(!arm.contains(x86), "{x86} in {arm}");
+        }
     }
 
     #[test]

@@ -13,10 +13,10 @@ const BASE_IMAGE: &str = "localhost/ci-exec/base:latest";
 fn driver(test: &str) -> Option<QemuDriver> {
     let config = QemuConfig::new(format!("t-{test}-{}", std::process::id()));
     let mut missing = Vec::new();
-    if ci_exec_qemu::accel::find_on_path(&config.qemu_binary).is_none() {
+    let qemu_binary = config.qemu_binary_for(ci_exec_guest_image::Arch::host());
+    if ci_exec_qemu::accel::find_on_path(&qemu_binary).is_none() {
         missing.push(format!(
-            "`{}` is not installed (`apt-get install qemu-system-x86`)",
-            config.qemu_binary
+            "`{qemu_binary}` is not installed (`apt-get install qemu-system-x86`)"
         ));
     }
     if ci_exec_qemu::accel::find_on_path("qemu-img").is_none() {

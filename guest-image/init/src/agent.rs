@@ -20,8 +20,35 @@ use std::time::Duration;
 
 const SENTINEL: u8 = 0xFF;
 
+/// The vsock port the agent listens on with `ci.transport=vsock`: `--agent vsock:1024`.
+pub const VSOCK_PORT: u32 = 1024;
+
+/// Serves the host on `port`: a virtio-serial device path, or `vsock:<port>` to listen there
+/// and serve each connection in turn (the processes started stay known across connections).
 pub fn run(port: &Path) -> ! {
     let mut agent = Agent::default();
+    if let Some(vsock_port) = port.to_str().and_then(|port| port.strip_prefix("vsock:")) {
+        let listener = vsock_port
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("bad vsock port `{vsock_port}`")))
+            .and_then(crate::vsock::Listener::bind);
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!("ci-exec-init: error: agent on vsock {vsock_port}: {error}");
+                std::process::exit(1);
+            }
+        };
+        loop {
+            match listener.accept() {
+                Ok(connection) => agent.serve(connection),
+                Err(error) => {
+                    eprintln!("ci-exec-init: warning: agent accept on vsock {vsock_port}: {error}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
     loop {
         let file = match std::fs::OpenOptions::new()
             .read(true)
@@ -57,7 +84,7 @@ struct Agent {
 
 impl Agent {
     /// Answers commands from `port` until the host side goes away.
-    fn serve(&mut self, mut port: std::fs::File) {
+    fn serve(&mut self, mut port: impl Read + Write) {
         let mut pending = Vec::new();
         let mut buffer = [0u8; 64 * 1024];
         loop {
@@ -374,5 +401,61 @@ mod tests {
         assert_eq!(unknown["id"], json!(1));
         let missing = ask(&mut agent, r#"{"execute":"guest-exec","arguments":{}}"#);
         assert_eq!(missing["error"]["desc"], json!("Invalid parameter 'path'"));
+    }
+
+    /// The framing a vsock connection gets, over a socket pair (no vsock transport to test on
+    /// here): a partial command before a sentinel is dropped, answers come in order, and a
+    /// process started on one connection is still known on the next.
+    #[test]
+    fn a_stream_connection_is_served_until_its_peer_hangs_up() {
+        use std::io::{BufRead, BufReader};
+        use std::os::unix::net::UnixStream;
+        let agent = std::sync::Arc::new(std::sync::Mutex::new(Agent::default()));
+        let connect = |agent: &std::sync::Arc<std::sync::Mutex<Agent>>| {
+            let (guest, host) = UnixStream::pair().expect("socket pair");
+            let agent = agent.clone();
+            let server = std::thread::spawn(move || {
+                agent.lock().expect("agent").serve(guest);
+            });
+            (host, server)
+        };
+        let (mut host, server) = connect(&agent);
+        let mut reader = BufReader::new(host.try_clone().expect("clone"));
+        host.write_all(b"{\"execute\":\"guest-pi").expect("write");
+        host.write_all(&[SENTINEL]).expect("write");
+        host.write_all(b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":7}}\n{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"/bin/sh\",\"arg\":[\"-c\",\"exit 3\"]}}\n")
+            .expect("write");
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("sync answer");
+        assert_eq!(
+            serde_json::from_str::<Value>(&line).expect("json")["return"],
+            json!(7)
+        );
+        line.clear();
+        reader.read_line(&mut line).expect("exec answer");
+        let pid = serde_json::from_str::<Value>(&line).expect("json")["return"]["pid"]
+            .as_u64()
+            .expect("pid");
+        drop(host);
+        drop(reader);
+        server.join().expect("served until the hang-up");
+
+        let (mut host, server) = connect(&agent);
+        let mut reader = BufReader::new(host.try_clone().expect("clone"));
+        let status = loop {
+            host.write_all(format!("{}\n", status_command(pid)).as_bytes())
+                .expect("write");
+            line.clear();
+            reader.read_line(&mut line).expect("status answer");
+            let status = serde_json::from_str::<Value>(&line).expect("json");
+            if status["return"]["exited"] == json!(true) {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status["return"]["exitcode"], json!(3));
+        drop(host);
+        drop(reader);
+        server.join().expect("served until the hang-up");
     }
 }

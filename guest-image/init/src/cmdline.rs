@@ -22,6 +22,10 @@ pub struct Cmdline {
     pub hostname: Option<String>,
     /// `ci.agent=0` disables starting qemu-ga.
     pub agent: bool,
+    /// `ci.transport=vsock`: the guest agent and the control port listen on vsock (ports
+    /// 1024 and 1025) instead of using virtio-serial ports; Apple's Virtualization.framework
+    /// (the `vz` driver) has vsock and no named serial ports.
+    pub vsock: bool,
     /// `ci.install=1`: the initramfs stage copies this init and the files under its
     /// `/ci-exec-root/` onto the root filesystem before switching to it (a stock cloud image,
     /// which has neither).
@@ -42,6 +46,7 @@ impl Default for Cmdline {
             init: "/sbin/ci-exec-init".to_owned(),
             hostname: None,
             agent: true,
+            vsock: false,
             install: false,
             module_parameters: BTreeMap::new(),
         }
@@ -71,6 +76,7 @@ impl Cmdline {
                 ("ci.hostname", Some(value)) => cmdline.hostname = Some(value.to_owned()),
                 ("ci.agent", Some(value)) => cmdline.agent = value != "0",
                 ("ci.install", Some(value)) => cmdline.install = value != "0",
+                ("ci.transport", Some(value)) => cmdline.vsock = value == "vsock",
                 (key, Some(value)) => {
                     if let Some((module, parameter)) = key.split_once('.')
                         && !module.is_empty()
@@ -136,6 +142,9 @@ mod tests {
         assert_eq!(cmdline.hostname.as_deref(), Some("box"));
         assert_eq!(cmdline.root_wait_seconds, 3);
         assert!(!cmdline.agent);
+        assert!(!cmdline.vsock);
+        assert!(Cmdline::parse("console=hvc0 ci.transport=vsock").vsock);
+        assert!(!Cmdline::parse("ci.transport=virtio-serial").vsock);
     }
 
     #[test]

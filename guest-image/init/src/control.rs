@@ -14,6 +14,8 @@
 //! ```text
 //! time <seconds>.<nanoseconds>          set CLOCK_REALTIME (Unix time)
 //! mount9p <tag> <target> <options>      mkdir -p target; mount the 9p export `tag` there
+//! mountfs <fstype> <tag> <target> [options]
+//!                                       the same for `9p` or `virtiofs` (version 4)
 //! newer <path> <reference>              yes when `path` was modified after `reference` (or
 //!                                       `reference` is missing), as `[ path -nt reference ]`
 //! ```
@@ -27,9 +29,15 @@ use crate::system;
 
 /// The port's name (`-device virtserialport,name=…` on the host).
 pub const PORT: &str = "org.ci-exec.control.0";
+/// The vsock port the control protocol is served on with `ci.transport=vsock` (Apple's
+/// Virtualization.framework has no virtio-serial ports with names; it has vsock).
+pub const VSOCK_PORT: u32 = 1025;
 /// The greeting; its version number grows when the host may ask for more. Version 2: this
-/// binary wraps tasks (`ci-exec-init --task`, see `task`); 3: `newer`.
-pub const HELLO: &str = "ci-exec-init control 3";
+/// binary wraps tasks (`ci-exec-init --task`, see `task`); 3: `newer`; 4: `mountfs`.
+pub const HELLO: &str = "ci-exec-init control 4";
+
+/// The filesystems `mountfs` mounts: the shares a host exports to its guest.
+const SHARE_FILESYSTEMS: &[&str] = &["9p", "virtiofs"];
 
 /// One request from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +46,8 @@ pub enum Request {
         seconds: i64,
         nanoseconds: i64,
     },
-    Mount9p {
+    Mount {
+        fstype: String,
         tag: String,
         target: String,
         options: String,
@@ -79,14 +88,28 @@ pub fn parse(line: &str) -> Result<Request, String> {
             else {
                 return Err("`mount9p` needs a tag, a target and options".to_owned());
             };
-            if !target.starts_with('/') {
-                return Err(format!("mount target `{target}` is not absolute"));
+            mount_request("9p", tag, target, options)
+        }
+        Some("mountfs") => {
+            let (Some(fstype), Some(tag), Some(target), options, None) = (
+                words.next(),
+                words.next(),
+                words.next(),
+                words.next(),
+                words.next(),
+            ) else {
+                return Err(
+                    "`mountfs` needs a filesystem type, a tag, a target and maybe options"
+                        .to_owned(),
+                );
+            };
+            if !SHARE_FILESYSTEMS.contains(&fstype) {
+                return Err(format!(
+                    "`mountfs` mounts {}, not `{fstype}`",
+                    SHARE_FILESYSTEMS.join(" or ")
+                ));
             }
-            Ok(Request::Mount9p {
-                tag: tag.to_owned(),
-                target: target.to_owned(),
-                options: options.to_owned(),
-            })
+            mount_request(fstype, tag, target, options.unwrap_or_default())
         }
         Some("newer") => {
             let (Some(path), Some(reference), None) = (words.next(), words.next(), words.next())
@@ -104,6 +127,18 @@ pub fn parse(line: &str) -> Result<Request, String> {
         Some(other) => Err(format!("unknown request `{other}`")),
         None => Err("empty request".to_owned()),
     }
+}
+
+fn mount_request(fstype: &str, tag: &str, target: &str, options: &str) -> Result<Request, String> {
+    if !target.starts_with('/') {
+        return Err(format!("mount target `{target}` is not absolute"));
+    }
+    Ok(Request::Mount {
+        fstype: fstype.to_owned(),
+        tag: tag.to_owned(),
+        target: target.to_owned(),
+        options: options.to_owned(),
+    })
 }
 
 /// `[ path -nt reference ]`: `path` exists and `reference` does not, or was modified earlier.
@@ -127,7 +162,8 @@ fn handle(request: &Request) -> io::Result<()> {
             seconds,
             nanoseconds,
         } => system::set_clock(*seconds, *nanoseconds),
-        Request::Mount9p {
+        Request::Mount {
+            fstype,
             tag,
             target,
             options,
@@ -139,7 +175,7 @@ fn handle(request: &Request) -> io::Result<()> {
                 return Ok(());
             }
             crate::modules::wait_for_background().map_err(io::Error::other)?;
-            system::mount(tag, Path::new(target), "9p", 0, options)
+            system::mount(tag, Path::new(target), fstype, 0, options)
         }
     }
 }
@@ -180,11 +216,39 @@ pub fn serve(timeout: Duration) {
             return;
         }
     };
+    serve_connection(&mut port, false);
+}
+
+/// Listens on vsock [`VSOCK_PORT`] and serves each connection the host makes, one at a time,
+/// greeting each. Runs on its own thread for as long as the guest runs.
+pub fn serve_vsock() {
+    let listener = match crate::vsock::Listener::bind(VSOCK_PORT) {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("ci-exec-init: warning: control port on vsock {VSOCK_PORT}: {error}");
+            return;
+        }
+    };
+    loop {
+        match listener.accept() {
+            Ok(mut connection) => serve_connection(&mut connection, true),
+            Err(error) => {
+                eprintln!("ci-exec-init: warning: accept on vsock {VSOCK_PORT}: {error}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Greets and answers request lines on `port`. A stream connection (`ends`) is over at its
+/// end; a virtio-serial port reads nothing while no host end is connected, and is polled.
+fn serve_connection(port: &mut (impl Read + Write), ends: bool) {
     let _ = port.write_all(format!("{HELLO}\n").as_bytes());
     let mut pending: Vec<u8> = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {
         match port.read(&mut buffer) {
+            Ok(0) if ends => return,
             // No host end connected: reads do not block then, so wait before trying again.
             Ok(0) => std::thread::sleep(Duration::from_millis(50)),
             Ok(read) => {
@@ -197,6 +261,7 @@ pub fn serve(timeout: Duration) {
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) if ends => return,
             Err(error) => {
                 eprintln!("ci-exec-init: warning: read control port: {error}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -278,10 +343,29 @@ mod tests {
             ),
             (
                 "mount9p ci /mnt/ci trans=virtio,msize=524288",
-                Ok(Request::Mount9p {
+                Ok(Request::Mount {
+                    fstype: "9p".to_owned(),
                     tag: "ci".to_owned(),
                     target: "/mnt/ci".to_owned(),
                     options: "trans=virtio,msize=524288".to_owned(),
+                }),
+            ),
+            (
+                "mountfs virtiofs ci /run/ci",
+                Ok(Request::Mount {
+                    fstype: "virtiofs".to_owned(),
+                    tag: "ci".to_owned(),
+                    target: "/run/ci".to_owned(),
+                    options: String::new(),
+                }),
+            ),
+            (
+                "mountfs 9p ci /mnt/ci trans=virtio",
+                Ok(Request::Mount {
+                    fstype: "9p".to_owned(),
+                    tag: "ci".to_owned(),
+                    target: "/mnt/ci".to_owned(),
+                    options: "trans=virtio".to_owned(),
                 }),
             ),
         ] {
@@ -297,6 +381,10 @@ mod tests {
             "mount9p ci",
             "mount9p ci relative opts",
             "mount9p ci /a opts extra",
+            "mountfs virtiofs ci",
+            "mountfs ext4 /dev/vdb /mnt",
+            "mountfs virtiofs ci relative",
+            "mountfs virtiofs ci /a opts extra",
             "reboot",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
@@ -306,5 +394,34 @@ mod tests {
     #[test]
     fn a_bad_request_gets_an_error_line() {
         assert_eq!(answer("bogus"), "error unknown request `bogus`\n");
+    }
+
+    /// The framing a vsock connection gets, over a socket pair (this host has no vsock
+    /// transport to test on): greeting first, one answer line per request line (also when
+    /// requests arrive split or together), and the end of the connection ends the serving.
+    #[test]
+    fn a_stream_connection_is_greeted_answered_line_by_line_and_ends_with_its_peer() {
+        use std::io::{BufRead, BufReader};
+        use std::os::unix::net::UnixStream;
+        let (mut guest, host) = UnixStream::pair().expect("socket pair");
+        let server = std::thread::spawn(move || serve_connection(&mut guest, true));
+        let mut reader = BufReader::new(host.try_clone().expect("clone"));
+        let mut host = host;
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("greeting");
+        assert_eq!(line, format!("{HELLO}\n"));
+        host.write_all(b"newer /nonexistent /").expect("write");
+        host.write_all(b"\nbogus\nnewer / /nonexistent\n")
+            .expect("write");
+        for expected in ["no\n", "error unknown request `bogus`\n", "yes\n"] {
+            line.clear();
+            reader.read_line(&mut line).expect("answer");
+            assert_eq!(line, expected);
+        }
+        drop(host);
+        drop(reader);
+        server
+            .join()
+            .expect("the server returns when the host hangs up");
     }
 }

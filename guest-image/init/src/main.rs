@@ -21,7 +21,7 @@
 //! - **`ci-exec-init --follow FILE END`** (any PID): copies a growing file to stdout until
 //!   END exists, for the qemu driver's streamed stdin (`follow`).
 //! - **`ci-exec-init --agent PORT`** (any PID): the guest agent, for root filesystems
-//!   without `qemu-ga` (`agent`).
+//!   without `qemu-ga` and, as `--agent vsock:1024`, for `ci.transport=vsock` (`agent`).
 //! - **`ci-exec-init --task DIR`** (any PID): the qemu driver's task wrapper, which the guest
 //!   agent starts (`task`).
 //! - **`ci-exec-init --serve DIR`** and its exec commands (`--start`, `--poll`, …): a Fly
@@ -38,6 +38,7 @@ mod root;
 mod serve;
 mod system;
 mod task;
+mod vsock;
 
 use std::path::Path;
 

@@ -36,19 +36,33 @@ pub fn run() -> ! {
     block_signals();
     // Its own thread, started before the agent: the host may send its first request as soon
     // as the agent answers. The thread inherits the blocked signal mask, as it should.
+    let vsock = cmdline.vsock;
     let _ = std::thread::Builder::new()
         .name("control".to_owned())
-        .spawn(|| crate::control::serve(Duration::from_secs(5)));
+        .spawn(move || {
+            if vsock {
+                crate::control::serve_vsock();
+            } else {
+                crate::control::serve(Duration::from_secs(5));
+            }
+        });
     let mut agent = None;
-    if cmdline.agent {
+    if cmdline.agent && vsock {
+        agent = start_agent(AgentPort::Vsock);
+    } else if cmdline.agent {
         name_virtio_ports(Duration::from_secs(5));
-        agent = start_agent();
+        agent = start_agent(AgentPort::VirtioSerial);
     }
     println!(
         "ci-exec-init: ready after {:.2} s of uptime",
         system::uptime()
     );
-    supervise(agent, cmdline.agent)
+    let port = if vsock {
+        AgentPort::Vsock
+    } else {
+        AgentPort::VirtioSerial
+    };
+    supervise(agent, cmdline.agent.then_some(port))
 }
 
 fn report(result: std::io::Result<()>) {
@@ -159,13 +173,28 @@ fn name_virtio_ports(timeout: Duration) {
     }
 }
 
-fn start_agent() -> Option<Child> {
+/// Where the guest agent talks to the host.
+#[derive(Debug, Clone, Copy)]
+enum AgentPort {
+    /// The virtio-serial port [`AGENT_PORT`]: qemu-ga when the image has it, else ours.
+    VirtioSerial,
+    /// vsock port [`crate::agent::VSOCK_PORT`]: always ours.
+    Vsock,
+}
+
+fn start_agent(where_to: AgentPort) -> Option<Child> {
     let port = Path::new("/dev/virtio-ports").join(AGENT_PORT);
-    if !port.exists() {
+    // A root filesystem without qemu-ga (a stock cloud image) gets ours, and so does vsock.
+    let mut command = if let AgentPort::Vsock = where_to {
+        let mut command = Command::new("/proc/self/exe");
+        command
+            .arg0("ci-exec-init")
+            .arg("--agent")
+            .arg(format!("vsock:{}", crate::agent::VSOCK_PORT));
+        command
+    } else if !port.exists() {
         return None;
-    }
-    // A root filesystem without qemu-ga (a stock cloud image) gets ours.
-    let mut command = if Path::new(AGENT).exists() {
+    } else if Path::new(AGENT).exists() {
         let mut command = Command::new(AGENT);
         command
             .arg("--method=virtio-serial")
@@ -225,7 +254,7 @@ fn block_signals() {
 
 /// Reaps orphans, restarts the agent if it dies, and powers off on request (busybox's signal
 /// convention: SIGTERM reboots, SIGUSR1/SIGUSR2/SIGPWR halt or power off).
-fn supervise(mut agent: Option<Child>, want_agent: bool) -> ! {
+fn supervise(mut agent: Option<Child>, wanted: Option<AgentPort>) -> ! {
     let set = signal_set();
     let mut last_start = Instant::now();
     loop {
@@ -245,12 +274,12 @@ fn supervise(mut agent: Option<Child>, want_agent: bool) -> ! {
                         agent_died = true;
                     }
                 }
-                if agent_died && want_agent {
-                    eprintln!("ci-exec-init: warning: `{AGENT}` exited; restarting it");
+                if agent_died && let Some(port) = wanted {
+                    eprintln!("ci-exec-init: warning: the guest agent exited; restarting it");
                     if last_start.elapsed() < Duration::from_secs(1) {
                         std::thread::sleep(Duration::from_secs(1));
                     }
-                    agent = start_agent();
+                    agent = start_agent(port);
                     last_start = Instant::now();
                 }
             }

@@ -680,6 +680,12 @@ conformance! {
     // A stock cloud image has no podman: its tasks run in the guest OS.
     qemu_ubuntu_cloud => ci_exec_tests::drivers::qemu_ubuntu_cloud, image = "",
         capabilities = Capabilities { privileged: false, ..ALL };
+    // The aarch64 image under qemu-system-aarch64: what the `vz` driver boots on a Mac.
+    qemu_arm64 => ci_exec_tests::drivers::qemu_arm64, image = "",
+        capabilities = Capabilities { privileged: false, ..ALL };
+    qemu_arm64_podman => ci_exec_tests::drivers::qemu_arm64,
+        image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
+        capabilities = ALL;
 }
 
 // Apple's Virtualization.framework, on a Mac only (README.md, "Mac (vz)"): the qemu driver's

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use ci_exec_guest_image::{
-    BuildOptions, CloudOptions, DEFAULT_IMAGE, ImageCache, Kernel, Manifest, Reporter,
+    Arch, BuildOptions, CloudOptions, DEFAULT_IMAGE, ImageCache, Kernel, Manifest, Reporter,
     UBUNTU_IMAGE, UBUNTU_MIRROR, binaries, catalog,
 };
 
@@ -21,6 +21,12 @@ pub enum ImageCommand {
         /// (`ubuntu-24.04`, `alpine-3.20`)
         #[arg(default_value = DEFAULT_IMAGE)]
         name: String,
+        /// The guest's architecture, `x86_64` or `aarch64` (`arm64`): an aarch64 image's name
+        /// ends with `-arm64`, which `--arch aarch64` adds (default: the name's, else x86_64).
+        /// Building for another architecture than this machine's needs qemu-user
+        /// (`apt-get install qemu-user-static binfmt-support arch-test`)
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<Arch>,
         /// Our static `mk` (default: found beside this executable or in cargo's musl output)
         #[arg(long, value_name = "PATH", env = "CI_EXEC_MK")]
         mk: Option<PathBuf>,
@@ -84,6 +90,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
     match command {
         ImageCommand::Build {
             name,
+            arch,
             mk,
             init,
             mirror,
@@ -96,7 +103,22 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
         } => {
             let cache = open(cache)?;
             let reporter = TerminalReporter::new();
-            let mk = binary(mk, "mk")?;
+            let name = match arch {
+                Some(arch) if Arch::split_image_name(&name).1 != arch => {
+                    if arch == Arch::X86_64 {
+                        return Err(CliError::usage(format!(
+                            "image `{name}` is an {} image, not an x86_64 one",
+                            Arch::split_image_name(&name).1
+                        ))
+                        .hint("drop `--arch` or the name's `-arm64`")
+                        .into());
+                    }
+                    format!("{name}{}", arch.image_suffix())
+                }
+                _ => name,
+            };
+            let arch = Arch::split_image_name(&name).1;
+            let mk = binary(mk, "mk", arch)?;
             let manifest = if catalog::lookup(&name).is_ok() {
                 let mut options = CloudOptions::new(mk);
                 options.force = force;
@@ -104,7 +126,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<u8> {
                 cache.fetch_cloud(&name, &options, &reporter)
             } else {
                 let Some(mut options) =
-                    BuildOptions::for_image(&name, mk, binary(init, "ci-exec-init")?)
+                    BuildOptions::for_image(&name, mk, binary(init, "ci-exec-init", arch)?)
                 else {
                     let known: Vec<&str> =
                         catalog::CATALOG.iter().map(|entry| entry.name).collect();
@@ -228,13 +250,18 @@ fn found(cache: &ImageCache, name: &str) -> anyhow::Result<Manifest> {
     })?)
 }
 
-fn binary(given: Option<PathBuf>, name: &str) -> Result<PathBuf, CliError> {
-    given.or_else(|| binaries::locate(name)).ok_or_else(|| {
-        CliError::usage(format!("cannot find the static guest binary `{name}`")).hint(format!(
-            "build it with `{}`, or pass its path",
-            binaries::BUILD_HINT
-        ))
-    })
+fn binary(given: Option<PathBuf>, name: &str, arch: Arch) -> Result<PathBuf, CliError> {
+    given
+        .or_else(|| binaries::locate_for(name, arch))
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "cannot find the static {arch} guest binary `{name}`"
+            ))
+            .hint(format!(
+                "build it with `{}`, or pass its path",
+                binaries::build_hint(arch)
+            ))
+        })
 }
 
 fn short(digest: &str) -> &str {
