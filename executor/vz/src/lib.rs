@@ -6,7 +6,7 @@
 //! Everything but the framework glue is plain Rust and compiled on every OS, so it is
 //! unit-tested on Linux: the configuration ([`config`], [`spec`]), the image and disk
 //! preparation ([`image`], [`disk`]), the entitlement error ([`entitlement`]) and the vsock
-//! transport ([`transport`]) and the warm-start state files ([`warm`]). The framework glue ([`VzDriver`]) exists only on macOS.
+//! transport ([`transport`]) and the warm-start state files ([`warm`]). The framework glue (`VzDriver`) exists only on macOS.
 //!
 //! It is not an image builder (`ci-exec image build --arch aarch64` makes the guest) and holds
 //! no CLI.
