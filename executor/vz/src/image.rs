@@ -110,10 +110,24 @@ fn from_manifest(path: &Path, image: &str) -> Result<VzImage, VzError> {
             });
         }
     };
-    serde_json::from_str(&text).map_err(|source| VzError::ImageLoad {
+    let mut files: VzImage = serde_json::from_str(&text).map_err(|source| VzError::ImageLoad {
         image: image.to_owned(),
         source: Box::new(source),
-    })
+    })?;
+    // A manifest records absolute paths of the machine that built the image. An image copied
+    // whole to another machine (built on Linux, booted on a Mac) has its files beside its
+    // manifest instead: take those where the recorded ones do not exist.
+    if let Some(dir) = path.parent() {
+        for file in [&mut files.vmlinux, &mut files.initrd, &mut files.disk] {
+            if !file.is_file()
+                && let Some(name) = file.file_name()
+                && dir.join(name).is_file()
+            {
+                *file = dir.join(name);
+            }
+        }
+    }
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -168,6 +182,21 @@ mod tests {
         assert!(resolve(&image).is_ok());
         let image = built(directory.path(), "debian-bookworm", None);
         assert!(matches!(resolve(&image), Err(VzError::WrongArch { .. })));
+    }
+
+    #[test]
+    fn an_image_copied_from_another_machine_is_found_beside_its_manifest() {
+        let built_on = tempfile::tempdir().expect("tempdir");
+        built(built_on.path(), "debian-bookworm-arm64", Some("aarch64"));
+        let copied = tempfile::tempdir().expect("tempdir");
+        for file in ["manifest.json", "vmlinux", "initrd", "disk.qcow2"] {
+            std::fs::copy(built_on.path().join(file), copied.path().join(file)).expect("copy");
+        }
+        drop(built_on);
+        let files = resolve(&copied.path().display().to_string()).expect("relocated image");
+        assert_eq!(files.disk, copied.path().join("disk.qcow2"));
+        assert_eq!(files.vmlinux, copied.path().join("vmlinux"));
+        assert_eq!(files.initrd, copied.path().join("initrd"));
     }
 
     #[test]
