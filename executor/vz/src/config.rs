@@ -92,7 +92,12 @@ impl VzConfig {
     /// of a cached disk and `clonefile(2)` only clones within one volume (elsewhere it would
     /// be a full copy of the disk).
     pub fn run_dir(&self) -> PathBuf {
-        self.cache_dir.join("run").join(&self.namespace)
+        self.run_root().join(&self.namespace)
+    }
+
+    /// Where every namespace's run directory is.
+    pub fn run_root(&self) -> PathBuf {
+        self.cache_dir.join("run")
     }
 }
 

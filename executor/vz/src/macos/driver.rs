@@ -108,6 +108,13 @@ impl VzDriver {
             return Ok(guest.clone());
         }
         let image = image::resolve(&self.config.image)?;
+        // What killed runs left in generated namespaces goes now: nobody will close those, and
+        // their VMs died with them (the framework runs a VM inside its owner's process tree).
+        ci_exec_driver::leftovers::sweep_abandoned(
+            &self.config.run_root(),
+            ci_exec_driver::leftovers::SWEEP_MIN_AGE,
+            |dir, _| std::fs::remove_dir_all(dir).map(|()| true),
+        );
         let run = self.run();
         for directory in [
             run.path.clone(),
@@ -175,13 +182,14 @@ impl VzDriver {
         let Guest { vm, .. } = guest;
         if let Err(error) = save_state(&vm, self.cloner.as_ref(), root, state).await {
             tracing::warn!(
-                "cannot save a warm vz VM state ({}); booting cold next time too",
+                "cannot save a warm vz VM state ({}); this VM carries on as booted",
                 ci_exec_driver::error_chain(&error)
             );
             let _ = state.discard();
         }
+        // Saved or not, the VM goes on (a failed pause leaves it running: nothing to resume).
         if let Err(error) = vm.resume().await {
-            tracing::debug!(%error, "resume after a failed save (the VM may not have paused)");
+            tracing::debug!(%error, "resuming the VM after saving its state");
         }
         Guest::connect(vm, spec, false, self.config.boot_timeout).await
     }
