@@ -134,14 +134,25 @@ async fn connect_within(
 ) -> Result<VsockStream, VzError> {
     match tokio::time::timeout(limit, connector.connect(port)).await {
         Ok(connected) => connected,
-        Err(_) => Err(VzError::Control {
-            stage: format!("connect to vsock port {port}"),
-            source: ProtocolError::Timeout {
-                peer: if port == AGENT_PORT { "qga" } else { "control" },
+        Err(_) => {
+            let stage = format!("connect to vsock port {port}");
+            let source = |peer| ProtocolError::Timeout {
+                peer,
                 command: "connect".to_owned(),
                 after: limit,
-            },
-        }),
+            };
+            Err(if port == AGENT_PORT {
+                VzError::Agent {
+                    stage,
+                    source: source("qga"),
+                }
+            } else {
+                VzError::Control {
+                    stage,
+                    source: source("control"),
+                }
+            })
+        }
     }
 }
 /// The longest pause between connection attempts while the guest boots.
