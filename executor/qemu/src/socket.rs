@@ -1,7 +1,6 @@
-//! The thin socket layer under the QMP and QGA clients (and the vz driver's vsock streams):
-//! one read from the peer, with the error
-//! mapping, end-of-stream check and wire trace both share. The codecs (`wire`, `qmp`, `qga`)
-//! stay free of I/O.
+//! The thin socket layer under the QMP, QGA and control clients (over a Unix socket, or the vz
+//! driver's vsock stream): one read from the peer, with the error mapping, end-of-stream check
+//! and wire trace they share. The codecs (`wire`, `qmp`, `qga`) stay free of I/O.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
