@@ -253,6 +253,14 @@ const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 impl Vm {
     /// Builds and validates the configuration and creates the VM on a queue of its own.
     pub fn new(spec: &VmSpec) -> Result<Vm, VzError> {
+        // SAFETY: a class property without arguments, callable from any thread.
+        if !unsafe { VZVirtualMachine::isSupported() } {
+            return Err(framework_error(
+                "create the VM",
+                "this Mac cannot run virtual machines (`VZVirtualMachine.isSupported` is false; \
+                 is ci-exec itself running in a VM?)",
+            ));
+        }
         let configuration = configuration(spec)?;
         let save_restore = save_restore_support(&configuration);
         let queue = DispatchQueue::new("dev.ci-exec.vz", None);
