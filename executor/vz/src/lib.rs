@@ -5,7 +5,7 @@
 //!
 //! Everything but the framework glue is plain Rust and compiled on every OS, so it is
 //! unit-tested on Linux: the configuration ([`config`], [`spec`]), the image and disk
-//! preparation ([`image`], [`disk`]), the entitlement error ([`entitlement`]) and the vsock
+//! preparation ([`image`], [`disk`]), the run directory and task files ([`share`]), the entitlement error ([`entitlement`]) and the vsock
 //! transport ([`transport`]) and the warm-start state files ([`warm`]). The framework glue (`VzDriver`) exists only on macOS.
 //!
 //! It is not an image builder (`ci-exec image build --arch aarch64` makes the guest) and holds
@@ -16,6 +16,7 @@ pub mod disk;
 pub mod entitlement;
 pub mod error;
 pub mod image;
+pub mod share;
 pub mod spec;
 pub mod transport;
 pub mod warm;

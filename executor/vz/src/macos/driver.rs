@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use ci_exec_driver::{
     Container, ContainerStatus, Driver, DriverError, FollowLogs, JobSupport, LogSink, MkSource,
-    Sandbox, SandboxExec, SandboxOutput, Stdin, Task, Volume, VolumeFiles,
+    Sandbox, SandboxExec, SandboxOutput, Task, Volume, VolumeFiles,
 };
 use ci_exec_qemu::control::{self, ControlClient};
-use ci_exec_qemu::guest::{self, Runner, StdinSource};
+use ci_exec_qemu::guest::{self, Runner};
 use ci_exec_qemu::qga::{ExecStatus, QgaClient};
 use ci_exec_qemu::run_dir::GUEST_SHARE;
 use ci_exec_qemu::{AGENT_TIMEOUT, ProtocolError, output};
@@ -28,7 +28,8 @@ use tokio::sync::Mutex;
 use super::vm::{Vm, host_limits};
 use crate::disk::{self, CloneFile, RawDisks, SystemClone};
 use crate::image::{self, VzImage};
-use crate::spec::{self, RunFiles, SHARE_TAG, VmSpec};
+use crate::share::{RunDir, read_exit, stream_stdin, write_task_files};
+use crate::spec::{self, SHARE_TAG, VmSpec};
 use crate::transport::{self, Connector, VsockStream};
 use crate::warm::WarmState;
 use crate::{VzConfig, VzError};
@@ -55,31 +56,6 @@ pub struct VzDriver {
     sandboxes: AtomicU64,
 }
 
-/// The paths of the namespace's run directory.
-#[derive(Debug, Clone)]
-struct RunDir {
-    path: PathBuf,
-}
-
-impl RunDir {
-    fn files(&self) -> RunFiles {
-        RunFiles {
-            root_disk: self.path.join("root.raw"),
-            share: self.share(),
-            console_log: self.path.join("console.log"),
-        }
-    }
-    fn share(&self) -> PathBuf {
-        self.path.join("share")
-    }
-    fn volume(&self, name: &str) -> PathBuf {
-        self.share().join("volumes").join(name)
-    }
-    fn task(&self, id: &str) -> PathBuf {
-        self.share().join("tasks").join(id)
-    }
-}
-
 impl VzDriver {
     /// A driver for `config`. Cheap: nothing starts until the first task.
     pub fn new(config: VzConfig) -> Self {
@@ -94,9 +70,7 @@ impl VzDriver {
     }
 
     fn run(&self) -> RunDir {
-        RunDir {
-            path: self.config.run_dir(),
-        }
+        RunDir::new(self.config.run_dir())
     }
 
     /// Starts the VM if it does not run yet (restored from a saved state when one exists)
@@ -116,22 +90,13 @@ impl VzDriver {
             |dir, _| std::fs::remove_dir_all(dir).map(|()| true),
         );
         let run = self.run();
-        for directory in [
-            run.path.clone(),
-            run.share().join("volumes"),
-            run.share().join("tasks"),
-        ] {
-            std::fs::create_dir_all(&directory).map_err(|source| VzError::CreateDir {
-                path: directory.clone(),
-                source,
-            })?;
-        }
+        run.create()?;
         {
             let mut owner = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
             if owner.is_none() {
-                let lock = ci_exec_driver::leftovers::lock_owner(&run.path, true)
+                let lock = ci_exec_driver::leftovers::lock_owner(run.path(), true)
                     .map_err(|source| VzError::CreateDir {
-                        path: run.path.clone(),
+                        path: run.path().to_owned(),
                         source,
                     })?
                     .ok_or_else(|| VzError::NamespaceLocked {
@@ -277,53 +242,9 @@ async fn start_task(
     env: &BTreeMap<String, String>,
     runner: Runner<'_>,
 ) -> Result<(PathBuf, i64), DriverError> {
-    let dir = run.task(&task.id);
-    let prepare = |error: VzError| backend(format!("prepare task `{}`", task.id), error);
-    std::fs::create_dir_all(&dir).map_err(|source| {
-        prepare(VzError::CreateDir {
-            path: dir.clone(),
-            source,
-        })
-    })?;
-    for stale in ["exit", "pid", "stdin.end"] {
-        let _ = std::fs::remove_file(dir.join(stale));
-    }
-    let mut stream = None;
-    let (source, stdin_bytes) = match &task.stdin {
-        None => (StdinSource::None, None),
-        Some(stdin @ Stdin::Stream(_)) => {
-            stream = stdin.take_reader();
-            (StdinSource::Follow, Some(Vec::new()))
-        }
-        Some(stdin) => {
-            let mut bytes = Vec::new();
-            if let Some(mut reader) = stdin.take_reader() {
-                tokio::io::copy(&mut reader, &mut bytes)
-                    .await
-                    .map_err(|source| {
-                        DriverError::backend(
-                            DRIVER,
-                            format!("read stdin of task `{}`", task.id),
-                            source,
-                        )
-                    })?;
-            }
-            (StdinSource::File, Some(bytes))
-        }
-    };
-    let mut files = vec![
-        ("stdout", Vec::new()),
-        ("stderr", Vec::new()),
-        ("task", guest::task_spec(task, env, runner, source)),
-    ];
-    if let Some(bytes) = stdin_bytes {
-        files.push(("stdin", bytes));
-    }
-    for (name, contents) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, contents)
-            .map_err(|source| prepare(VzError::WriteFile { path, source }))?;
-    }
+    let (dir, stream) = write_task_files(run, task, env, runner)
+        .await
+        .map_err(|error| backend(format!("prepare task `{}`", task.id), error))?;
     let pid = guest
         .exec(
             guest::TASK_HELPER,
@@ -334,11 +255,7 @@ async fn start_task(
         .await
         .map_err(|error| backend(format!("start task `{}`", task.id), error))?;
     if let Some(reader) = stream {
-        tokio::spawn(stream_stdin(
-            reader,
-            dir.join("stdin"),
-            dir.join("stdin.end"),
-        ));
+        tokio::spawn(stream_stdin(reader, dir.clone()));
     }
     Ok((dir, pid))
 }
@@ -357,38 +274,6 @@ async fn save_state(
     disk::clone_root_disk(cloner, root, &disk)?;
     vm.save(&saved).await?;
     state.publish(&disk, &saved)
-}
-
-/// Appends what `reader` gives to `path` as it comes, then makes `end`: the guest's
-/// `--follow` helper copies the file to the task until `end` exists.
-async fn stream_stdin(
-    mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-    path: PathBuf,
-    end: PathBuf,
-) {
-    use tokio::io::AsyncReadExt;
-    let copied = async {
-        let mut file = tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .await?;
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let read = reader.read(&mut buffer).await?;
-            if read == 0 {
-                return Ok::<(), std::io::Error>(());
-            }
-            file.write_all(&buffer[..read]).await?;
-            file.flush().await?;
-        }
-    }
-    .await;
-    if let Err(error) = copied {
-        tracing::warn!(%error, path = %path.display(), "streaming stdin to the guest");
-    }
-    if let Err(error) = tokio::fs::write(&end, b"").await {
-        tracing::warn!(%error, path = %end.display(), "ending the guest's stdin");
-    }
 }
 
 /// A started VM with its agent and control connections.
@@ -661,13 +546,13 @@ impl Driver for VzDriver {
             );
         }
         let run = self.run();
-        let removed = match std::fs::remove_dir_all(&run.path) {
+        let removed = match std::fs::remove_dir_all(run.path()) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(backend(
                 "remove the namespace's run directory",
                 VzError::Remove {
-                    path: run.path.clone(),
+                    path: run.path().to_owned(),
                     source,
                 },
             )),
@@ -726,14 +611,6 @@ struct TaskHandle {
 struct Polled {
     exit: Option<i32>,
     agent_asked: Option<Instant>,
-}
-
-fn read_exit(dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(dir.join("exit"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 impl TaskHandle {
