@@ -144,7 +144,13 @@ impl VzDriver {
                 return Ok(guest);
             }
         }
-        let Guest { vm, .. } = guest;
+        // The guest's vsock connections end before the save (its init accepts again after
+        // EOF): a saved state holds no connection of this VM's host side.
+        let Guest {
+            vm, agent, control, ..
+        } = guest;
+        drop(agent);
+        drop(control);
         if let Err(error) = save_state(&vm, self.cloner.as_ref(), root, state).await {
             tracing::warn!(
                 "cannot save a warm vz VM state ({}); this VM carries on as booted",
