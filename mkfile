@@ -17,6 +17,12 @@ static-mk:V:
 image:V: static-mk
 	cargo run --release -p ci-exec -- image build
 
+# macOS: the vz driver needs the `com.apple.security.virtualization` entitlement, granted by
+# an ad-hoc signature with executor/vz/ci-exec.entitlements (sign again after every build).
+sign:V:
+	cargo build --release -p ci-exec
+	codesign --entitlements executor/vz/ci-exec.entitlements --force -s - "${CARGO_TARGET_DIR:-target}/release/ci-exec"
+
 bench:V: bench-mk bench-native bench-job bench-remote bench-qemu bench-k8s
 
 bench-mk:V:

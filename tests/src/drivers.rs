@@ -182,6 +182,25 @@ pub fn qemu_config(dsn: &str) -> Option<ci_exec_qemu::QemuConfig> {
     Some(config)
 }
 
+/// The vz driver in a fresh namespace (macOS only), booting the aarch64 guest image
+/// (`VZ_IMAGE`, `debian-bookworm-arm64` by default); missing when the image or `qemu-img`
+/// (which converts its disk to raw once) is missing. The binary running the tests needs the
+/// `com.apple.security.virtualization` entitlement: see README.md, "Mac (vz)".
+#[cfg(target_os = "macos")]
+pub async fn vz() -> Option<Box<dyn Driver>> {
+    let dsn = format!("vz://{}", unique_namespace("vz"));
+    let config = DriverConfig::parse_with_env(&dsn, &|variable| std::env::var(variable).ok())
+        .unwrap_or_else(|error| panic!("vz DSN `{dsn}`: {error}"));
+    let config = ci_exec_vz::VzConfig::from_driver_config(&config);
+    if let Err(error) = ci_exec_vz::image::resolve(&config.image) {
+        return crate::missing_prerequisite("vz", &error.to_string());
+    }
+    if ci_exec_qemu::accel::find_on_path("qemu-img").is_none() {
+        return crate::missing_prerequisite("vz", "`qemu-img` is not installed: brew install qemu");
+    }
+    Some(Box::new(ci_exec_vz::VzDriver::new(config)))
+}
+
 /// The Kubernetes namespace the fake API server holds and the `k8s` tests run in (each test
 /// still gets its own ci-exec namespace, a label inside it).
 pub const FAKE_KUBE_NAMESPACE: &str = "ci-exec";

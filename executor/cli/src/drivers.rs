@@ -16,6 +16,12 @@ pub async fn new_driver(config: &DriverConfig) -> anyhow::Result<Box<dyn Driver>
         "qemu" => Box::new(ci_exec_qemu::QemuDriver::new(
             ci_exec_qemu::QemuConfig::from_driver_config(config).map_err(bad_parameter)?,
         )),
+        #[cfg(all(feature = "vz", target_os = "macos"))]
+        "vz" => Box::new(ci_exec_vz::VzDriver::new(
+            ci_exec_vz::VzConfig::from_driver_config(config),
+        )),
+        #[cfg(not(target_os = "macos"))]
+        "vz" => return Err(vz_needs_macos().into()),
         #[cfg(feature = "docker")]
         "docker" | "podman" => Box::new(
             ci_exec_docker::DockerDriver::connect(
@@ -65,6 +71,12 @@ fn not_available(name: &str) -> CliError {
     .hint(
         "`ci-exec drivers` lists the available ones (`qemu`, `native`, `docker`, `podman`, `k8s`, `hetzner`, `digitalocean`, `fly`)",
     )
+}
+
+/// `vz` anywhere but on a Mac: the framework it drives is Apple's.
+#[cfg(not(target_os = "macos"))]
+fn vz_needs_macos() -> CliError {
+    CliError::usage("driver `vz` needs macOS (Apple Virtualization.framework); use `--driver=qemu`")
 }
 
 /// An available driver this binary was built without (its cargo feature was off).

@@ -108,6 +108,19 @@ pub fn code(error: &anyhow::Error) -> u8 {
 
 /// How to fix `error`, if we can say.
 pub fn hint(error: &anyhow::Error) -> Option<String> {
+    // Deep in a driver's error, yet the fix is one command (and not the driver's).
+    #[cfg(feature = "vz")]
+    if error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ci_exec_vz::VzError>(),
+            Some(ci_exec_vz::VzError::MissingEntitlement)
+        )
+    }) {
+        return Some(format!(
+            "`mk sign` runs `{}`",
+            ci_exec_vz::entitlement::SIGN_COMMAND
+        ));
+    }
     for cause in error.chain() {
         if let Some(error) = cause.downcast_ref::<CliError>() {
             return error.hint.clone();

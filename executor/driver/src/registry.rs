@@ -515,8 +515,9 @@ static DRIVERS: &[DriverSpec] = &[
     },
     DriverSpec {
         name: "vz",
-        description: "a local VM on Apple's Virtualization.framework (macOS only)",
-        available: false,
+        description: "a local VM on Apple's Virtualization.framework (macOS only): the qemu \
+                      driver's guest, built for aarch64, over vsock and virtiofs",
+        available: true,
         params: &[
             param("memory", Integer { min: 64 }, "VM memory in MB")
                 .default("2048")
@@ -524,10 +525,41 @@ static DRIVERS: &[DriverSpec] = &[
             param("cpus", Integer { min: 1 }, "number of vCPUs")
                 .default("2")
                 .env("VZ_CPUS"),
-            param("cache_dir", Text, "directory for cached guest images")
-                .computed(vz_cache_dir)
-                .env("VZ_CACHE_DIR"),
-            param("image", Text, "guest base image: a raw image path").env("VZ_IMAGE"),
+            param(
+                "cache_dir",
+                Text,
+                "directory for raw root disks, warm VM states and run directories",
+            )
+            .computed(vz_cache_dir)
+            .env("VZ_CACHE_DIR"),
+            param(
+                "image",
+                Text,
+                "guest base image (aarch64): a catalog name or a built image's directory",
+            )
+            .default("debian-bookworm-arm64")
+            .env("VZ_IMAGE"),
+            param(
+                "boot_timeout",
+                Duration,
+                "longest wait for the guest to boot",
+            )
+            .default("5m")
+            .env("VZ_BOOT_TIMEOUT"),
+            param(
+                "warm",
+                Bool,
+                "start from a saved VM state when one exists (macOS 14+; `false` boots cold)",
+            )
+            .default("true")
+            .env("VZ_WARM"),
+            param(
+                "network",
+                Bool,
+                "outbound network for the VM (the framework's NAT); tasks are offline unless they ask for it",
+            )
+            .default("true")
+            .env("VZ_NETWORK"),
         ],
     },
 ];

@@ -94,6 +94,15 @@ pub fn prepare(
                     .to_owned(),
             });
         }
+        // Network namespaces are Linux's: elsewhere (macOS) an offline task is refused.
+        #[cfg(not(target_os = "linux"))]
+        return Err(DriverError::InvalidTask {
+            task: task.to_owned(),
+            reason: "the native driver takes the network away only on Linux (network \
+                     namespaces); run it online (`--network`)"
+                .to_owned(),
+        });
+        #[cfg(target_os = "linux")]
         leave_the_network(command);
     }
     if let Some(user) = user {
@@ -142,6 +151,7 @@ pub fn prepare(
 /// Runs the child in a network namespace of its own, with only a loopback (brought up). Root
 /// makes one directly; anyone else through a user namespace that maps their own ids to
 /// themselves, so the task still runs as the same user, only without the host's network.
+#[cfg(target_os = "linux")]
 fn leave_the_network(command: &mut tokio::process::Command) {
     // SAFETY: geteuid and getegid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };

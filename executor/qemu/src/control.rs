@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::error::ProtocolError;
@@ -71,6 +71,20 @@ pub fn mount_request(tag: &str, target: &str, options: &str) -> String {
     format!("mount9p {tag} {target} {options}\n")
 }
 
+/// The request that mounts filesystem `fstype` from source `tag` at `target`, with mount options
+/// `options` when not empty (`mountfs virtiofs ci /mnt/ci`), for a guest whose greeting says
+/// version [`MOUNTFS_VERSION`] or later.
+pub fn mountfs_request(fstype: &str, tag: &str, target: &str, options: &str) -> String {
+    if options.is_empty() {
+        format!("mountfs {fstype} {tag} {target}\n")
+    } else {
+        format!("mountfs {fstype} {tag} {target} {options}\n")
+    }
+}
+
+/// The first greeting version that answers [`mountfs_request`].
+pub const MOUNTFS_VERSION: u32 = 4;
+
 /// The question whether `path` was modified after `reference` (`[ path -nt reference ]`),
 /// answered `yes` or `no` by a guest whose greeting says version [`NEWER_VERSION`] or later.
 pub fn newer_request(path: &str, reference: &str) -> String {
@@ -88,16 +102,17 @@ pub fn parse_answer(line: &str) -> Result<(), String> {
     }
 }
 
-/// The connection QEMU made to our listener.
+/// The connection QEMU made to our listener, or any other byte stream to the same guest port
+/// (the vz driver's vsock connection).
 #[derive(Debug)]
-pub struct ControlClient {
-    socket: UnixStream,
+pub struct ControlClient<S = UnixStream> {
+    socket: S,
     codec: LineCodec,
     /// The protocol version the guest greeted with (or is known to serve); 0 before a greeting.
     version: u32,
 }
 
-impl ControlClient {
+impl ControlClient<UnixStream> {
     /// Listens on `path` (before QEMU starts: it connects once, at start).
     pub fn listen(path: &Path) -> Result<UnixListener, ProtocolError> {
         let _ = std::fs::remove_file(path);
@@ -118,11 +133,18 @@ impl ControlClient {
                 peer: "control",
                 source,
             })?;
-        Ok(ControlClient {
+        Ok(ControlClient::from_stream(socket, version))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ControlClient<S> {
+    /// A client over a connected `socket`; `version` as for [`ControlClient::accept`].
+    pub fn from_stream(socket: S, version: u32) -> Self {
+        ControlClient {
             socket,
             codec: LineCodec::default(),
             version,
-        })
+        }
     }
 
     pub fn serves(&self) -> bool {
@@ -260,5 +282,13 @@ mod tests {
             "mount9p ci /mnt/ci trans=virtio,msize=524288\n"
         );
         assert_eq!(parse_answer("ok"), Ok(()));
+        assert_eq!(
+            mountfs_request("virtiofs", "ci", "/mnt/ci", ""),
+            "mountfs virtiofs ci /mnt/ci\n"
+        );
+        assert_eq!(
+            mountfs_request("virtiofs", "ci", "/mnt/ci", "ro"),
+            "mountfs virtiofs ci /mnt/ci ro\n"
+        );
     }
 }

@@ -1106,6 +1106,8 @@ fn spawn(
             // exec.
             unsafe {
                 command.pre_exec(move || {
+                    // Linux only (macOS has no parent-death signal; the check below remains).
+                    #[cfg(target_os = "linux")]
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::error::ProtocolError;
@@ -172,10 +172,12 @@ impl ExecStatus {
     }
 }
 
-/// A client of one guest agent. Commands run one at a time.
+/// A client of one guest agent. Commands run one at a time. The stream is the host end of the
+/// agent's virtio-serial port (a Unix socket QEMU serves), or any other byte stream to the same
+/// agent (the vz driver's vsock connection).
 #[derive(Debug)]
-pub struct QgaClient {
-    socket: UnixStream,
+pub struct QgaClient<S = UnixStream> {
+    socket: S,
     codec: QgaCodec,
     synced: bool,
 }
@@ -191,16 +193,24 @@ impl QgaClient {
                 path: path.to_owned(),
                 source,
             })?;
+        Ok(QgaClient::from_stream(socket))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> QgaClient<S> {
+    /// A client over a connected `socket`. Does not talk yet: [`QgaClient::sync`] is the
+    /// readiness check.
+    pub fn from_stream(socket: S) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_nanos() as u64)
             .unwrap_or(0)
             ^ u64::from(std::process::id()) << 32;
-        Ok(QgaClient {
+        QgaClient {
             socket,
             codec: QgaCodec::new(seed & 0x7fff_ffff_0000),
             synced: false,
-        })
+        }
     }
 
     /// Handshake: sentinel + `guest-sync-delimited` with a fresh id, retried every `attempt`

@@ -1,16 +1,15 @@
-//! The thin socket layer under the QMP and QGA clients: one read from the peer, with the error
-//! mapping, end-of-stream check and wire trace both share. The codecs (`wire`, `qmp`, `qga`)
-//! stay free of I/O.
+//! The thin socket layer under the QMP, QGA and control clients (over a Unix socket, or the vz
+//! driver's vsock stream): one read from the peer, with the error mapping, end-of-stream check
+//! and wire trace they share. The codecs (`wire`, `qmp`, `qga`) stay free of I/O.
 
-use tokio::io::AsyncReadExt;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::error::ProtocolError;
 
 /// Reads what `peer` has sent into `buffer` and returns those bytes; a closed socket is
 /// [`ProtocolError::Closed`].
-pub async fn read_some<'b>(
-    socket: &mut UnixStream,
+pub async fn read_some<'b, S: AsyncRead + Unpin>(
+    socket: &mut S,
     buffer: &'b mut [u8],
     peer: &'static str,
 ) -> Result<&'b [u8], ProtocolError> {

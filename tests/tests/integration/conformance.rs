@@ -689,3 +689,14 @@ conformance! {
         image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
         capabilities = ALL;
 }
+
+// Apple's Virtualization.framework, on a Mac only (README.md, "Mac (vz)"): the qemu driver's
+// guest built for aarch64, over vsock and virtiofs.
+#[cfg(target_os = "macos")]
+conformance! {
+    vz => ci_exec_tests::drivers::vz, image = "",
+        // The guest OS runs tasks as root in the VM: the VM is the isolation.
+        capabilities = Capabilities { privileged: false, ..ALL };
+    vz_podman => ci_exec_tests::drivers::vz, image = ci_exec_tests::drivers::QEMU_GUEST_CONTAINER_IMAGE,
+        capabilities = ALL;
+}
