@@ -3,8 +3,9 @@
 # same runs, so the ratios hold on a noisy machine:
 #   - build time from a warm apt archive (the image removed, downloaded packages kept); for a
 #     publisher's cloud image (`ubuntu-24.04`), download + verify + assemble from a mirror:
-#     $CI_EXEC_CLOUD_MIRROR, else a stand-in in Canonical's format made from ubuntu-noble and
-#     served on loopback (guest-image/tests/fixtures/make-ubuntu-cloud-image.sh);
+#     $CI_EXEC_CLOUD_MIRROR, else a stand-in in the publisher's format served on loopback
+#     (guest-image/tests/fixtures/make-ubuntu-cloud-image.sh, made from ubuntu-noble, and
+#     make-alpine-cloud-image.sh);
 #   - disk size (qcow2 bytes) and the kernel and initramfs sizes;
 #   - cold start: `ci-exec run --driver=qemu:image=NAME,warm=false -- true` (boot to the agent);
 #   - warm start: the same from the image's saved VM state (made once before timing).
@@ -45,23 +46,34 @@ mirror=${CI_EXEC_CLOUD_MIRROR:-}
 server=""
 trap 'rm -f "$table"; [ -z "$server" ] || kill "$server"; [ -z "${served:-}" ] || rm -rf "$served"' EXIT
 all=(debian-bookworm "${images[@]}")
-for image in "${all[@]}"; do
-    case "$image" in
-    ubuntu-24.04)
-        [ -z "$mirror" ] || continue
-        "$bin" image build ubuntu-noble $(options ubuntu-noble) >/dev/null 2>&1
-        served=$(mktemp -d)
-        bash "$root/guest-image/tests/fixtures/make-ubuntu-cloud-image.sh" \
-            "$("$bin" image path ubuntu-noble --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["disk"])')" \
-            "$served"
-        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        python3 -m http.server --bind 127.0.0.1 --directory "$served" "$port" >/dev/null 2>&1 &
-        server=$!
-        mirror="http://127.0.0.1:$port"
-        sleep 1
-        ;;
-    esac
-done
+# Without a mirror, the cloud images come from stand-ins in their publishers' formats, served
+# on loopback from one directory (their paths do not collide).
+serve() {
+    [ -z "$server" ] || return 0
+    served=$(mktemp -d)
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 -m http.server --bind 127.0.0.1 --directory "$served" "$port" >/dev/null 2>&1 &
+    server=$!
+    mirror="http://127.0.0.1:$port"
+    sleep 1
+}
+if [ -z "$mirror" ]; then
+    for image in "${all[@]}"; do
+        case "$image" in
+        ubuntu-24.04)
+            "$bin" image build ubuntu-noble $(options ubuntu-noble) >/dev/null 2>&1
+            serve
+            bash "$root/guest-image/tests/fixtures/make-ubuntu-cloud-image.sh" \
+                "$("$bin" image path ubuntu-noble --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["disk"])')" \
+                "$served"
+            ;;
+        alpine-*)
+            serve
+            bash "$root/guest-image/tests/fixtures/make-alpine-cloud-image.sh" "$served"
+            ;;
+        esac
+    done
+fi
 # shellcheck disable=SC2046 # the options are words
 for image in "${all[@]}"; do "$bin" image build "$image" $(options "$image") >/dev/null 2>&1; done
 

@@ -34,6 +34,9 @@ pub const PACKAGES: &[&str] = &[
 /// Added for Ubuntu images: mmdebstrap's `minbase` of an Ubuntu suite has no apt.
 pub const UBUNTU_PACKAGES: &[&str] = &["apt", "ubuntu-keyring", "mount"];
 
+/// Added for aarch64 images, which the `vz` driver boots too.
+pub const AARCH64_PACKAGES: &[&str] = &["udhcpc"];
+
 /// Added for the cloud-init variant, which boots systemd so that cloud-init's units run.
 pub const CLOUD_INIT_PACKAGES: &[&str] = &["cloud-init", "systemd-sysv", "udev"];
 
@@ -313,6 +316,11 @@ impl BuildOptions {
         let mut packages: Vec<String> = PACKAGES.iter().map(|name| (*name).to_owned()).collect();
         if self.variant == Variant::CloudInit {
             packages.extend(CLOUD_INIT_PACKAGES.iter().map(|name| (*name).to_owned()));
+        }
+        if self.arch == Arch::Aarch64 {
+            // Apple's Virtualization.framework (`vz`) gives its NAT network addresses by DHCP
+            // only (QEMU's user network is set up statically): busybox's small client.
+            packages.extend(AARCH64_PACKAGES.iter().map(|name| (*name).to_owned()));
         }
         if self.distribution == Distribution::Ubuntu {
             // apt in the guest trusts the archive through `ubuntu-keyring`'s key; `mount` is
@@ -979,6 +987,12 @@ mod tests {
         assert_eq!(options.kernel, Kernel::Debian);
         assert_eq!(options.image_name(), "debian-bookworm-arm64");
         assert!(options.kernel_cmdline().contains("console=ttyAMA0"));
+        assert!(options.packages().contains(&"udhcpc".to_owned()));
+        assert!(
+            !BuildOptions::new("mk".into(), "init".into())
+                .packages()
+                .contains(&"udhcpc".to_owned())
+        );
         options.check().expect("consistent");
         let cloud_init = BuildOptions::for_image(
             "debian-bookworm-cloud-init-arm64",
