@@ -11,7 +11,8 @@
 #   - warm start: the same from the image's saved VM state (made once before timing).
 # An aarch64 image (`debian-bookworm-arm64`) is built through qemu-user and booted under
 # qemu-system-aarch64 (TCG on an x86_64 host), from binaries for aarch64-unknown-linux-musl.
-# Usage, as root: benches/image/os.sh [RUNS] [IMAGE…]  (default: 5 runs, ubuntu-noble)
+# Usage, as root: benches/image/os.sh [RUNS] [IMAGE…]  (default: 5 runs, ubuntu-noble);
+# BENCH_BUILD=0 leaves out the (forced, slow) build row.
 #   e.g. benches/image/os.sh 5 ubuntu-noble ubuntu-24.04 debian-bookworm-arm64
 # Needs hyperfine, mmdebstrap, qemu, and the mirrors the builds use.
 set -euo pipefail
@@ -77,6 +78,7 @@ fi
 # shellcheck disable=SC2046 # the options are words
 for image in "${all[@]}"; do "$bin" image build "$image" $(options "$image") >/dev/null 2>&1; done
 
+if [ "${BENCH_BUILD:-1}" != 0 ]; then
 echo "== build from a warm apt archive, or download + verify + assemble (image forced)"
 commands=()
 downloads="${CI_EXEC_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ci-exec/images}/downloads"
@@ -85,6 +87,7 @@ for image in "${all[@]}"; do
     commands+=(--prepare "rm -f $downloads/*$image*" "$bin image build $image --force $(options "$image")")
 done
 timed --runs 1 "${commands[@]}"
+fi
 
 echo "== sizes (bytes)"
 for image in "${all[@]}"; do
