@@ -12,10 +12,12 @@
 //! ```
 //! A finished build is never modified: running VMs may have overlays backed by its disk.
 
+#[cfg(feature = "download")]
 use crate::cloud::{self, CloudOptions};
 use crate::debian::{self, BuildOptions, Distribution};
 use crate::manifest::{Manifest, RECIPE_VERSION};
 use crate::{Error, Reporter};
+#[cfg(feature = "download")]
 use crate::{catalog, download, host};
 use std::path::{Path, PathBuf};
 
@@ -157,6 +159,7 @@ impl ImageCache {
         Ok(manifest)
     }
 
+    #[cfg(feature = "download")]
     /// Downloads (once, verified) the catalog image `name`, e.g. `ubuntu-24.04`, and makes it
     /// bootable with the kernel and initramfs of the default image, which must be built (see
     /// [`crate::cloud`]). Nothing boots and nothing is installed into the image here.

@@ -112,6 +112,7 @@ pub enum Error {
     #[error("image `{name}` has no {arch} build in the catalog")]
     UnsupportedArch { name: String, arch: String },
 
+    #[cfg(feature = "download")]
     #[error("failed to download `{url}`")]
     Download {
         url: String,

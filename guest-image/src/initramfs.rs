@@ -186,7 +186,8 @@ pub fn build(init: &[u8], modules: &[ModuleFile], output: &Path) -> Result<(), E
 
 /// Writes `base` (an initramfs) followed by a second archive holding `files` (path, contents;
 /// mode 0755) and their parent directories. Linux unpacks concatenated archives in order, so
-/// this adds to an image's initramfs without rebuilding it.
+/// this adds to an image's initramfs without rebuilding it (for cloud images).
+#[cfg(feature = "download")]
 pub fn extend(base: &Path, files: &[(&str, &[u8])], output: &Path) -> Result<(), Error> {
     let write_error = |source| Error::Write {
         path: output.to_owned(),
@@ -280,6 +281,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "download")]
     fn extend_appends_a_second_archive_with_the_files_and_their_parents() {
         let directory = tempfile::tempdir().expect("tempdir");
         let base = directory.path().join("base.cpio");

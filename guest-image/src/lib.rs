@@ -35,9 +35,11 @@ pub mod binaries;
 mod cache;
 pub mod catalog;
 mod clock;
+#[cfg(feature = "download")]
 mod cloud;
 mod debian;
 mod disk;
+#[cfg(feature = "download")]
 pub mod download;
 mod error;
 mod exchange;
@@ -50,6 +52,7 @@ mod reporter;
 pub use arch::{Arch, default_image};
 pub use cache::{ImageCache, PruneReport, default_directory};
 pub use clock::tcg_kernel_arguments;
+#[cfg(feature = "download")]
 pub use cloud::CloudOptions;
 pub use debian::{
     BASE_CONTAINER_IMAGE, BuildOptions, Distribution, Kernel, PACKAGES, UBUNTU_MIRROR, Variant,
