@@ -68,16 +68,6 @@ impl QemuDriver {
         &self.config
     }
 
-    /// The accelerator this driver will use for guests of the host's architecture, and why.
-    pub async fn accel(&self) -> AccelVerdict {
-        self.accel_for(Arch::host())
-            .await
-            .unwrap_or_else(|error| AccelVerdict {
-                accel: crate::accel::Accel::Tcg,
-                reason: error.to_string(),
-            })
-    }
-
     /// The accelerator for a guest of `arch`: another architecture than the host's is always
     /// emulated (TCG); asking for hardware acceleration of it is an error.
     pub async fn accel_for(&self, arch: Arch) -> Result<AccelVerdict, QemuError> {
