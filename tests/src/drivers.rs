@@ -105,12 +105,7 @@ pub const UBUNTU_IMAGE: &str = "ubuntu-noble";
 
 /// The qemu driver booting the Ubuntu image: the same suite, another guest OS.
 pub async fn qemu_ubuntu() -> Option<Box<dyn Driver>> {
-    let dsn = format!(
-        "qemu://{}?image={UBUNTU_IMAGE}",
-        unique_namespace("qemu-ubuntu")
-    );
-    let config = qemu_config(&dsn)?;
-    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+    qemu_with_image("qemu-ubuntu", UBUNTU_IMAGE)
 }
 
 /// Alpine's cloud image as a guest (`ci-exec image build alpine-3.22`; CI builds it from a
@@ -119,12 +114,7 @@ pub const ALPINE_CLOUD_IMAGE: &str = "alpine-3.22";
 
 /// The qemu driver booting Alpine's cloud image: a busybox userland, no qemu-ga, no `mk`.
 pub async fn qemu_alpine_cloud() -> Option<Box<dyn Driver>> {
-    let dsn = format!(
-        "qemu://{}?image={ALPINE_CLOUD_IMAGE}",
-        unique_namespace("qemu-alpine")
-    );
-    let config = qemu_config(&dsn)?;
-    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+    qemu_with_image("qemu-alpine", ALPINE_CLOUD_IMAGE)
 }
 
 /// The default image for aarch64 (`ci-exec image build --arch aarch64`;
@@ -134,12 +124,7 @@ pub const ARM64_IMAGE: &str = "debian-bookworm-arm64";
 /// The qemu driver booting the aarch64 image: `qemu-system-aarch64`, which on an x86_64 host
 /// emulates the guest (TCG), as it does here.
 pub async fn qemu_arm64() -> Option<Box<dyn Driver>> {
-    let dsn = format!(
-        "qemu://{}?image={ARM64_IMAGE}",
-        unique_namespace("qemu-arm64")
-    );
-    let config = qemu_config(&dsn)?;
-    Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
+    qemu_with_image("qemu-arm64", ARM64_IMAGE)
 }
 
 /// Canonical's Ubuntu cloud image as a guest (`ci-exec image build ubuntu-24.04`; CI builds it
@@ -149,10 +134,12 @@ pub const UBUNTU_CLOUD_IMAGE: &str = "ubuntu-24.04";
 /// The qemu driver booting the stock cloud image: no qemu-ga and no `mk` in it, our init is
 /// the agent.
 pub async fn qemu_ubuntu_cloud() -> Option<Box<dyn Driver>> {
-    let dsn = format!(
-        "qemu://{}?image={UBUNTU_CLOUD_IMAGE}",
-        unique_namespace("qemu-cloud")
-    );
+    qemu_with_image("qemu-cloud", UBUNTU_CLOUD_IMAGE)
+}
+
+/// The qemu driver booting `image`, in a fresh namespace named after `prefix`.
+fn qemu_with_image(prefix: &str, image: &str) -> Option<Box<dyn Driver>> {
+    let dsn = format!("qemu://{}?image={image}", unique_namespace(prefix));
     let config = qemu_config(&dsn)?;
     Some(Box::new(ci_exec_qemu::QemuDriver::new(config)))
 }
